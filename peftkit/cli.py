@@ -1,0 +1,167 @@
+"""The `peftkit` command: train, eval, merge, ls.
+
+`train` hands its arguments to Hydra (overrides, `-m` for sweeps); the other commands take
+`key=value` arguments of their own. Bad input prints one line and exits with code 2; set
+`PEFTKIT_TRACEBACK=1` (or pass `--traceback`) to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from peftkit.errors import UserError
+
+USAGE = """usage: peftkit [--recipes-dir DIR] [--traceback] COMMAND [ARGS]
+
+commands:
+  train   train an adapter from a recipe:  peftkit train recipe=glue_lora dataset=glue/mrpc method.r=16
+          sweep with -m:                   peftkit train -m method=lora,ia3 dataset=glue/rte,glue/mrpc
+  eval    re-score a finished run:         peftkit eval run=outputs/2026-01-01/12-00-00 [split=test]
+  merge   fold an adapter into its base:   peftkit merge adapter=outputs/.../adapter out=merged/
+  ls      list what exists:                peftkit ls [recipes|methods|backbones|datasets|trainers]
+
+Run `peftkit COMMAND --help` for each command's options.
+"""
+
+TRAIN_HELP = """usage: peftkit train [-m] recipe=NAME [GROUP=OPTION ...] [KEY=VALUE ...]
+
+Train an adapter, write it with a GLUE-style report to outputs/<date>/<time>/.
+  recipe=NAME        a recipe from `peftkit ls recipes` (default: quickstart)
+  GROUP=OPTION       pick a config: backbone=, method=, dataset=, trainer= (see `peftkit ls`)
+  KEY=VALUE          override any value: method.r=16 trainer.lr=3e-4 trainer.max_steps=50 seed=1
+  resume=true        continue the newest unfinished run from its last checkpoint (or resume=DIR)
+  -m, --multirun     sweep comma-separated values: method=lora,ia3 seed=0,1,2
+  --cfg job          print the composed config and exit (Hydra)
+
+A run writes config.yaml, adapter/ (adapter_config.json + adapter.safetensors), train_log.jsonl
+and eval/report.{json,md}.
+"""
+
+EVAL_HELP = """usage: peftkit eval run=DIR [split=validation|test] [KEY=VALUE ...]
+
+Reload a run's base model and adapter from disk, re-score it and write eval/report.{json,md}.
+  run=DIR            a run directory written by `peftkit train`
+  split=test         predict the GLUE test split and write GLUE-server files to eval/submission/
+  KEY=VALUE          override the run's config, e.g. dataset.data_dir=/data/glue backbone.path=/models/x
+"""
+
+MERGE_HELP = """usage: peftkit merge adapter=DIR out=DIR [backbone.path=DIR]
+
+Fold a mergeable adapter (lora, ia3, ...) into its base model and save a plain Hugging Face model
+folder (config, tokenizer, model.safetensors) that loads with AutoModelForSequenceClassification.
+  adapter=DIR        an adapter folder, or a run directory that holds one
+  out=DIR            where to write the merged model
+"""
+
+LS_HELP = """usage: peftkit ls [recipes|methods|backbones|datasets|trainers]
+
+List what exists, one line each.
+"""
+
+
+def _kv(args: list[str], command: str) -> dict[str, str]:
+    out = {}
+    for a in args:
+        if "=" not in a:
+            raise UserError(f"peftkit {command}: expected KEY=VALUE, got '{a}' (see peftkit {command} --help)")
+        k, v = a.split("=", 1)
+        out[k] = v
+    return out
+
+
+def cmd_train(args: list[str]) -> int:
+    from peftkit import config, launch
+
+    if any(a in ("-h", "--help") for a in args):
+        print(TRAIN_HELP)
+        return 0
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    passthrough = [a for a in args if a.startswith("-") and a not in ("-m", "--multirun")]
+    overrides = [a for a in args if not a.startswith("-")]
+    recipe, overrides = config.split_recipe(overrides, default="quickstart")
+    cfg = config.check(recipe, overrides)
+    overrides = launch.resolve_resume(recipe, overrides, cfg)
+    return launch.hydra_train(recipe, overrides, multirun, passthrough)
+
+
+def cmd_eval(args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(EVAL_HELP)
+        return 0
+    from peftkit import evaluate
+
+    kv = _kv(args, "eval")
+    if "run" not in kv:
+        raise UserError("peftkit eval needs run=DIR (a directory written by peftkit train)")
+    evaluate.run(Path(kv.pop("run")), kv.pop("split", "validation"), kv)
+    return 0
+
+
+def cmd_merge(args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(MERGE_HELP)
+        return 0
+    from peftkit import merge
+
+    kv = _kv(args, "merge")
+    if "adapter" not in kv or "out" not in kv:
+        raise UserError("peftkit merge needs adapter=DIR and out=DIR")
+    merge.into_base(Path(kv["adapter"]), Path(kv["out"]), kv.get("backbone.path"))
+    return 0
+
+
+def cmd_ls(args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(LS_HELP)
+        return 0
+    from peftkit import listing
+
+    what = args[0] if args else "all"
+    listing.show(what)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "ls": cmd_ls}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    traceback = os.environ.get("PEFTKIT_TRACEBACK", "0") not in ("0", "")
+    try:
+        while argv and argv[0].startswith("--") and argv[0] not in ("--help",):
+            opt = argv.pop(0)
+            if opt == "--traceback":
+                traceback = True
+            elif opt.startswith("--recipes-dir"):
+                from peftkit import config
+
+                config.add_user_dir(opt.split("=", 1)[1] if "=" in opt else argv.pop(0))
+            else:
+                raise UserError(f"unknown option {opt}; see peftkit --help")
+        if not argv or argv[0] in ("-h", "--help", "help"):
+            print(USAGE)
+            return 0
+        command, rest = argv[0], argv[1:]
+        if command not in COMMANDS:
+            raise UserError(f"unknown command '{command}'; choose one of: {', '.join(COMMANDS)}")
+        return COMMANDS[command](rest) or 0
+    except UserError as e:
+        if traceback:
+            raise
+        print(f"peftkit: error: {e}", file=sys.stderr)
+        return 2
+
+
+def cleanup_failed_run(run_dir: Path) -> None:
+    """Remove what a run that failed on bad input wrote, and its date folder if now empty."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    parent = run_dir.parent
+    if parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

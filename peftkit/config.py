@@ -1,0 +1,157 @@
+"""Where configs and recipes live, and composing them with Hydra.
+
+A recipe is a primary Hydra config (`recipes/NAME.yaml`) whose defaults list picks one option from
+each group in `configs/` (backbone, method, dataset, trainer). User directories given with
+`--recipes-dir` or `PEFTKIT_RECIPES_DIR` come first on the search path, so they can add or shadow
+recipes and group options (`<dir>/method/my_method.yaml`) without touching the package.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from peftkit.errors import UserError
+
+GROUPS = ("backbone", "method", "dataset", "trainer")
+_PKG = Path(__file__).resolve().parent
+USER_DIRS_ENV = "PEFTKIT_RECIPES_DIR"
+_extra_dirs: list[Path] = []
+
+
+def _shipped(name: str) -> Path:
+    """`configs/` or `recipes/`: inside the package in a wheel, beside it in a source checkout."""
+    for candidate in (_PKG / name, _PKG.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise RuntimeError(f"peftkit is installed without its {name}/ directory")
+
+
+def add_user_dir(path: str | os.PathLike) -> None:
+    p = Path(path).expanduser().resolve()
+    if not p.is_dir():
+        raise UserError(f"recipes dir {path} does not exist")
+    _extra_dirs.append(p)
+
+
+def user_dirs() -> list[Path]:
+    env = [Path(p).expanduser().resolve() for p in os.environ.get(USER_DIRS_ENV, "").split(os.pathsep) if p]
+    return _extra_dirs + [p for p in env if p.is_dir()]
+
+
+def search_path() -> list[Path]:
+    """Highest priority first: user dirs, shipped recipes, shipped configs."""
+    return user_dirs() + [_shipped("recipes"), _shipped("configs")]
+
+
+def _options(subdir: str, recipes: bool = False) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    roots = search_path()
+    if recipes:
+        roots = [r for r in roots if r != _shipped("configs")]
+    for root in reversed(roots):  # later roots are shadowed by earlier ones
+        base = root / subdir if subdir else root
+        if not base.is_dir():
+            continue
+        pattern = "*.yaml" if recipes else "**/*.yaml"
+        for f in base.glob(pattern):
+            name = f.relative_to(base).with_suffix("").as_posix()
+            if not any(part.startswith("_") for part in name.split("/")):
+                found[name] = f
+    return dict(sorted(found.items()))
+
+
+def group_options(group: str) -> dict[str, Path]:
+    """Option name -> YAML file for a config group (`glue/mrpc` for nested datasets)."""
+    return _options(group)
+
+
+def recipes() -> dict[str, Path]:
+    return _options("", recipes=True)
+
+
+def describe(path: Path) -> str:
+    """The first comment line of a YAML file: its one-line description for `peftkit ls`."""
+    for line in path.read_text().splitlines():
+        s = line.strip()
+        if s.startswith("#") and not s.startswith("# @package"):
+            return s.lstrip("# ").strip()
+    return ""
+
+
+def _check_choice(kind: str, value: str, valid: dict[str, Path]) -> None:
+    if value not in valid:
+        raise UserError(f"unknown {kind} '{value}'; choose one of: {', '.join(valid)}")
+
+
+def split_recipe(overrides: list[str], default: str) -> tuple[str, list[str]]:
+    """Pull `recipe=NAME` out of the override list."""
+    recipe, rest = default, []
+    for o in overrides:
+        if o.startswith("recipe="):
+            recipe = o.split("=", 1)[1]
+        else:
+            rest.append(o)
+    if "," in recipe:
+        raise UserError("sweep over recipes by running one sweep per recipe; recipe= takes one name")
+    _check_choice("recipe", recipe, recipes())
+    return recipe, rest
+
+
+def hydra_overrides() -> list[str]:
+    dirs = ",".join(f"file://{d}" for d in search_path())
+    return [f"hydra.searchpath=[{dirs}]"]
+
+
+def check(recipe: str, overrides: list[str]) -> DictConfig:
+    """Compose every value a sweep names, so bad input fails before any run starts.
+
+    Returns the config of the first combination. Errors become one-line `UserError`s.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # hydra's parse errors are multi-line
+        raise UserError(f"cannot parse overrides: {str(e).splitlines()[0]}") from None
+    choices: list[list[str]] = []
+    for o in parsed:
+        key = o.get_key_element().lstrip("+~")
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        if key in GROUPS:
+            for v in values:
+                _check_choice(key, v, group_options(key))
+        choices.append([f"{o.get_key_element()}={v}" for v in values])
+    # One compose per distinct value (not the whole product): enough to catch a bad key or value.
+    combos = [[c[0] for c in choices]]
+    for i, c in enumerate(choices):
+        for v in c[1:]:
+            combos.append([*combos[0][:i], v, *combos[0][i + 1 :]])
+    first = None
+    for combo in itertools.islice(combos, 64):
+        cfg = compose(recipe, combo)
+        first = first if first is not None else cfg
+    return first
+
+
+def compose(recipe: str, overrides: list[str] = ()) -> DictConfig:
+    """The composed config of a recipe plus overrides, without starting a run."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    _check_choice("recipe", recipe, recipes())
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(recipes()[recipe].parent), version_base="1.3"):
+            return hydra_compose(recipe, overrides=[*hydra_overrides(), *overrides])
+    except UserError:
+        raise
+    except Exception as e:
+        msg = " ".join(str(e).split())
+        raise UserError(f"bad config: {msg}") from None
+    finally:
+        GlobalHydra.instance().clear()

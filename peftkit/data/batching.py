@@ -1,0 +1,113 @@
+"""Tokenize once (cached on disk), then batch by length: padding is the biggest waste on short text.
+
+Training batches follow the length-grouped scheme of transformers' `group_by_length`: shuffle,
+cut into mega-batches of 50 batches, sort each by length, split, and shuffle the batch order.
+Batch lists are a pure function of (seed, epoch), so a resumed run sees exactly the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from peftkit.data import Split
+
+CACHE_ENV = "PEFTKIT_CACHE"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "peftkit")) / "tokenized"
+
+
+def _key(split: Split, tokenizer, max_length: int) -> str:
+    h = hashlib.sha256()
+    h.update(f"{tokenizer.name_or_path}|{type(tokenizer).__name__}|{len(tokenizer)}|{max_length}".encode())
+    for col in (split.text_a, split.text_b or []):
+        h.update("\x1f".join(col).encode())
+        h.update(b"\x1e")
+    return h.hexdigest()[:24]
+
+
+def tokenize(split: Split, tokenizer, max_length: int) -> dict[str, list]:
+    """input_ids (and token_type_ids where the model has them) per example, cached by content."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    columns = {"a": split.text_a} | ({"b": split.text_b} if split.text_b is not None else {})
+    ds = datasets.Dataset.from_dict(columns)
+
+    def encode(batch):
+        args = (batch["a"], batch["b"]) if "b" in batch else (batch["a"],)
+        return tokenizer(*args, truncation=True, max_length=max_length)
+
+    path = cache_dir() / f"{_key(split, tokenizer, max_length)}.arrow"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds = ds.map(encode, batched=True, batch_size=2000, remove_columns=list(columns), cache_file_name=str(path))
+    keep = [c for c in ("input_ids", "token_type_ids") if c in ds.column_names]
+    return {c: ds[c] for c in keep}
+
+
+def train_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    if not group_by_length:
+        return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    lengths_np = np.asarray(lengths)
+    mega = batch_size * 50
+    batches = []
+    for i in range(0, len(order), mega):
+        chunk = order[i : i + mega]
+        chunk = chunk[np.argsort(-lengths_np[chunk], kind="stable")]
+        batches += [chunk[j : j + batch_size].tolist() for j in range(0, len(chunk), batch_size)]
+    perm = rng.permutation(len(batches))
+    batches = [batches[k] for k in perm]
+    longest = max(range(len(batches)), key=lambda k: lengths_np[batches[k]].max())
+    batches.insert(0, batches.pop(longest))  # an out-of-memory shows at step 1, not hours in
+    return batches
+
+
+def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+
+def collate(features: dict[str, list], idx: list[int], pad_id: int, labels=None, float_labels=False) -> dict[str, torch.Tensor]:
+    """Pad one batch to its own longest example (dynamic padding)."""
+    ids = [features["input_ids"][i] for i in idx]
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        input_ids[row, : len(x)] = torch.tensor(x)
+        mask[row, : len(x)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    if "token_type_ids" in features:
+        tt = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            t = features["token_type_ids"][i]
+            tt[row, : len(t)] = torch.tensor(t)
+        batch["token_type_ids"] = tt
+    if labels is not None:
+        batch["labels"] = torch.tensor([labels[i] for i in idx], dtype=torch.float if float_labels else torch.long)
+    return batch
+
+
+class Encoded:
+    """A tokenized split: features per example, lengths for batching, labels and ids."""
+
+    def __init__(self, split: Split, tokenizer, max_length: int):
+        self.features = tokenize(split, tokenizer, max_length)
+        self.lengths = [len(x) for x in self.features["input_ids"]]
+        self.labels = split.labels
+        self.ids = split.ids
+        self.pad_id = tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, idx: list[int], float_labels: bool) -> dict[str, torch.Tensor]:
+        return collate(self.features, idx, self.pad_id, self.labels, float_labels)

@@ -1,0 +1,95 @@
+"""`peftkit eval`: rebuild base + adapter from a run directory, re-score, report.
+
+With the run's own config (precision, batch size, max length) the dev scores reproduce the
+training-time report exactly. `split=test` writes GLUE-server submission files instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from peftkit import data, model
+from peftkit.data.batching import Encoded
+from peftkit.errors import UserError
+from peftkit.evaluation import report
+from peftkit.train import make_accelerator, predict, score
+
+console = Console()
+
+
+def load_run_config(run_dir: Path, overrides: dict[str, str]):
+    f = run_dir / "config.yaml"
+    if not f.is_file():
+        raise UserError(f"{run_dir} is not a peftkit run directory (no config.yaml)")
+    cfg = OmegaConf.load(f)
+    try:
+        cfg.merge_with(OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
+    except Exception as e:
+        raise UserError(f"bad override: {' '.join(str(e).split())}") from None
+    return cfg
+
+
+def run(run_dir: Path, split: str, overrides: dict[str, str]) -> dict:
+    if split not in ("validation", "test"):
+        raise UserError(f"split must be validation or test, got '{split}'")
+    cfg = load_run_config(run_dir, overrides)
+    task = data.load(cfg.dataset, splits=(split,))
+    a, adapter_cfg = model.from_adapter(run_dir / "adapter", cfg.backbone.get("path"))
+    if adapter_cfg["label_names"] != task.label_names:
+        raise UserError(f"the adapter's labels {adapter_cfg['label_names']} differ from {cfg.dataset.name}'s {task.label_names}")
+    accelerator = make_accelerator(cfg.trainer)
+    net = accelerator.prepare(a.model)
+    encoded = {s: Encoded(sp, a.tokenizer, cfg.backbone.max_length) for s, sp in task.splits.items()}
+    if split == "test":
+        return write_submissions(accelerator, net, task, encoded, cfg, run_dir)
+    result = score(accelerator, net, task, encoded, cfg.trainer.eval_batch_size)
+    old_path = run_dir / "eval" / "report.json"
+    previous = json.loads(old_path.read_text()) if old_path.is_file() else None
+    new = {**(previous or {}), **result}
+    if accelerator.is_main_process:
+        report.write(run_dir, new)
+        show(new, previous)
+    return new
+
+
+def show(new: dict, previous: dict | None) -> None:
+    table = Table(title=f"{new.get('dataset')} · {new.get('method')} on {new.get('backbone')}")
+    table.add_column("split")
+    table.add_column("metric")
+    table.add_column("score", justify="right")
+    if previous:
+        table.add_column("at training", justify="right")
+    for split, ms in new["metrics"].items():
+        for k, v in ms.items():
+            row = [split, k, f"{v:.2f}"]
+            if previous:
+                row.append(f"{previous['metrics'].get(split, {}).get(k, float('nan')):.2f}")
+            table.add_row(*row)
+    console.print(table)
+    if previous:
+        same = previous["metrics"] == new["metrics"]
+        console.print("[green]reproduces the training-time scores exactly[/]" if same else "[yellow]differs from the training-time scores[/]")
+
+
+def write_submissions(accelerator, net, task, encoded, cfg, run_dir: Path) -> dict:
+    from peftkit.data.glue import TASKS
+
+    if not cfg.dataset.name.startswith("glue/"):
+        raise UserError("split=test writes GLUE-server files, so it needs a glue/ dataset")
+    spec = TASKS[task.task]
+    out = run_dir / "eval" / "submission"
+    written = {}
+    regression = task.label_names is None
+    for s, file_name in zip([s for s in encoded if s.startswith("test")], spec.submission):
+        preds = predict(accelerator, net, encoded[s], cfg.trainer.eval_batch_size, regression)
+        if accelerator.is_main_process:
+            path = report.write_submission(out, file_name, encoded[s].ids, preds.tolist(), task.label_names,
+                                           as_names=task.task in ("mnli", "qnli", "rte"))
+            written[s] = str(path)
+            console.print(f"wrote {path} ({len(preds)} predictions)")
+    return written

@@ -1,0 +1,46 @@
+"""GLUE metrics as GLUE defines them, in points (×100), from scikit-learn and SciPy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _pearson(p, y):
+    from scipy.stats import pearsonr
+
+    return float(pearsonr(p, y)[0]) if np.std(p) > 0 else 0.0
+
+
+def _spearman(p, y):
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(p, y)[0]) if np.std(p) > 0 else 0.0
+
+
+def _accuracy(p, y):
+    return float(np.mean(np.asarray(p) == np.asarray(y)))
+
+
+def _f1(p, y):
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y, p))
+
+
+def _matthews(p, y):
+    from sklearn.metrics import matthews_corrcoef
+
+    return float(matthews_corrcoef(y, p))
+
+
+METRICS = {"accuracy": _accuracy, "f1": _f1, "matthews": _matthews, "pearson": _pearson, "spearman": _spearman}
+
+
+def compute(names: tuple[str, ...], predictions, labels) -> dict[str, float]:
+    return {n: 100.0 * METRICS[n](np.asarray(predictions), np.asarray(labels)) for n in names}
+
+
+def task_score(per_split: dict[str, dict[str, float]]) -> float:
+    """The mean of a task's metrics over its eval splits (MNLI: matched and mismatched)."""
+    values = [v for metrics in per_split.values() for v in metrics.values()]
+    return float(np.mean(values))

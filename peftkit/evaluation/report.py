@@ -1,0 +1,53 @@
+"""`eval/report.json` and `eval/report.md`, and GLUE-server submission files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from peftkit.files import atomic_write_text
+
+
+
+def write(run_dir: Path, report: dict) -> None:
+    out = Path(run_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.md", to_markdown(report))
+
+
+def to_markdown(r: dict) -> str:
+    metric_rows = [
+        f"| {split} | {name} | {value:.2f} |" for split, ms in r["metrics"].items() for name, value in ms.items()
+    ]
+    lines = [
+        f"# {r['dataset']} · {r['method']} on {r['backbone']}",
+        "",
+        "| split | metric | score |",
+        "|---|---|---|",
+        *metric_rows,
+        "",
+        f"**{r['task']} score: {r['score']:.2f}** (mean of its metrics) · GLUE average over tasks present: "
+        f"{r['glue_average']:.2f}" if r.get("glue_average") is not None else f"**score: {r['score']:.2f}**",
+        "",
+        "| trainable params | % of total | best step | train time | peak RSS |",
+        "|---|---|---|---|---|",
+        f"| {r['trainable_params']:,} | {r['trainable_pct']:.3f}% | {r.get('best_step', '')} | "
+        f"{r.get('train_time_s', 0):.0f} s | {r.get('peak_rss_mb', 0):.0f} MB |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_submission(out_dir: Path, file_name: str, ids: list, predictions: list, label_names, as_names: bool) -> Path:
+    """One GLUE-server TSV: `index<TAB>prediction`; MNLI, QNLI and RTE take label names, others ids."""
+    if label_names is None:
+        values = [f"{min(5.0, max(0.0, float(p))):.3f}" for p in predictions]
+    elif as_names:
+        values = [label_names[int(p)] for p in predictions]
+    else:
+        values = [str(int(p)) for p in predictions]
+    text = "index\tprediction\n" + "".join(f"{i}\t{v}\n" for i, v in zip(ids, values))
+    path = Path(out_dir) / f"{file_name}.tsv"
+    atomic_write_text(path, text)
+    return path

@@ -1,0 +1,145 @@
+"""What every method shares: finding target modules, wrapping Linears, freezing, merging."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from peftkit.backbone import linear_names, role_patterns
+from peftkit.errors import UserError
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+class Method:
+    """A PEFT method: a config dataclass and how it changes a frozen model.
+
+    The default `apply` wraps each target Linear with `wrap`; methods that train existing weights
+    (full, head, BitFit) override `apply` instead. Everything `apply` leaves with
+    `requires_grad=True` is what trains and what the adapter file holds.
+    """
+
+    name: ClassVar[str]
+    mergeable: ClassVar[bool] = False
+    default_roles: ClassVar[tuple[str, ...]] = ()  # see backbone.ROLES
+
+    @dataclasses.dataclass
+    class Config:
+        target_modules: list[str] | None = None
+
+    def __init__(self, cfg: dict):
+        fields = {f.name for f in dataclasses.fields(self.Config)}
+        unknown = sorted(set(cfg) - fields)
+        if unknown:
+            raise UserError(f"method '{self.name}' has no option {', '.join(unknown)}; options: {', '.join(sorted(fields))}")
+        self.cfg = self.Config(**cfg)
+
+    def apply(self, model: nn.Module, exclude: list[str]) -> None:
+        for name, linear in find_targets(model, self.cfg.target_modules, self.default_roles, exclude):
+            replace_module(model, name, self.wrap(linear))
+
+    def wrap(self, linear: nn.Linear) -> nn.Module:
+        raise NotImplementedError
+
+
+class AdapterLinear(nn.Module):
+    """A frozen Linear (`base_layer`) plus a method's trainable part.
+
+    Mergeable subclasses implement `merge`/`unmerge`, which fold the trainable part into
+    `base_layer` in place; while merged, `forward` is the base layer alone.
+    """
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        self.base_layer = base_layer
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def merge(self) -> None:
+        raise UserError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    def unmerge(self) -> None:
+        raise UserError(f"{type(self).__name__} cannot be merged into the base weights")
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """A target matches a module by its full name, a dotted suffix, or a full-name regex."""
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def find_targets(model: nn.Module, target_modules, default_roles, exclude: list[str]) -> list[tuple[str, nn.Linear]]:
+    """The Linear layers a method wraps: by name/regex, or the method's default roles."""
+    patterns = list(target_modules) if target_modules else role_patterns(model, list(default_roles))
+    found = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and any(_matches(n, p) for p in patterns)
+        and not any(n == e or n.startswith(e + ".") for e in exclude)
+    ]
+    if not found:
+        raise UserError(
+            f"target_modules {patterns} match no Linear layer; this model has: {', '.join(linear_names(model))}"
+        )
+    return found
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def prepare(model: nn.Module, method: Method, head: list[str]) -> list[str]:
+    """Freeze the model, let the method inject and unfreeze, make the head trainable.
+
+    Returns the names of the trainable parameters: exactly what an adapter file stores.
+    """
+    model.requires_grad_(False)
+    method.apply(model, exclude=head)
+    for h in head:
+        model.get_submodule(h).requires_grad_(True)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def merge_into_base(model: nn.Module) -> nn.Module:
+    """Fold every adapter layer into its Linear and drop the wrappers: a plain transformers model."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AdapterLinear):
+            module.merge()
+            replace_module(model, name, module.base_layer)
+    return model
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+@torch.no_grad()
+def set_merged(model: nn.Module, merged: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, AdapterLinear) and m.merged != merged:
+            m.merge() if merged else m.unmerge()

@@ -1,0 +1,17 @@
+"""Linear probe: only the task head (classifier, and pooler where the model has one) trains."""
+
+import dataclasses
+
+from peftkit.methods.base import Method, register
+
+
+@register
+class Head(Method):
+    name = "head"
+
+    @dataclasses.dataclass
+    class Config:
+        pass
+
+    def apply(self, model, exclude):
+        pass  # `prepare` unfreezes the head for every method

@@ -1,0 +1,59 @@
+"""Houlsby bottleneck adapters (Houlsby et al., 2019): two per layer, after attention and after FFN.
+
+Each sublayer's output h becomes h + W_up σ(W_down h) before the residual and LayerNorm. W_up
+starts at zero, so the adapter starts as the identity. The LayerNorms train too, as in the paper.
+Not mergeable: σ sits between the two projections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from peftkit.methods.base import AdapterLinear, Method, register
+
+
+class BottleneckAdapter(AdapterLinear):
+    def __init__(self, base_layer: nn.Linear, bottleneck: int, activation: str, init_std: float):
+        super().__init__(base_layer)
+        d = self.out_features
+        w = base_layer.weight
+        self.adapter_down = nn.Linear(d, bottleneck, device=w.device, dtype=w.dtype)
+        self.adapter_up = nn.Linear(bottleneck, d, device=w.device, dtype=w.dtype)
+        self.act = ACT2FN[activation]
+        nn.init.normal_(self.adapter_down.weight, std=init_std)
+        nn.init.zeros_(self.adapter_down.bias)
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base_layer(x)
+        return h + self.adapter_up(self.act(self.adapter_down(h)))
+
+
+@register
+class Houlsby(Method):
+    name = "houlsby"
+    default_roles = ("attn_out", "ffn_out")
+
+    @dataclasses.dataclass
+    class Config:
+        bottleneck: int = 64
+        activation: str = "gelu"
+        init_std: float = 0.01
+        train_layernorm: bool = True
+        target_modules: list[str] | None = None
+
+    def apply(self, model, exclude):
+        if self.cfg.train_layernorm:
+            for name, m in model.named_modules():
+                if type(m).__name__.endswith(("LayerNorm", "RMSNorm")) and "embed" not in name:
+                    m.requires_grad_(True)
+        super().apply(model, exclude)
+
+    def wrap(self, linear):
+        c = self.cfg
+        return BottleneckAdapter(linear, c.bottleneck, c.activation, c.init_std)

@@ -1,0 +1,66 @@
+"""(IA)³ (Liu et al., 2022): learned vectors rescale keys, values and the FFN's inner activations.
+
+Keys and values: y = l ⊙ (W x + b). FFN: the down projection sees l ⊙ h, i.e. y = W (l ⊙ h) + b.
+Every l starts at 1, so the model starts unchanged. Merges exactly by scaling W's rows or columns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from peftkit.methods.base import AdapterLinear, Method, find_targets, replace_module, register
+
+
+class IA3Linear(AdapterLinear):
+    def __init__(self, base_layer: nn.Linear, on_input: bool):
+        super().__init__(base_layer)
+        self.on_input = on_input
+        n = self.in_features if on_input else self.out_features
+        self.ia3_l = nn.Parameter(torch.ones(n, dtype=base_layer.weight.dtype, device=base_layer.weight.device))
+
+    def forward(self, x):
+        if self.merged:
+            return self.base_layer(x)
+        if self.on_input:
+            return self.base_layer(x * self.ia3_l)
+        return self.base_layer(x) * self.ia3_l
+
+    @torch.no_grad()
+    def _scale(self, factor: torch.Tensor) -> None:
+        w, b = self.base_layer.weight, self.base_layer.bias
+        if self.on_input:
+            w *= factor[None, :]
+        else:
+            w *= factor[:, None]
+            if b is not None:
+                b *= factor
+
+    def merge(self):
+        self._scale(self.ia3_l)
+        self.merged = True
+
+    def unmerge(self):
+        self._scale(1 / self.ia3_l)
+        self.merged = False
+
+
+@register
+class IA3(Method):
+    name = "ia3"
+    mergeable = True
+    default_roles = ("key", "value", "ffn_out")
+
+    @dataclasses.dataclass
+    class Config:
+        target_modules: list[str] | None = None
+        # Which targets are FFN down projections (scaled on their input); by default the ffn_out role.
+        feedforward_modules: list[str] | None = None
+
+    def apply(self, model, exclude):
+        ffn = find_targets(model, self.cfg.feedforward_modules, ("ffn_out",), exclude)
+        ffn_names = {n for n, _ in ffn}
+        for name, linear in find_targets(model, self.cfg.target_modules, self.default_roles, exclude):
+            replace_module(model, name, IA3Linear(linear, on_input=name in ffn_names))

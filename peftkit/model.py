@@ -1,0 +1,71 @@
+"""Backbone + method = the model a run trains, evaluates or merges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from peftkit import adapter, backbone, methods
+from peftkit.errors import UserError
+from peftkit.methods.base import count_params
+
+
+@dataclass
+class Adapted:
+    model: nn.Module
+    tokenizer: object
+    method: methods.Method
+    trainable: list[str]  # parameter names the adapter file holds
+    head: list[str]  # head module names
+    fingerprint: str  # of the frozen base weights
+
+    def summary(self) -> str:
+        n, total = count_params(self.model)
+        return f"trainable params: {n:,} ({100 * n / total:.2f}% of {total:,})"
+
+
+def build(backbone_cfg: DictConfig, method_cfg, label_names: list[str] | None) -> Adapted:
+    """Load the backbone with a fresh head for the task and apply the method."""
+    method = methods.build(OmegaConf.to_container(method_cfg, resolve=True) if isinstance(method_cfg, DictConfig) else method_cfg)
+    tokenizer = backbone.load_tokenizer(backbone_cfg)
+    num_labels = 1 if label_names is None else len(label_names)
+    problem = "regression" if label_names is None else "single_label_classification"
+    model = backbone.load_model(backbone_cfg, num_labels, problem, label_names)
+    head = backbone.head_module_names(model, list(backbone_cfg.head))
+    base_names = [n for n, _ in model.named_parameters() if not any(n.startswith(h + ".") for h in head)]
+    fp = backbone.fingerprint(model, base_names)
+    trainable = methods.prepare(model, method, head)
+    return Adapted(model, tokenizer, method, trainable, head, fp)
+
+
+def meta(a: Adapted, backbone_cfg: DictConfig, method_cfg, label_names, dataset: str) -> dict:
+    n, total = count_params(a.model)
+    return {
+        "method": OmegaConf.to_container(method_cfg, resolve=True) if isinstance(method_cfg, DictConfig) else dict(method_cfg),
+        "backbone": OmegaConf.to_container(backbone_cfg, resolve=True),
+        "base_fingerprint": a.fingerprint,
+        "dataset": dataset,
+        "label_names": label_names,
+        "head": a.head,
+        "trainable_params": n,
+        "total_params": total,
+    }
+
+
+def from_adapter(path: str | Path, backbone_path: str | None = None) -> tuple[Adapted, dict]:
+    """Rebuild base + adapter from an adapter folder; refuse a base with another fingerprint."""
+    cfg = adapter.read_config(path)
+    bb = OmegaConf.create(cfg["backbone"])
+    if backbone_path:
+        bb.path = backbone_path
+    a = build(bb, cfg["method"], cfg["label_names"])
+    if a.fingerprint != cfg["base_fingerprint"]:
+        raise UserError(
+            f"adapter {path} was trained on backbone '{cfg['backbone']['name']}' (fingerprint "
+            f"{cfg['base_fingerprint']}); the base loaded here differs ({a.fingerprint}): pass the same base weights"
+        )
+    adapter.load_weights(path, a.model, a.trainable)
+    return a, cfg

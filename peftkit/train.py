@@ -1,0 +1,262 @@
+"""`peftkit train`: one readable job, setup → train → save adapter → report.
+
+The loop is plain PyTorch under accelerate (one process, DDP on CPUs or GPUs, multi-node), in
+fp32, bf16 or fp16. Features are small functions it calls: evaluation every N steps, keeping the
+best adapter, resumable checkpoints, a JSONL log and a rich progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from peftkit import adapter, checkpoint, data, model
+from peftkit.data.batching import Encoded, eval_batches, train_batches
+from peftkit.errors import UserError
+from peftkit.evaluation import metrics, report
+from peftkit.files import atomic_write_text
+
+console = Console(stderr=True)
+
+
+def make_accelerator(trainer: DictConfig):
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available() and trainer.device != "cpu"
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}.get(trainer.precision)
+    if precision is None:
+        raise UserError(f"unknown trainer.precision '{trainer.precision}'; choose one of: fp32, bf16, fp16")
+    if precision == "fp16" and not cuda:
+        raise UserError("trainer.precision=fp16 needs a GPU; on CPU use trainer.precision=bf16")
+    return Accelerator(cpu=not cuda, mixed_precision=precision, gradient_accumulation_steps=trainer.grad_accum)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(m: torch.nn.Module, t: DictConfig) -> torch.optim.Optimizer:
+    """AdamW; biases and norm weights get no weight decay."""
+    decay, no_decay = [], []
+    for name, p in m.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+
+
+def make_scheduler(opt, t: DictConfig, total_steps: int):
+    warmup = int(t.warmup * total_steps) if t.warmup < 1 else int(t.warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if t.scheduler == "linear":
+            return max(0.0, 1 - progress)
+        if t.scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    if t.scheduler not in ("linear", "cosine", "constant"):
+        raise UserError(f"unknown trainer.scheduler '{t.scheduler}'; choose one of: linear, cosine, constant")
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@torch.no_grad()
+def predict(accelerator, net: torch.nn.Module, enc: Encoded, batch_size: int, regression: bool) -> np.ndarray:
+    """Predictions in the split's order; batches are sorted by length and shared across processes."""
+    from accelerate.utils import gather_object
+
+    net.eval()
+    batches = eval_batches(enc.lengths, batch_size)[accelerator.process_index :: accelerator.num_processes]
+    idx, out = [], []
+    for b in batches:
+        batch = {k: v.to(accelerator.device) for k, v in enc.batch(b, regression).items() if k != "labels"}
+        with accelerator.autocast():
+            logits = net(**batch).logits.float()
+        out.append(logits.squeeze(-1) if regression else logits.argmax(-1))
+        idx += b
+    local = list(zip(idx, torch.cat(out).cpu().tolist())) if out else []
+    pairs = gather_object(local) if accelerator.num_processes > 1 else local
+    preds = np.empty(len(enc), dtype=np.float64 if regression else np.int64)
+    for i, p in pairs:
+        preds[i] = p
+    net.train()
+    return preds
+
+
+def score(accelerator, net, task: data.TaskData, encoded: dict[str, Encoded], batch_size: int) -> dict:
+    """Metrics per eval split, and the task score (the mean of them)."""
+    regression = task.label_names is None
+    per_split = {}
+    for s in task.eval_splits:
+        preds = predict(accelerator, net, encoded[s], batch_size, regression)
+        per_split[s] = metrics.compute(task.metrics, preds, encoded[s].labels)
+    return {"metrics": per_split, "score": metrics.task_score(per_split)}
+
+
+def progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+        TextColumn("{task.fields[speed]} samples/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, disable=not enabled,
+    )
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    t = cfg.trainer
+    accelerator = make_accelerator(t)
+    main = accelerator.is_main_process
+    seed_everything(cfg.seed)
+
+    task = data.load(cfg.dataset)
+    a = model.build(cfg.backbone, cfg.method, task.label_names)
+    if main:
+        console.print(f"{cfg.method.name} on {cfg.backbone.name}, {cfg.dataset.name}: {a.summary()}")
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    encoded = {s: Encoded(split, a.tokenizer, cfg.backbone.max_length) for s, split in task.splits.items()}
+    train = encoded["train"]
+    regression = task.label_names is None
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        all_b = train_batches(train.lengths, t.batch_size, cfg.seed, epoch, t.group_by_length)
+        mine = all_b[rank::world][: len(all_b) // world]  # every process takes the same number of steps
+        return mine[: len(mine) - len(mine) % t.grad_accum]
+
+    steps_per_epoch = len(epoch_batches(0)) // t.grad_accum
+    if steps_per_epoch == 0:
+        raise UserError(f"train split has {len(train)} examples: too few for batch size {t.batch_size} × {world} processes × {t.grad_accum} accumulation")
+    total_steps = t.max_steps or t.epochs * steps_per_epoch
+    eval_every = t.eval_every or steps_per_epoch
+
+    net = a.model
+    optimizer = make_optimizer(net, t)
+    scheduler = make_scheduler(optimizer, t, total_steps)
+    net, optimizer = accelerator.prepare(net, optimizer)
+    raw = accelerator.unwrap_model(net)
+
+    ckpt_dir = run_dir / "checkpoints" / "last"
+    state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "samples": 0, "train_time_s": 0.0}
+    if cfg.resume and ckpt_dir.is_dir():
+        state = checkpoint.load(ckpt_dir, raw, optimizer, scheduler)
+        if main:
+            console.print(f"resumed from {ckpt_dir} at step {state['step']}")
+    elif cfg.resume and main:
+        console.print(f"no checkpoint in {run_dir}; starting from step 0")
+    log_path = run_dir / "train_log.jsonl"
+    if main and state["step"] == 0:
+        log_path.write_text("")
+
+    def log(record: dict) -> None:
+        if main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    meta = model.meta(a, cfg.backbone, cfg.method, task.label_names, cfg.dataset.name)
+
+    def evaluate_and_keep(step: int) -> None:
+        result = score(accelerator, net, task, encoded, t.eval_batch_size)
+        log({"step": step, "eval": result["metrics"], "score": result["score"]})
+        best = state["best"]
+        if main:
+            console.print(f"step {step}: {task.task} score {result['score']:.2f} " + " ".join(
+                f"{s}/{k} {v:.2f}" for s, ms in result["metrics"].items() for k, v in ms.items()))
+        if best is None or result["score"] > best["score"] or not t.keep_best:
+            state["best"] = {"step": step, **result}
+            if main:
+                adapter.save(run_dir / "adapter", raw, a.trainable, meta)
+
+    step, epoch, start = state["step"], state["epoch"], state["batch"]
+    window_loss, window_n, window_samples, window_t = 0.0, 0, 0, time.perf_counter()
+    t_start = time.perf_counter() - state["train_time_s"]
+    net.train()
+    with progress_bar(main) as bar:
+        job = bar.add_task("train", total=total_steps, completed=step, loss="-", lr="-", speed="-")
+        while step < total_steps:
+            batches = epoch_batches(epoch)
+            for bi in range(start, len(batches)):
+                batch = {k: v.to(accelerator.device) for k, v in train.batch(batches[bi], regression).items()}
+                with accelerator.accumulate(net):
+                    loss = net(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and t.max_grad_norm:
+                        accelerator.clip_grad_norm_(net.parameters(), t.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                window_loss += loss.item()
+                window_n += 1
+                window_samples += len(batches[bi]) * world
+                if (bi + 1) % t.grad_accum:
+                    continue
+                scheduler.step()
+                step += 1
+                state["samples"] += t.batch_size * t.grad_accum * world
+                if step % t.log_every == 0 or step == total_steps:
+                    now = time.perf_counter()
+                    speed = window_samples / (now - window_t)
+                    lr = scheduler.get_last_lr()[0]
+                    record = {"step": step, "epoch": round(epoch + (bi + 1) / len(batches), 3),
+                              "loss": window_loss / window_n, "lr": lr, "samples_per_s": speed,
+                              "elapsed_s": now - t_start}
+                    log(record)
+                    bar.update(job, loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", speed=f"{speed:.0f}")
+                    window_loss, window_n, window_samples, window_t = 0.0, 0, 0, now
+                bar.update(job, completed=step)
+                if step % eval_every == 0 or step == total_steps:
+                    evaluate_and_keep(step)
+                    state.update(step=step, epoch=epoch, batch=bi + 1, train_time_s=time.perf_counter() - t_start)
+                    if main and t.checkpoint:
+                        checkpoint.save(ckpt_dir, raw, a.trainable, optimizer, scheduler, state)
+                    window_t = time.perf_counter()  # eval time is not training speed
+                if step >= total_steps:
+                    break
+            epoch, start = epoch + 1, 0
+
+    train_time = time.perf_counter() - t_start
+    best = state["best"]
+    n, total = meta["trainable_params"], meta["total_params"]
+    result = {
+        "dataset": cfg.dataset.name,
+        "task": task.task,
+        "method": cfg.method.name,
+        "backbone": cfg.backbone.name,
+        "recipe": cfg.get("recipe"),
+        "seed": cfg.seed,
+        "metrics": best["metrics"],
+        "score": best["score"],
+        "glue_average": best["score"] if cfg.dataset.name.startswith("glue/") else None,
+        "best_step": best["step"],
+        "total_steps": total_steps,
+        "trainable_params": n,
+        "total_params": total,
+        "trainable_pct": 100 * n / total,
+        "train_time_s": train_time,
+        "samples_per_s": state["samples"] / train_time if train_time > 0 else None,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "precision": t.precision,
+        "processes": world,
+    }
+    if main:
+        report.write(run_dir, result)
+        if not t.keep_last_checkpoint:
+            import shutil
+
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return result
