@@ -152,7 +152,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     raw = accelerator.unwrap_model(net)
 
     ckpt_dir = run_dir / "checkpoints" / "last"
-    state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "samples": 0, "train_time_s": 0.0}
+    state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "samples": 0, "train_time_s": 0.0, "eval_time_s": 0.0}
     if cfg.resume and ckpt_dir.is_dir():
         state = checkpoint.load(ckpt_dir, raw, optimizer, scheduler)
         if main:
@@ -219,11 +219,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                     window_loss, window_n, window_samples, window_t = 0.0, 0, 0, now
                 bar.update(job, completed=step)
                 if step % eval_every == 0 or step == total_steps:
+                    t0 = time.perf_counter()
                     evaluate_and_keep(step)
-                    state.update(step=step, epoch=epoch, batch=bi + 1, train_time_s=time.perf_counter() - t_start)
+                    state.update(step=step, epoch=epoch, batch=bi + 1)
+                    state["eval_time_s"] += time.perf_counter() - t0
+                    state["train_time_s"] = time.perf_counter() - t_start
                     if main and t.checkpoint:
                         checkpoint.save(ckpt_dir, raw, a.trainable, optimizer, scheduler, state)
-                    window_t = time.perf_counter()  # eval time is not training speed
+                    window_t = time.perf_counter()  # eval and saving are not training speed
                 if step >= total_steps:
                     break
             epoch, start = epoch + 1, 0
@@ -247,7 +250,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "total_params": total,
         "trainable_pct": 100 * n / total,
         "train_time_s": train_time,
-        "samples_per_s": state["samples"] / train_time if train_time > 0 else None,
+        "eval_time_s": state["eval_time_s"],
+        "samples_per_s": state["samples"] / (train_time - state["eval_time_s"]),  # training alone
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "precision": t.precision,
         "processes": world,

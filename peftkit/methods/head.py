@@ -1,4 +1,4 @@
-"""Linear probe: only the task head (classifier, and pooler where the model has one) trains."""
+"""Linear probe: only the task head (the classifier) trains."""
 
 import dataclasses
 

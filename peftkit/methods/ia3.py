@@ -51,7 +51,7 @@ class IA3Linear(AdapterLinear):
 class IA3(Method):
     name = "ia3"
     mergeable = True
-    default_roles = ("key", "value", "ffn_out")
+    default_roles = ("key", "value", "ffn_out", "pooler")
 
     @dataclasses.dataclass
     class Config:

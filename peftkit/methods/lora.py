@@ -56,7 +56,7 @@ class LoraLinear(AdapterLinear):
 class LoRA(Method):
     name = "lora"
     mergeable = True
-    default_roles = ("query", "value")
+    default_roles = ("query", "value", "pooler")
 
     @dataclasses.dataclass
     class Config:
