@@ -79,8 +79,14 @@ def cmd_train(args: list[str]) -> int:
         print(TRAIN_HELP)
         return 0
     multirun = any(a in ("-m", "--multirun") for a in args)
-    passthrough = [a for a in args if a.startswith("-") and a not in ("-m", "--multirun")]
-    overrides = [a for a in args if not a.startswith("-")]
+    passthrough, overrides = [], []
+    for i, a in enumerate(args):
+        if a.startswith("-") and a not in ("-m", "--multirun"):
+            passthrough.append(a)
+        elif i and args[i - 1] in ("--cfg", "-c", "--package", "-p"):  # the flag's value: --cfg job
+            passthrough.append(a)
+        elif not a.startswith("-"):
+            overrides.append(a)
     recipe, overrides = config.split_recipe(overrides, default="quickstart")
     cfg = config.check(recipe, overrides)
     overrides = launch.resolve_resume(recipe, overrides, cfg)
@@ -156,11 +162,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cleanup_failed_run(run_dir: Path) -> None:
-    """Remove what a run that failed on bad input wrote, and its date folder if now empty."""
+    """Remove what a run that failed on bad input wrote, and its date folder if now empty.
+
+    Under the working directory, every folder that is now empty goes, up to it (outputs/ too).
+    """
     shutil.rmtree(run_dir, ignore_errors=True)
-    parent = run_dir.parent
-    if parent.is_dir() and not any(parent.iterdir()):
+    cwd = Path.cwd().resolve()
+    parent = Path(run_dir).resolve().parent
+    while parent != cwd and parent.is_dir() and not any(parent.iterdir()):
         parent.rmdir()
+        if cwd not in parent.parents:
+            break
+        parent = parent.parent
 
 
 if __name__ == "__main__":

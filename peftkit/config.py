@@ -12,7 +12,7 @@ import itertools
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from peftkit.errors import UserError
 
@@ -152,6 +152,27 @@ def compose(recipe: str, overrides: list[str] = ()) -> DictConfig:
         raise
     except Exception as e:
         msg = " ".join(str(e).split())
-        raise UserError(f"bad config: {msg}") from None
+        raise UserError(f"bad config: {msg}{_unknown_key_hint(recipe, list(overrides), e)}") from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def _unknown_key_hint(recipe: str, overrides: list[str], e: Exception) -> str:
+    """For a mistyped key (`trainer.lrr=1`): the keys that do exist there."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = e.__cause__
+    if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not getattr(cause, "full_key", None):
+        return ""
+    groups = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
+    if groups == overrides:  # nothing to leave out: no config to list the keys of
+        return ""
+    parent, _, key = cause.full_key.rpartition(".")
+    try:
+        node = compose(recipe, groups)
+    except UserError:
+        return ""
+    node = OmegaConf.select(node, parent) if parent else node
+    if not isinstance(node, DictConfig):
+        return ""
+    return f"; {parent or 'the config'} has no key '{key}', its keys are: {', '.join(str(k) for k in node)}"

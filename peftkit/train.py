@@ -81,12 +81,15 @@ def predict(accelerator, net: torch.nn.Module, enc: Encoded, batch_size: int, re
     from accelerate.utils import gather_object
 
     net.eval()
+    # Forward through the unwrapped model: DDP's forward syncs buffers collectively, which hangs
+    # when processes get different numbers of eval batches (e.g. one batch for two processes).
+    inner = accelerator.unwrap_model(net)
     batches = eval_batches(enc.lengths, batch_size)[accelerator.process_index :: accelerator.num_processes]
     idx, out = [], []
     for b in batches:
         batch = {k: v.to(accelerator.device) for k, v in enc.batch(b, regression).items() if k != "labels"}
         with accelerator.autocast():
-            logits = net(**batch).logits.float()
+            logits = inner(**batch).logits.float()
         out.append(logits.squeeze(-1) if regression else logits.argmax(-1))
         idx += b
     local = list(zip(idx, torch.cat(out).cpu().tolist())) if out else []
@@ -162,6 +165,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     log_path = run_dir / "train_log.jsonl"
     if main and state["step"] == 0:
         log_path.write_text("")
+    elif main and log_path.is_file():  # drop what the interrupted run logged past its last checkpoint
+        kept = []
+        for line in log_path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= state["step"]:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):  # a line cut short by the interruption
+                pass
+        atomic_write_text(log_path, "".join(kept))
 
     def log(record: dict) -> None:
         if main:

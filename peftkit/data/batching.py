@@ -8,6 +8,7 @@ Batch lists are a pure function of (seed, epoch), so a resumed run sees exactly 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -25,7 +26,15 @@ def cache_dir() -> Path:
 
 def _key(split: Split, tokenizer, max_length: int) -> str:
     h = hashlib.sha256()
-    h.update(f"{tokenizer.name_or_path}|{type(tokenizer).__name__}|{len(tokenizer)}|{max_length}".encode())
+    h.update(f"{type(tokenizer).__name__}|{len(tokenizer)}|{max_length}".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the whole fast tokenizer (vocab, normalizer, ...) less per-call state
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        h.update(json.dumps(spec, sort_keys=True).encode())
+    else:
+        h.update(repr(sorted(tokenizer.init_kwargs.items())).encode())
     for col in (split.text_a, split.text_b or []):
         h.update("\x1f".join(col).encode())
         h.update(b"\x1e")

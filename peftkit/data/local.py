@@ -9,25 +9,29 @@ from omegaconf import DictConfig
 
 from peftkit.data import Split, TaskData, labels_to_ids
 from peftkit.errors import UserError
+from peftkit.evaluation.metrics import METRICS
 
 READERS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
 
 
-def read_table(path_str: str):
+def read_table(path_str: str, key: str = "dataset.train_file"):
     import pandas as pd
 
     path = Path(path_str).expanduser()
     if not path.is_file():
-        raise UserError(f"data file {path} not found")
+        raise UserError(f"data file {path} not found; set {key}=PATH to an existing file")
     suffixes = [s for s in path.suffixes if s in READERS]
     if not suffixes:
         raise UserError(f"{path}: unknown file type; use one of {', '.join(READERS)} (optionally compressed)")
     kind = READERS[suffixes[-1]]
-    if kind in ("csv", "tsv"):
-        return pd.read_csv(path, sep="\t" if kind == "tsv" else ",", dtype=str, keep_default_na=False)
-    if kind == "parquet":
-        return pd.read_parquet(path)
-    return pd.read_json(path, lines=kind == "jsonl", dtype=False)
+    try:
+        if kind in ("csv", "tsv"):
+            return pd.read_csv(path, sep="\t" if kind == "tsv" else ",", dtype=str, keep_default_na=False)
+        if kind == "parquet":
+            return pd.read_parquet(path)
+        return pd.read_json(path, lines=kind == "jsonl", dtype=False)
+    except (ValueError, OSError) as e:  # pandas' ParserError is a ValueError; pyarrow's errors too
+        raise UserError(f"{path}: cannot read as {kind}: {' '.join(str(e).split())}") from None
 
 
 def _split(df, cfg: DictConfig, label_names, where: str) -> Split:
@@ -39,7 +43,7 @@ def _split(df, cfg: DictConfig, label_names, where: str) -> Split:
         raise UserError("dataset.text_fields takes one or two columns")
     texts = [df[c].astype(str).tolist() for c in cfg.text_fields]
     labels = labels_to_ids(df[cfg.label_field].tolist(), label_names, where)
-    ids = df[cfg.id_field].tolist() if cfg.get("id_field") else list(range(len(df)))
+    ids = df[cfg.id_field].tolist() if cfg.get("id_field") else df.index.tolist()  # row numbers in the file
     return Split(texts[0], texts[1] if len(texts) > 1 else None, labels, ids)
 
 
@@ -53,10 +57,10 @@ def load(cfg: DictConfig, splits: tuple[str, ...]) -> TaskData:
         label_names = [str(n) for n in cfg.label_names]
     else:
         if cfg.label_field not in train_df.columns:
-            raise UserError(f"{cfg.train_file}: missing label column '{cfg.label_field}'; columns are {list(train_df.columns)}")
+            raise UserError(f"{cfg.train_file}: missing label column '{cfg.label_field}'; columns are {list(train_df.columns)} (set dataset.label_field)")
         label_names = sorted({str(v) for v in train_df[cfg.label_field]})
     if cfg.get("dev_file"):
-        dev_df = read_table(cfg.dev_file)
+        dev_df = read_table(cfg.dev_file, "dataset.dev_file")
     else:  # carve a dev split out of train with a fixed seed
         order = np.random.default_rng(cfg.split_seed).permutation(len(train_df))
         n_dev = max(1, int(round(len(train_df) * cfg.dev_fraction)))
@@ -64,4 +68,7 @@ def load(cfg: DictConfig, splits: tuple[str, ...]) -> TaskData:
     out = {"train": _split(train_df, cfg, label_names, str(cfg.train_file)),
            "validation": _split(dev_df, cfg, label_names, str(cfg.get("dev_file") or cfg.train_file))}
     metrics = ("pearson", "spearman") if label_names is None else tuple(cfg.metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise UserError(f"unknown metric(s) {unknown} in dataset.metrics; choose from: accuracy, f1, matthews")
     return TaskData(cfg.name, Path(cfg.train_file).stem, label_names, metrics, out)

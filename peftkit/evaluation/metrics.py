@@ -8,13 +8,13 @@ import numpy as np
 def _pearson(p, y):
     from scipy.stats import pearsonr
 
-    return float(pearsonr(p, y)[0]) if np.std(p) > 0 else 0.0
+    return float(pearsonr(p, y)[0]) if np.std(p) > 0 and np.std(y) > 0 else 0.0  # undefined: no correlation
 
 
 def _spearman(p, y):
     from scipy.stats import spearmanr
 
-    return float(spearmanr(p, y)[0]) if np.std(p) > 0 else 0.0
+    return float(spearmanr(p, y)[0]) if np.std(p) > 0 and np.std(y) > 0 else 0.0
 
 
 def _accuracy(p, y):
@@ -22,9 +22,11 @@ def _accuracy(p, y):
 
 
 def _f1(p, y):
+    """Binary F1 of class 1 (GLUE's MRPC, QQP); macro F1 when there are more classes."""
     from sklearn.metrics import f1_score
 
-    return float(f1_score(y, p))
+    binary = set(np.unique(y)) | set(np.unique(p)) <= {0, 1}
+    return float(f1_score(y, p, average="binary" if binary else "macro"))
 
 
 def _matthews(p, y):

@@ -78,7 +78,7 @@ class AdapterLinear(nn.Module):
         raise UserError(f"{type(self).__name__} cannot be merged into the base weights")
 
 
-def _matches(name: str, pattern: str) -> bool:
+def matches(name: str, pattern: str) -> bool:
     """A target matches a module by its full name, a dotted suffix, or a full-name regex."""
     if name == pattern or name.endswith("." + pattern):
         return True
@@ -95,7 +95,7 @@ def find_targets(model: nn.Module, target_modules, default_roles, exclude: list[
         (n, m)
         for n, m in model.named_modules()
         if isinstance(m, nn.Linear)
-        and any(_matches(n, p) for p in patterns)
+        and any(matches(n, p) for p in patterns)
         and not any(n == e or n.startswith(e + ".") for e in exclude)
     ]
     if not found:
@@ -126,7 +126,8 @@ def merge_into_base(model: nn.Module) -> nn.Module:
     """Fold every adapter layer into its Linear and drop the wrappers: a plain transformers model."""
     for name, module in list(model.named_modules()):
         if isinstance(module, AdapterLinear):
-            module.merge()
+            if not module.merged:  # set_merged(model, True) may have folded it in already
+                module.merge()
             replace_module(model, name, module.base_layer)
     return model
 

@@ -8,6 +8,7 @@ from peftkit.methods.base import Method, register
 @register
 class Full(Method):
     name = "full"
+    mergeable = True  # nothing to fold: the trained model is already a plain model
 
     @dataclasses.dataclass
     class Config:

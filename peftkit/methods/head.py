@@ -8,6 +8,7 @@ from peftkit.methods.base import Method, register
 @register
 class Head(Method):
     name = "head"
+    mergeable = True  # nothing to fold: only the head changed
 
     @dataclasses.dataclass
     class Config:

@@ -11,7 +11,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from peftkit.methods.base import AdapterLinear, Method, find_targets, replace_module, register
+from peftkit.backbone import ROLES, role_patterns
+from peftkit.methods.base import AdapterLinear, Method, find_targets, matches, register, replace_module
 
 
 class IA3Linear(AdapterLinear):
@@ -60,7 +61,8 @@ class IA3(Method):
         feedforward_modules: list[str] | None = None
 
     def apply(self, model, exclude):
-        ffn = find_targets(model, self.cfg.feedforward_modules, ("ffn_out",), exclude)
-        ffn_names = {n for n, _ in ffn}
+        ffn = self.cfg.feedforward_modules
+        if ffn is None:
+            ffn = role_patterns(model, ["ffn_out"]) if model.config.model_type in ROLES else []
         for name, linear in find_targets(model, self.cfg.target_modules, self.default_roles, exclude):
-            replace_module(model, name, IA3Linear(linear, on_input=name in ffn_names))
+            replace_module(model, name, IA3Linear(linear, on_input=any(matches(name, p) for p in ffn)))

@@ -1,0 +1,78 @@
+"""Helpers for the method and merge tests: peftkit models on a local folder, plain HF models, logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[2]
+SENTENCES = ["a gripping, funny and warm film", "dull", "the plot never quite comes together, sadly"]
+LABELS = ["rotten", "fresh"]
+
+
+def backbone_cfg(path) -> OmegaConf:
+    """configs/backbone/minilm.yaml pointed at a local model folder."""
+    cfg = OmegaConf.load(ROOT / "configs" / "backbone" / "minilm.yaml")
+    cfg.path = str(path)
+    return cfg
+
+
+def build(path, method_cfg: dict, seed: int = 0):
+    """peftkit.model.build with a fixed seed (the head and adapter inits are random)."""
+    from peftkit import model
+
+    torch.manual_seed(seed)
+    return model.build(backbone_cfg(path), dict(method_cfg), list(LABELS))
+
+
+def hf_model(path, seed: int = 0):
+    """A plain AutoModelForSequenceClassification (2 labels, fp32, eval mode) with a seeded head."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def logits(model, batch) -> torch.Tensor:
+    model.eval()
+    return model(**batch).logits
+
+
+@torch.no_grad()
+def perturb(model, names, std: float = 0.1, seed: int = 1) -> None:
+    """Add noise to the named parameters so adapters, LayerNorms and heads are far from their init."""
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    for n in names:
+        p = params[n]
+        p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+@torch.no_grad()
+def outputs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, last hidden state): the random tiny model's logits barely move, its hidden states do."""
+    model.eval()
+    out = model(**batch, output_hidden_states=True)
+    return out.logits, out.hidden_states[-1]
+
+
+@torch.no_grad()
+def randomize_biases(model, std: float = 0.1, seed: int = 5) -> None:
+    """Random biases in the backbone's Linears: the tiny BERT's are all zero, which would hide bias bugs.
+
+    Seeded by name (a wrapped layer's `.base_layer` counts as the layer), so a plain and an adapted
+    model of the same backbone get the same biases. The task head and adapters' own Linears are left alone.
+    """
+    from torch import nn
+
+    linears = {n.replace(".base_layer", ""): m for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and m.bias is not None and "adapter_" not in n
+               and not n.startswith(("classifier", "score"))}
+    g = torch.Generator().manual_seed(seed)
+    for _, m in sorted(linears.items()):
+        m.bias.copy_(torch.randn(m.bias.shape, generator=g, dtype=m.bias.dtype) * std)
