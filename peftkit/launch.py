@@ -32,7 +32,8 @@ def resolve_resume(recipe: str, overrides: list[str], cfg: DictConfig) -> list[s
         for ckpt in candidates:
             run = ckpt.parent.parent
             saved = run / "config.yaml"
-            if saved.is_file() and _run_signature(OmegaConf.load(saved)) == want:
+            finished = (run / "eval" / "report.json").is_file()
+            if not finished and saved.is_file() and _run_signature(OmegaConf.load(saved)) == want:
                 return [*rest, "resume=true", f"hydra.run.dir={run}"]
         raise UserError("resume=true found no unfinished run with this config under outputs/; pass resume=DIR")
     run = Path(value)

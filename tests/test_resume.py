@@ -1,0 +1,135 @@
+"""Resuming: a run that dies mid-way and is resumed ends bitwise where an uninterrupted run ends.
+
+The reference run trains 8 steps straight (eval + checkpoint every 4, 6 steps per epoch). The
+interrupted run is the same command in a process that dies (`os._exit`, like a kill -9) while
+taking step 8: it leaves the step-4 checkpoint (epoch 0, batch 4) plus log records for steps
+5–7 that the checkpoint does not cover. Dying at a fixed step, rather than killing the process
+when a checkpoint appears, makes the test deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from _train_helpers import THREADS, adapter_tensors, assert_same_tensors, read_log, reference_run, report, tiny, train
+
+# Runs `peftkit ARGS`, exiting the process abruptly when the scheduler is about to take step N+1.
+DIE_AFTER = """
+import os, sys
+from peftkit import train
+
+make_scheduler, die_after = train.make_scheduler, int(os.environ["DIE_AFTER_STEP"])
+
+def dying(*args, **kwargs):
+    sched = make_scheduler(*args, **kwargs)
+
+    class Dying(type(sched)):  # a class, not an instance attribute: that would land in state_dict()
+        def step(self, *a, **k):
+            if self.last_epoch >= die_after:
+                os._exit(3)
+            return super().step(*a, **k)
+
+    sched.__class__ = Dying
+    return sched
+
+train.make_scheduler = dying
+from peftkit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_bert):
+    return reference_run(tmp_path_factory, tiny_bert)
+
+
+def interrupted(cwd, *args, die_after: int = 7) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **THREADS, "DIE_AFTER_STEP": str(die_after)}
+    proc = subprocess.run([sys.executable, "-c", DIE_AFTER, "train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 3, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def assert_interrupted_at_step_7(run) -> None:
+    meta = json.loads((run / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert (meta["state"]["step"], meta["state"]["epoch"], meta["state"]["batch"]) == (4, 0, 4)
+    steps, evals = read_log(run)
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6, 7]  # 5-7 are past the checkpoint
+    assert [e["step"] for e in evals] == [4]
+    assert not (run / "eval").exists()
+
+
+def checkpoint_tensors(run) -> dict:
+    return load_file(str(run / "checkpoints" / "last" / "state.safetensors"))
+
+
+def assert_same_as_reference(run, ref) -> None:
+    """Adapter, final checkpoint (weights, optimizer moments, RNG), per-step losses and report: all equal."""
+    assert_same_tensors(adapter_tensors(run), adapter_tensors(ref))
+    assert_same_tensors(checkpoint_tensors(run), checkpoint_tensors(ref))
+    steps, evals = read_log(run)
+    ref_steps, ref_evals = read_log(ref)
+    assert [s["step"] for s in steps] == list(range(1, 9)), "each step is logged exactly once"
+    assert [(s["step"], s["loss"], s["lr"]) for s in steps] == [(s["step"], s["loss"], s["lr"]) for s in ref_steps]
+    assert [(e["step"], e["eval"]) for e in evals] == [(e["step"], e["eval"]) for e in ref_evals]
+    r, rr = report(run), report(ref)
+    for k in ("metrics", "score", "best_step", "total_steps", "trainable_params"):
+        assert r[k] == rr[k], k
+
+
+def test_step4_checkpoint_holds_the_uninterrupted_runs_step4_weights(tmp_path, tiny_bert, reference):
+    """Sanity of the setup: up to the checkpoint the two runs are the same computation."""
+    ref, _ = reference
+    run = tmp_path / "run"
+    interrupted(tmp_path, *tiny(tiny_bert, f"hydra.run.dir={run}"))
+    assert_interrupted_at_step_7(run)
+    ref_steps, _ = read_log(ref)
+    assert [s["loss"] for s in read_log(run)[0]] == [s["loss"] for s in ref_steps[:7]]
+    if report(ref)["best_step"] == 4:  # then the reference's adapter/ holds its step-4 weights
+        ckpt = {k[len("model."):]: v for k, v in checkpoint_tensors(run).items() if k.startswith("model.")}
+        assert_same_tensors(ckpt, adapter_tensors(ref))
+    # resume=DIR continues it from step 4
+    proc = train(tmp_path, *tiny(tiny_bert), f"resume={run}")
+    assert "resumed from" in proc.stderr + proc.stdout and "at step 4" in proc.stderr + proc.stdout
+    assert_same_as_reference(run, ref)
+
+
+def test_resume_true_picks_the_unfinished_run_with_the_same_config(tmp_path, tiny_bert, reference):
+    ref, _ = reference
+    run = tmp_path / "outputs" / "2026-01-01" / "00-00-00"
+    interrupted(tmp_path, *tiny(tiny_bert, "hydra.run.dir=outputs/2026-01-01/00-00-00"))
+    assert_interrupted_at_step_7(run)
+    # a newer unfinished run with another seed must be left alone
+    other = tmp_path / "outputs" / "2026-01-02" / "00-00-00"
+    shutil.copytree(run, other)
+    cfg = OmegaConf.load(other / "config.yaml")
+    cfg.seed = 1
+    (other / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    newer = (run / "checkpoints" / "last").stat().st_mtime + 60
+    os.utime(other / "checkpoints" / "last", (newer, newer))
+    other_log = (other / "train_log.jsonl").read_text()
+
+    train(tmp_path, *tiny(tiny_bert), "resume=true")
+    assert_same_as_reference(run, ref)
+    assert not (other / "eval").exists() and (other / "train_log.jsonl").read_text() == other_log
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["2026-01-01", "2026-01-02"]
+
+
+def test_resume_true_without_a_matching_run_is_a_user_error(tmp_path, monkeypatch):
+    from peftkit import config, launch
+    from peftkit.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config.compose("quickstart", ["seed=3"])
+    with pytest.raises(UserError, match="resume=true found no unfinished run"):
+        launch.resolve_resume("quickstart", ["seed=3", "resume=true"], cfg)
+    with pytest.raises(UserError, match="no checkpoint"):
+        launch.resolve_resume("quickstart", ["seed=3", f"resume={tmp_path}"], cfg)
