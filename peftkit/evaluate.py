@@ -58,7 +58,10 @@ def run(run_dir: Path, split: str, overrides: dict[str, str]) -> dict:
 
 
 def show(new: dict, previous: dict | None) -> None:
-    table = Table(title=f"{new.get('dataset')} · {new.get('method')} on {new.get('backbone')}")
+    title = f"{new.get('dataset')} · {new.get('method')} on {new.get('backbone')}"
+    if new.get("best_step") is not None:
+        title += f" · best step {new['best_step']} of {new['total_steps']}"
+    table = Table(title=title)
     table.add_column("split")
     table.add_column("metric")
     table.add_column("score", justify="right")

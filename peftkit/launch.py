@@ -81,7 +81,10 @@ def hydra_train(recipe: str, overrides: list[str], multirun: bool, passthrough: 
             if not multirun:
                 sys.exit(2)
             return None
-        if train.console and int(os.environ.get("RANK", "0")) == 0:
+        if int(os.environ.get("RANK", "0")) == 0:
+            from peftkit.evaluate import show
+
+            show(result, None)
             train.console.print(f"[bold green]done[/]: adapter in {run_dir / 'adapter'}, report in {run_dir / 'eval' / 'report.md'}")
         return result
 

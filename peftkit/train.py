@@ -54,7 +54,7 @@ def make_optimizer(m: torch.nn.Module, t: DictConfig) -> torch.optim.Optimizer:
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=True)
 
 
 def make_scheduler(opt, t: DictConfig, total_steps: int):
@@ -153,6 +153,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     scheduler = make_scheduler(optimizer, t, total_steps)
     net, optimizer = accelerator.prepare(net, optimizer)
     raw = accelerator.unwrap_model(net)
+    trainable_params = [p for p in net.parameters() if p.requires_grad]
 
     ckpt_dir = run_dir / "checkpoints" / "last"
     state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "samples": 0, "train_time_s": 0.0, "eval_time_s": 0.0}
@@ -208,7 +209,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                     loss = net(**batch).loss
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and t.max_grad_norm:
-                        accelerator.clip_grad_norm_(net.parameters(), t.max_grad_norm)
+                        accelerator.clip_grad_norm_(trainable_params, t.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 window_loss += loss.item()

@@ -57,7 +57,7 @@ def tokenize(split: Split, tokenizer, max_length: int) -> dict[str, list]:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds = ds.map(encode, batched=True, batch_size=2000, remove_columns=list(columns), cache_file_name=str(path))
     keep = [c for c in ("input_ids", "token_type_ids") if c in ds.column_names]
-    return {c: ds[c] for c in keep}
+    return {c: ds[c][:] for c in keep}  # plain lists: indexing an Arrow column per example is slow
 
 
 def train_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
