@@ -29,20 +29,22 @@ def minilm_dir() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> Path:
+def make_tiny_bert(out: Path, seed: int) -> Path:
     """A 2-layer, hidden-32 BERT with random weights and MiniLM's tokenizer, saved as an HF folder."""
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    import torch
-
-    out = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=128)
     BertModel(cfg).save_pretrained(out)
     AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), seed=0)
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

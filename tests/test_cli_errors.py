@@ -184,18 +184,9 @@ def trained_run(tmp_path_factory, tiny_bert) -> Path:
 @pytest.fixture(scope="module")
 def other_tiny_bert(tmp_path_factory) -> Path:
     """The same architecture and tokenizer as tiny_bert, other random weights (seed 1)."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from conftest import make_tiny_bert
 
-    from conftest import minilm_dir
-
-    out = tmp_path_factory.mktemp("tiny_bert_seed1")
-    torch.manual_seed(1)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(out)
-    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(out)
-    return out
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert_seed1"), seed=1)
 
 
 @needs_minilm
