@@ -15,8 +15,12 @@ from peftkit.errors import UserError
 SAME_RUN_KEYS = ("backbone", "method", "dataset", "trainer", "seed")
 
 
-def _run_signature(cfg) -> dict:
-    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+def _run_signature(cfg: DictConfig) -> dict:
+    from peftkit.train import absolute_paths
+
+    cfg = cfg.copy()
+    absolute_paths(cfg)
+    c = OmegaConf.to_container(cfg, resolve=True)
     return {k: c.get(k) for k in SAME_RUN_KEYS}
 
 

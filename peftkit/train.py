@@ -120,8 +120,20 @@ def progress_bar(enabled: bool) -> Progress:
     )
 
 
+PATH_KEYS = ("backbone.path", "dataset.data_dir", "dataset.train_file", "dataset.dev_file")
+
+
+def absolute_paths(cfg: DictConfig) -> None:
+    """Make user paths absolute, so the saved config works from any directory (`peftkit eval`)."""
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if value:
+            OmegaConf.update(cfg, key, str(Path(value).expanduser().resolve()))
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
+    absolute_paths(cfg)
     t = cfg.trainer
     accelerator = make_accelerator(t)
     main = accelerator.is_main_process
