@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from peftkit import config
+from peftkit.evaluation import report
 from peftkit.errors import UserError
 
 SAME_RUN_KEYS = ("backbone", "method", "dataset", "trainer", "seed")
@@ -46,6 +49,16 @@ def resolve_resume(recipe: str, overrides: list[str], cfg: DictConfig) -> list[s
     return [*rest, "resume=true", f"hydra.run.dir={run}"]
 
 
+def finished_report(run_dir: Path, cfg: DictConfig) -> dict | None:
+    """The report of a run that already finished in this directory with the same config, if any."""
+    report_file, saved = run_dir / "eval" / "report.json", run_dir / "config.yaml"
+    if not (report_file.is_file() and saved.is_file()):
+        return None
+    done = json.loads(report_file.read_text())
+    same = _run_signature(OmegaConf.load(saved)) == _run_signature(cfg)
+    return done if same and done.get("status", "ok") == "ok" else None
+
+
 def _shared_timestamp() -> str | None:
     """Under torchrun / accelerate launch, every process must write to one run dir: rank 0 names it."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -75,15 +88,26 @@ def hydra_train(recipe: str, overrides: list[str], multirun: bool, passthrough: 
 
     def task(cfg: DictConfig):
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+        if multirun and (done := finished_report(run_dir, cfg)):
+            train.console.print(f"skip {run_dir}: finished earlier with this config (score {done['score']:.2f})")
+            return done
         try:
             result = train.run(cfg, run_dir)
         except UserError as e:
             print(f"peftkit: error: {e}", file=sys.stderr)
-            if not cfg.resume:
-                cleanup_failed_run(run_dir)
             exit_code["code"] = 2
             if not multirun:
+                if not cfg.resume:
+                    cleanup_failed_run(run_dir)
                 sys.exit(2)
+            report.write_failed(run_dir, cfg, str(e))
+            return None
+        except Exception as e:  # in a sweep, one crash must not stop the other runs
+            if not multirun:
+                raise
+            traceback.print_exc()
+            report.write_failed(run_dir, cfg, f"{type(e).__name__}: {e}")
+            exit_code["code"] = 1
             return None
         if int(os.environ.get("RANK", "0")) == 0:
             from peftkit.evaluate import show

@@ -260,6 +260,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     best = state["best"]
     n, total = meta["trainable_params"], meta["total_params"]
     result = {
+        "status": "ok",
         "dataset": cfg.dataset.name,
         "task": task.task,
         "method": cfg.method.name,

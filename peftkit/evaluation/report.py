@@ -16,6 +16,20 @@ def write(run_dir: Path, report: dict) -> None:
     atomic_write_text(out / "report.md", to_markdown(report))
 
 
+def write_failed(run_dir: Path, cfg, error: str) -> None:
+    """A sweep's crashed run still gets a report: marked failed, with the reason."""
+    from omegaconf import OmegaConf
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    r = {"status": "failed", "error": error, "dataset": cfg.dataset.name, "method": cfg.method.name,
+         "backbone": cfg.backbone.name, "recipe": cfg.get("recipe"), "seed": cfg.seed}
+    out = run_dir / "eval"
+    atomic_write_text(out / "report.json", json.dumps(r, indent=2) + "\n")
+    atomic_write_text(out / "report.md", f"# {r['dataset']} · {r['method']} on {r['backbone']}\n\n**failed**: {error}\n")
+
+
 def to_markdown(r: dict) -> str:
     metric_rows = [
         f"| {split} | {name} | {value:.2f} |" for split, ms in r["metrics"].items() for name, value in ms.items()
