@@ -1,4 +1,4 @@
-"""The `peftkit` command: train, eval, merge, ls.
+"""The `peftkit` command: train, eval, merge, report, ls.
 
 `train` hands its arguments to Hydra (overrides, `-m` for sweeps); the other commands take
 `key=value` arguments of their own. Bad input prints one line and exits with code 2; set
@@ -21,6 +21,7 @@ commands:
           sweep with -m:                   peftkit train -m method=lora,ia3 dataset=glue/rte,glue/mrpc
   eval    re-score a finished run:         peftkit eval run=outputs/2026-01-01/12-00-00 [split=test]
   merge   fold an adapter into its base:   peftkit merge adapter=outputs/.../adapter out=merged/
+  report  compare runs in a leaderboard:  peftkit report multirun/2026-01-01/12-00-00 [out=DIR]
   ls      list what exists:                peftkit ls [recipes|methods|backbones|datasets|trainers]
 
 Run `peftkit COMMAND --help` for each command's options.
@@ -54,6 +55,16 @@ Fold a mergeable adapter (lora, ia3, ...) into its base model and save a plain H
 folder (config, tokenizer, model.safetensors) that loads with AutoModelForSequenceClassification.
   adapter=DIR        an adapter folder, or a run directory that holds one
   out=DIR            where to write the merged model
+"""
+
+REPORT_HELP = """usage: peftkit report DIR... [out=DIR]
+
+Collect every run under the DIRs (any folder with eval/report.json and config.yaml), print a
+leaderboard and write it to OUT/leaderboard/: leaderboard.{md,csv,json,html}, best_runs.md,
+score_vs_params.png and loss_curves.png. One row per method configuration, one column per task
+(mean ± std over seeds); failed runs are listed apart and left out of the means.
+  DIR...             run directories or folders holding them (a sweep, outputs/)
+  out=DIR            where to write leaderboard/ (default: the first DIR)
 """
 
 LS_HELP = """usage: peftkit ls [recipes|methods|backbones|datasets|trainers]
@@ -119,6 +130,23 @@ def cmd_merge(args: list[str]) -> int:
     return 0
 
 
+def cmd_report(args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(REPORT_HELP)
+        return 0
+    from peftkit.evaluation import leaderboard
+
+    dirs = [Path(a) for a in args if "=" not in a]
+    kv = _kv([a for a in args if "=" in a], "report")
+    unknown = set(kv) - {"out"}
+    if unknown:
+        raise UserError(f"peftkit report: unknown option {', '.join(sorted(unknown))} (see peftkit report --help)")
+    if not dirs:
+        raise UserError("peftkit report needs at least one DIR (see peftkit report --help)")
+    leaderboard.run(dirs, Path(kv["out"]) if "out" in kv else None)
+    return 0
+
+
 def cmd_ls(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(LS_HELP)
@@ -130,7 +158,7 @@ def cmd_ls(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "ls": cmd_ls}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "report": cmd_report, "ls": cmd_ls}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,431 @@
+"""`peftkit report`: compare many runs in one leaderboard (Markdown, CSV, JSON, HTML, plots).
+
+A row is a method configuration (method name plus the hyperparameters that differ between runs),
+a column a task; a cell is the mean ± std of the task score over that configuration's seeds.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from peftkit.errors import UserError
+from peftkit.files import atomic_dir
+
+OUT_NAME = "leaderboard"
+
+
+@dataclass
+class Run:
+    """One run directory, read once: its report, its resolved config and its adapter's size."""
+
+    dir: Path
+    report: dict
+    config: dict
+    adapter_bytes: int = 0
+    label: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.report.get("status") == "failed"
+
+    @property
+    def task(self) -> str:
+        return str(self.report.get("task") or self.report.get("dataset") or "?")
+
+
+@dataclass
+class Row:
+    """One method configuration: its runs, grouped by task."""
+
+    label: str
+    method: str
+    runs: dict[str, list[Run]] = field(default_factory=dict)
+
+    def all_runs(self) -> list[Run]:
+        return [r for rs in self.runs.values() for r in rs]
+
+
+# ---------------------------------------------------------------------------------------- collect
+
+
+def find_runs(dirs: list[Path]) -> list[Run]:
+    """Every folder under `dirs` with eval/report.json and config.yaml, sorted by path for stable output."""
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise UserError(f"no such directory: {d}")
+    seen, runs = set(), []
+    for d in dirs:
+        for rep in sorted(Path(d).rglob("eval/report.json")):
+            run_dir = rep.parent.parent
+            key = run_dir.resolve()
+            if key in seen or not (run_dir / "config.yaml").is_file():
+                continue
+            seen.add(key)
+            runs.append(read_run(run_dir))
+    if not runs:
+        raise UserError(f"no runs with eval/report.json under {', '.join(str(d) for d in dirs)}")
+    return runs
+
+
+def read_run(run_dir: Path) -> Run:
+    """A run as the leaderboard needs it; an unreadable report counts as a failed run, not a crash."""
+    try:
+        report = json.loads((run_dir / "eval" / "report.json").read_text())
+    except ValueError as e:
+        report = {"status": "failed", "error": f"unreadable eval/report.json: {e}"}
+    config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
+    adapter = run_dir / "adapter"
+    size = sum(p.stat().st_size for p in adapter.rglob("*") if p.is_file()) if adapter.is_dir() else 0
+    return Run(run_dir, report, config, size)
+
+
+# ------------------------------------------------------------------------------------------ group
+
+
+def _method_params(run: Run) -> dict:
+    method = dict(run.config.get("method") or {})
+    method.pop("name", None)
+    return method
+
+
+def _lr(run: Run):
+    return (run.config.get("trainer") or {}).get("lr")
+
+
+def label_runs(runs: list[Run]) -> None:
+    """Name each run's configuration by only what varies, so labels stay short: `lora r=8`."""
+    by_method: dict[str, list[Run]] = {}
+    for r in runs:
+        by_method.setdefault(method_name(r), []).append(r)
+    lr_varies = len({repr(_lr(r)) for r in runs}) > 1
+    for name, group in by_method.items():
+        keys = sorted({k for r in group for k in _method_params(r)})
+        varying = [k for k in keys if len({repr(_method_params(r).get(k)) for r in group}) > 1]
+        for r in group:
+            parts = [name] + [f"{k}={_fmt_value(_method_params(r).get(k))}" for k in varying]
+            if lr_varies:
+                parts.append(f"lr={_fmt_value(_lr(r))}")
+            r.label = " ".join(parts)
+
+
+def method_name(run: Run) -> str:
+    return str((run.config.get("method") or {}).get("name") or run.report.get("method") or "?")
+
+
+def _fmt_value(v) -> str:
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    return "null" if v is None else str(v)
+
+
+def build_rows(runs: list[Run]) -> list[Row]:
+    """One row per configuration, best average first, each holding its finished runs per task."""
+    rows: dict[str, Row] = {}
+    for r in runs:
+        if r.failed:
+            continue
+        row = rows.setdefault(r.label, Row(r.label, method_name(r)))
+        row.runs.setdefault(r.task, []).append(r)
+    return sorted(rows.values(), key=_average_key)
+
+
+def _average_key(row: Row) -> float:
+    """Best average first: a leaderboard reads top-down."""
+    means = [statistics.fmean(r.report["score"] for r in rs) for rs in row.runs.values()]
+    return -statistics.fmean(means)
+
+
+# ------------------------------------------------------------------------------------------ stats
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std (n-1); std is None for a single seed, where it means nothing."""
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _mean_of(runs: list[Run], key: str) -> float | None:
+    vals = [r.report[key] for r in runs if isinstance(r.report.get(key), (int, float))]
+    return statistics.fmean(vals) if vals else None
+
+
+def row_record(row: Row, tasks: list[str]) -> dict:
+    """All numbers of one row, plus the run dirs behind each cell so any value can be traced."""
+    cells = {}
+    for task in tasks:
+        runs = row.runs.get(task)
+        if not runs:
+            continue
+        m, s = mean_std([float(r.report["score"]) for r in runs])
+        cells[task] = {"mean": m, "std": s, "n": len(runs), "runs": [str(r.dir) for r in runs]}
+    everything = row.all_runs()
+    first = everything[0].report
+    return {
+        "label": row.label,
+        "method": row.method,
+        "scores": cells,
+        "average": statistics.fmean(c["mean"] for c in cells.values()) if cells else None,
+        "trainable_params": first.get("trainable_params"),
+        "trainable_pct": first.get("trainable_pct"),
+        "adapter_bytes": round(statistics.fmean(r.adapter_bytes for r in everything)),
+        "train_time_s": _mean_of(everything, "train_time_s"),
+        "peak_rss_mb": _mean_of(everything, "peak_rss_mb"),
+        "runs": [str(r.dir) for r in everything],
+    }
+
+
+def best_runs(runs: list[Run]) -> dict[str, dict]:
+    """The highest-scoring finished run per task: the one to ship or re-evaluate."""
+    best: dict[str, Run] = {}
+    for r in runs:
+        if not r.failed and (r.task not in best or r.report["score"] > best[r.task].report["score"]):
+            best[r.task] = r
+    return {t: {"label": r.label, "score": r.report["score"], "seed": r.report.get("seed"), "dir": str(r.dir)}
+            for t, r in sorted(best.items())}
+
+
+def collect(dirs: list[Path]) -> dict:
+    """The whole leaderboard as plain data: what every writer below renders."""
+    runs = find_runs([Path(d) for d in dirs])
+    label_runs(runs)
+    rows = build_rows(runs)
+    tasks = sorted({r.task for r in runs if not r.failed})
+    return {
+        "tasks": tasks,
+        "rows": [row_record(row, tasks) for row in rows],
+        "best": best_runs(runs),
+        "failed": [{"dir": str(r.dir), "label": r.label, "task": r.task, "error": r.report.get("error", "")}
+                   for r in runs if r.failed],
+        "_rows": rows,  # for the loss plot; dropped before writing JSON
+    }
+
+
+# ---------------------------------------------------------------------------------------- format
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return ""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def fmt_cell(cell: dict | None) -> str:
+    if not cell:
+        return "–"
+    return f"{cell['mean']:.2f}" + (f" ± {cell['std']:.2f}" if cell["std"] is not None else "")
+
+
+def _num(v, spec: str, suffix: str = "") -> str:
+    return "" if v is None else f"{v:{spec}}{suffix}"
+
+
+def table(board: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and display rows shared by Markdown, HTML and the terminal table."""
+    header = ["method", *board["tasks"], "avg", "trainable", "adapter", "train time", "peak mem"]
+    body = []
+    for r in board["rows"]:
+        body.append([
+            r["label"], *[fmt_cell(r["scores"].get(t)) for t in board["tasks"]], _num(r["average"], ".2f"),
+            f"{_num(r['trainable_params'], ',')} ({_num(r['trainable_pct'], '.3f', '%')})",
+            human_bytes(r["adapter_bytes"]), _num(r["train_time_s"], ".0f", " s"), _num(r["peak_rss_mb"], ".0f", " MB"),
+        ])
+    return header, body
+
+
+def to_markdown(board: dict) -> str:
+    header, body = table(board)
+    lines = ["# Leaderboard", "", "Task scores: mean ± std over seeds (sample std).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    if board["failed"]:
+        lines += ["", "## Failed runs", ""] + [f"- `{f['dir']}` ({f['label']}): failed: {f['error']}" for f in board["failed"]]
+    return "\n".join(lines) + "\n"
+
+
+def best_markdown(board: dict) -> str:
+    lines = ["# Best run per task", "", "| task | method | score | seed | run |", "|---|---|---|---|---|"]
+    lines += [f"| {t} | {b['label']} | {b['score']:.2f} | {b['seed']} | `{b['dir']}` |" for t, b in board["best"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(board: dict) -> str:
+    """Plain numbers, one column per statistic, for spreadsheets and pandas."""
+    header = ["method", "label"]
+    for t in board["tasks"]:
+        header += [f"{t}_mean", f"{t}_std", f"{t}_n"]
+    header += ["average", "trainable_params", "trainable_pct", "adapter_bytes", "train_time_s", "peak_rss_mb"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in board["rows"]:
+        line = [r["method"], r["label"]]
+        for t in board["tasks"]:
+            c = r["scores"].get(t) or {}
+            line += [c.get("mean", ""), "" if c.get("std") is None else c["std"], c.get("n", 0)]
+        line += [r[k] if r[k] is not None else "" for k in
+                 ("average", "trainable_params", "trainable_pct", "adapter_bytes", "train_time_s", "peak_rss_mb")]
+        w.writerow(line)
+    return buf.getvalue()
+
+
+def to_json(board: dict) -> str:
+    return json.dumps({k: v for k, v in board.items() if not k.startswith("_")}, indent=2) + "\n"
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
+table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 10px;text-align:right}
+th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}tr:nth-child(even){background:#fafafa}
+img{max-width:100%;margin:1em 0;border:1px solid #eee}.failed{color:#b00}"""
+
+
+def to_html(board: dict, images: dict[str, bytes]) -> str:
+    """One self-contained page: inline CSS, the table, plots as base64 data URIs (no external assets)."""
+    from html import escape
+
+    header, body = table(board)
+    th = "".join(f"<th>{escape(h)}</th>" for h in header)
+    trs = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    best = "".join(f"<tr><td>{escape(t)}</td><td>{escape(b['label'])}</td><td>{b['score']:.2f}</td>"
+                   f"<td>{escape(b['dir'])}</td></tr>" for t, b in board["best"].items())
+    imgs = "".join(f'<h2>{escape(name)}</h2><img alt="{escape(name)}" src="data:image/png;base64,'
+                   f'{base64.b64encode(png).decode()}">' for name, png in images.items())
+    failed = "".join(f'<li class="failed">{escape(f["dir"])}: failed: {escape(str(f["error"]))}</li>'
+                     for f in board["failed"])
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>peftkit leaderboard</title>"
+            f"<style>{CSS}</style></head><body><h1>Leaderboard</h1><p>Task scores: mean ± std over seeds.</p>"
+            f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+            f"<h2>Best run per task</h2><table><tr><th>task</th><th>method</th><th>score</th><th>run</th></tr>{best}</table>"
+            + (f"<h2>Failed runs</h2><ul>{failed}</ul>" if failed else "") + f"{imgs}</body></html>\n")
+
+
+# ------------------------------------------------------------------------------------------ plots
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_score_vs_params(board: dict) -> bytes:
+    """The PEFT trade-off: how much score each method buys per trainable parameter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in board["rows"]:
+        if r["trainable_params"] and r["average"] is not None:
+            ax.scatter(r["trainable_params"], r["average"], s=40)
+            ax.annotate(r["label"], (r["trainable_params"], r["average"]), textcoords="offset points", xytext=(5, 5))
+    ax.set_xscale("log")
+    ax.margins(x=0.2, y=0.15)  # room for the labels at the edges
+    ax.set_xlabel("trainable parameters (log)")
+    ax.set_ylabel("average score")
+    ax.set_title("score vs trainable parameters")
+    ax.grid(True, alpha=0.3)
+    return _png(fig)
+
+
+def read_losses(run_dir: Path) -> tuple[list[int], list[float]]:
+    """(steps, losses) from train_log.jsonl, skipping eval records and lines cut short."""
+    steps, losses = [], []
+    path = Path(run_dir) / "train_log.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "loss" in rec and "step" in rec:
+                steps.append(rec["step"])
+                losses.append(rec["loss"])
+    return steps, losses
+
+
+def plot_loss_curves(board: dict) -> bytes:
+    """Training loss per task (one subplot each), one line per method row: its first run on that task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = board["tasks"] or ["?"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for row in board["_rows"]:
+            runs = row.runs.get(task)
+            if runs:
+                steps, losses = read_losses(runs[0].dir)
+                if steps:
+                    ax.plot(steps, losses, marker="." if len(steps) < 20 else None, label=row.label)
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    return _png(fig)
+
+
+# ------------------------------------------------------------------------------------------ write
+
+
+def write(board: dict, out: Path) -> Path:
+    """Everything into out/leaderboard/ in one atomic rename: readers never see a half-built folder."""
+    images = {"score_vs_params.png": plot_score_vs_params(board), "loss_curves.png": plot_loss_curves(board)}
+    target = Path(out) / OUT_NAME
+    with atomic_dir(target) as tmp:
+        (tmp / "leaderboard.md").write_text(to_markdown(board), encoding="utf-8")
+        (tmp / "leaderboard.csv").write_text(to_csv(board), encoding="utf-8")
+        (tmp / "leaderboard.json").write_text(to_json(board), encoding="utf-8")
+        (tmp / "leaderboard.html").write_text(to_html(board, images), encoding="utf-8")
+        (tmp / "best_runs.md").write_text(best_markdown(board), encoding="utf-8")
+        for name, png in images.items():
+            (tmp / name).write_bytes(png)
+    return target
+
+
+def print_table(board: dict) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    header, body = table(board)
+    t = Table(title="peftkit leaderboard")
+    for i, h in enumerate(header):
+        t.add_column(h, justify="left" if i == 0 else "right")
+    for row in body:
+        t.add_row(*row)
+    console = Console()
+    console.print(t)
+    for f in board["failed"]:
+        console.print(f"[red]failed[/red] {escape(f['dir'])}: {escape(str(f['error']))}", highlight=False)
+
+
+def run(dirs: list[Path], out: Path | None = None) -> Path:
+    """`peftkit report`: collect, print, write; returns the leaderboard folder."""
+    if not dirs:
+        raise UserError("peftkit report needs at least one DIR (see peftkit report --help)")
+    board = collect(dirs)
+    print_table(board)
+    target = write(board, Path(out) if out else Path(dirs[0]))
+    print(f"wrote {target}")
+    return target

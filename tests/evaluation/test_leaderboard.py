@@ -1,0 +1,182 @@
+"""`peftkit report`: the leaderboard over fake run dirs (fast), and once over two real tiny runs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import run_cli
+from peftkit.errors import UserError
+from peftkit.evaluation import leaderboard
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+METHODS = {"lora": {"name": "lora", "r": 8, "alpha": 16}, "ia3": {"name": "ia3", "target_modules": None}}
+PARAMS = {"lora": 2626, "ia3": 354}
+# score per (method, task, seed): hand-picked so means and stds are easy to check
+SCORES = {
+    ("lora", "rte", 0): 60.0, ("lora", "rte", 1): 64.0,
+    ("lora", "mrpc", 0): 80.0, ("lora", "mrpc", 1): 82.0,
+    ("ia3", "rte", 0): 55.0, ("ia3", "rte", 1): 57.0,
+    ("ia3", "mrpc", 0): 70.0, ("ia3", "mrpc", 1): 76.0,
+}
+
+
+def make_run(d: Path, method: dict, task: str, seed: int, score: float | None, lr: float = 1e-3,
+             adapter_bytes: int = 100) -> Path:
+    """A run dir as `peftkit train` leaves it, minus the model: config, report, log, a fake adapter."""
+    d.mkdir(parents=True)
+    cfg = {"backbone": {"name": "minilm"}, "method": method, "dataset": {"name": f"glue/{task}"},
+           "trainer": {"lr": lr, "max_steps": 4}, "seed": seed, "recipe": "glue_lora"}
+    OmegaConf.save(OmegaConf.create(cfg), d / "config.yaml")
+    (d / "eval").mkdir()
+    if score is None:
+        report = {"status": "failed", "error": "CUDA out of memory", "task": task, "method": method["name"]}
+    else:
+        n = PARAMS[method["name"]]
+        report = {"dataset": f"glue/{task}", "task": task, "method": method["name"], "backbone": "minilm",
+                  "recipe": "glue_lora", "seed": seed, "metrics": {"validation": {"accuracy": score}},
+                  "score": score, "best_step": 4, "total_steps": 4, "trainable_params": n,
+                  "total_params": 1_000_000, "trainable_pct": 100 * n / 1_000_000, "train_time_s": 10.0 + seed,
+                  "eval_time_s": 1.0, "samples_per_s": 50.0, "peak_rss_mb": 500.0 + 100 * seed,
+                  "precision": "fp32", "processes": 1}
+    (d / "eval" / "report.json").write_text(json.dumps(report))
+    log = [{"step": s, "epoch": s / 4, "loss": 1.0 / s + seed, "lr": lr, "samples_per_s": 50.0, "elapsed_s": s}
+           for s in (1, 2, 3, 4)] + [{"step": 4, "eval": {"validation": {"accuracy": score}}, "score": score}]
+    (d / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log) + '{"step": 5, "lo')
+    (d / "adapter").mkdir()
+    (d / "adapter" / "adapter.safetensors").write_bytes(b"x" * adapter_bytes)
+    (d / "adapter" / "adapter_config.json").write_text("{}")
+    return d
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    """2 methods × 2 tasks × 2 seeds, nested a level deep as Hydra sweeps are, plus one failed run."""
+    root = tmp_path / "multirun"
+    for i, ((m, task, seed), score) in enumerate(SCORES.items()):
+        make_run(root / "day" / str(i), METHODS[m], task, seed, score, adapter_bytes=3000 if m == "lora" else 500)
+    make_run(root / "day" / "failed", METHODS["lora"], "rte", 2, None)
+    return root
+
+
+def row(board: dict, label: str) -> dict:
+    return next(r for r in board["rows"] if r["label"] == label)
+
+
+def test_means_stds_average_and_failed(sweep):
+    board = leaderboard.collect([sweep])
+    assert board["tasks"] == ["mrpc", "rte"]
+    assert [r["label"] for r in board["rows"]] == ["lora", "ia3"]  # best average first
+    lora, ia3 = row(board, "lora"), row(board, "ia3")
+    assert lora["scores"]["rte"]["mean"] == pytest.approx(62.0)
+    assert lora["scores"]["rte"]["std"] == pytest.approx(statistics.stdev([60.0, 64.0]))  # 2.828: the failed run is out
+    assert lora["scores"]["rte"]["n"] == 2 and len(lora["scores"]["rte"]["runs"]) == 2
+    assert ia3["scores"]["mrpc"]["mean"] == pytest.approx(73.0)
+    assert ia3["scores"]["mrpc"]["std"] == pytest.approx(4.242640687)
+    assert lora["average"] == pytest.approx((62.0 + 81.0) / 2)
+    assert ia3["average"] == pytest.approx((56.0 + 73.0) / 2)
+    assert lora["trainable_params"] == 2626 and lora["trainable_pct"] == pytest.approx(0.2626)
+    assert lora["adapter_bytes"] == 3002 and ia3["adapter_bytes"] == 502
+    assert lora["train_time_s"] == pytest.approx(10.5) and lora["peak_rss_mb"] == pytest.approx(550.0)
+    assert len(board["failed"]) == 1
+    assert board["failed"][0]["error"] == "CUDA out of memory" and board["failed"][0]["dir"].endswith("failed")
+    assert all("failed" not in d for r in board["rows"] for d in r["runs"])
+
+
+def test_best_run_per_task(sweep):
+    best = leaderboard.collect([sweep])["best"]
+    assert best["rte"]["score"] == 64.0 and best["rte"]["label"] == "lora" and best["rte"]["dir"].endswith("/1")
+    assert best["mrpc"]["score"] == 82.0 and best["mrpc"]["dir"].endswith("/3")
+
+
+def test_labels_name_only_what_varies(tmp_path):
+    make_run(tmp_path / "a", {"name": "lora", "r": 8, "alpha": 16}, "rte", 0, 60.0)
+    make_run(tmp_path / "b", {"name": "lora", "r": 16, "alpha": 16}, "rte", 0, 61.0, lr=3e-4)
+    make_run(tmp_path / "c", METHODS["ia3"], "rte", 0, 50.0)
+    labels = sorted(r["label"] for r in leaderboard.collect([tmp_path])["rows"])
+    assert labels == ["ia3 lr=0.001", "lora r=16 lr=0.0003", "lora r=8 lr=0.001"]
+
+
+def test_writes_every_format(sweep, tmp_path):
+    out = leaderboard.run([sweep], tmp_path / "out")
+    assert out == tmp_path / "out" / "leaderboard"
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["best_runs.md", "leaderboard.csv", "leaderboard.html", "leaderboard.json", "leaderboard.md",
+                     "loss_curves.png", "score_vs_params.png"]  # and no temp files
+    md = (out / "leaderboard.md").read_text()
+    assert "| method | mrpc | rte | avg | trainable | adapter | train time | peak mem |" in md
+    assert "| lora | 81.00 ± 1.41 | 62.00 ± 2.83 | 71.50 | 2,626 (0.263%) | 2.9 KB | 10 s | 550 MB |" in md
+    assert "CUDA out of memory" in md
+    rows = list(csv.DictReader(io.StringIO((out / "leaderboard.csv").read_text())))
+    assert [r["label"] for r in rows] == ["lora", "ia3"]
+    assert float(rows[1]["mrpc_mean"]) == pytest.approx(73.0) and float(rows[1]["average"]) == pytest.approx(64.5)
+    assert rows[0]["trainable_params"] == "2626" and rows[0]["adapter_bytes"] == "3002"
+    data = json.loads((out / "leaderboard.json").read_text())
+    assert data["tasks"] == ["mrpc", "rte"] and len(data["rows"]) == 2 and len(data["failed"]) == 1
+    assert len(data["rows"][0]["scores"]["rte"]["runs"]) == 2 and data["best"]["rte"]["score"] == 64.0
+    best_md = (out / "best_runs.md").read_text()
+    assert "| rte | lora | 64.00 |" in best_md and "| mrpc | lora | 82.00 |" in best_md
+    html = (out / "leaderboard.html").read_text()
+    assert "<table>" in html and "<td>81.00 ± 1.41</td>" in html and "<style>" in html
+    assert html.count("data:image/png;base64,") == 2
+    assert "http://" not in html and "https://" not in html and "<link" not in html and "<script" not in html
+    for png in ("loss_curves.png", "score_vs_params.png"):
+        assert (out / png).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_read_losses_skips_eval_and_cut_lines(sweep):
+    steps, losses = leaderboard.read_losses(sweep / "day" / "0")
+    assert steps == [1, 2, 3, 4] and losses[0] == pytest.approx(1.0)
+
+
+def test_missing_dir_and_no_runs(tmp_path):
+    with pytest.raises(UserError, match="no such directory"):
+        leaderboard.collect([tmp_path / "nope"])
+    with pytest.raises(UserError, match="no runs with eval/report.json under"):
+        leaderboard.collect([tmp_path])
+
+
+def test_cli_report(sweep, tmp_path):
+    proc = run_cli("report", str(sweep), cwd=tmp_path, env={"COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    assert "lora" in proc.stdout and "62.00 ± 2.83" in proc.stdout and "failed" in proc.stdout
+    assert (sweep / "leaderboard" / "leaderboard.html").is_file()
+
+
+def test_cli_report_out_and_help(sweep, tmp_path):
+    proc = run_cli("report", str(sweep), "out=elsewhere", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "elsewhere" / "leaderboard" / "leaderboard.md").is_file()
+    assert not (sweep / "leaderboard").exists()
+    help_ = run_cli("report", "--help", cwd=tmp_path)
+    assert help_.returncode == 0 and "usage: peftkit report DIR... [out=DIR]" in help_.stdout
+    assert "report" in run_cli("--help", cwd=tmp_path).stdout
+
+
+def test_cli_empty_dir_is_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("report", "empty", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["peftkit: error: no runs with eval/report.json under empty"]
+    proc = run_cli("report", cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_end_to_end_two_tiny_runs(tiny_bert, tmp_path):
+    env = {"OMP_NUM_THREADS": "1"}
+    proc = run_cli("train", "-m", "method=lora,ia3", "recipe=quickstart", f"backbone.path={tiny_bert}",
+                   "trainer.max_steps=2", "trainer.eval_every=2", "dataset.max_train_samples=64",
+                   "dataset.max_eval_samples=32", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_cli("report", str(tmp_path / "sweep"), cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads((tmp_path / "sweep" / "leaderboard" / "leaderboard.json").read_text())
+    assert sorted(r["label"] for r in data["rows"]) == ["ia3", "lora"]
+    assert all(r["adapter_bytes"] > 0 and r["trainable_params"] > 0 for r in data["rows"])
+    assert (tmp_path / "sweep" / "leaderboard" / "loss_curves.png").read_bytes().startswith(PNG_MAGIC)
