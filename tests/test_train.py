@@ -226,3 +226,20 @@ def test_fp16_on_cpu_fails_naming_bf16(tmp_path, tiny_bert):
     assert re.search(r"^peftkit: error: .*fp16.*bf16", proc.stderr, re.M), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not run.exists()  # a run that failed on bad input leaves nothing behind
+
+
+def test_trainer_threads_sets_torch_threads(tiny_bert, tmp_path):
+    import torch
+
+    from peftkit import config, train
+
+    before = torch.get_num_threads()
+    cfg = config.compose("quickstart", [f"backbone.path={tiny_bert}", "trainer.max_steps=1", "trainer.eval_every=1",
+                                        "dataset.max_train_samples=32", "dataset.max_eval_samples=16", "trainer.threads=1"])
+    try:
+        torch.set_num_threads(2)
+        train.run(cfg, tmp_path / "run")
+        assert torch.get_num_threads() == 1
+        assert (tmp_path / "run" / "eval" / "report.json").is_file()
+    finally:
+        torch.set_num_threads(before)
