@@ -98,6 +98,8 @@ def cmd_train(args: list[str]) -> int:
             passthrough.append(a)
         elif not a.startswith("-"):
             overrides.append(a)
+    if multirun and any(a in ("--cfg", "-c") for a in passthrough):
+        raise UserError("--cfg prints one config; drop -m, or give one value per key")
     recipe, overrides = config.split_recipe(overrides, default="quickstart")
     cfg = config.check(recipe, overrides)
     overrides = launch.resolve_resume(recipe, overrides, cfg)
