@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -189,21 +188,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"peftkit: error: {e}", file=sys.stderr)
         return 2
-
-
-def cleanup_failed_run(run_dir: Path) -> None:
-    """Remove what a run that failed on bad input wrote, and its date folder if now empty.
-
-    Under the working directory, every folder that is now empty goes, up to it (outputs/ too).
-    """
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cwd = Path.cwd().resolve()
-    parent = Path(run_dir).resolve().parent
-    while parent != cwd and parent.is_dir() and not any(parent.iterdir()):
-        parent.rmdir()
-        if cwd not in parent.parents:
-            break
-        parent = parent.parent
 
 
 if __name__ == "__main__":

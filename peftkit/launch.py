@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -59,6 +60,21 @@ def finished_report(run_dir: Path, cfg: DictConfig) -> dict | None:
     return done if same and done.get("status", "ok") == "ok" else None
 
 
+def cleanup_failed_run(run_dir: Path) -> None:
+    """Remove what a run that failed on bad input wrote, and its date folder if now empty.
+
+    Under the working directory, every folder that is now empty goes, up to it (outputs/ too).
+    """
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cwd = Path.cwd().resolve()
+    parent = Path(run_dir).resolve().parent
+    while parent != cwd and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+        if cwd not in parent.parents:
+            break
+        parent = parent.parent
+
+
 def _shared_timestamp() -> str | None:
     """Under torchrun / accelerate launch, every process must write to one run dir: rank 0 names it."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -78,7 +94,6 @@ def hydra_train(recipe: str, overrides: list[str], multirun: bool, passthrough: 
     from hydra.core.hydra_config import HydraConfig
 
     from peftkit import train
-    from peftkit.cli import cleanup_failed_run
 
     extra = config.hydra_overrides()
     stamp = _shared_timestamp()

@@ -142,7 +142,7 @@ def test_eval_on_a_directory_that_is_not_a_run(tmp_path):
 
 
 def test_cleanup_of_a_failed_run_removes_empty_folders_up_to_the_working_dir(tmp_path, monkeypatch):
-    from peftkit.cli import cleanup_failed_run
+    from peftkit.launch import cleanup_failed_run
 
     cwd = tmp_path / "work"
     cwd.mkdir()
