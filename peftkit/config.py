@@ -120,7 +120,10 @@ def check(recipe: str, overrides: list[str]) -> DictConfig:
     choices: list[list[str]] = []
     for o in parsed:
         key = o.get_key_element().lstrip("+~")
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        if o.is_sweep_override() and not o.is_discrete_sweep():  # interval(): the optuna sweeper samples it
+            values = [str(o.value().start)]
+        else:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         if key in GROUPS:
             for v in values:
                 _check_choice(key, v, group_options(key))

@@ -29,3 +29,38 @@ def test_failed_run_is_reported_and_finished_runs_are_skipped(tiny_bert, tmp_pat
     assert "skip" in again.stdout + again.stderr
     assert adapter.stat().st_mtime_ns == before  # nothing trained twice
     assert json.loads((sweep / "1" / "eval" / "report.json").read_text())["status"] == "failed"
+
+
+def test_optuna_sweeper_searches_the_dev_score_and_resumes(tiny_bert, tmp_path):
+    """hydra/sweeper=optuna: n trials with sampled lr and rank, results file, and a re-run trains nothing."""
+    import yaml
+
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "recipe=quickstart", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.n_jobs=2", f"backbone.path={tiny_bert}", "dataset.max_train_samples=64",
+            "dataset.max_eval_samples=32", "trainer.max_steps=2", "trainer.eval_every=2",
+            "trainer.lr=tag(log,interval(1e-4,1e-2))", "method.r=choice(2,4)", f"hydra.sweep.dir={sweep}"]
+    first = run_cli(*args, cwd=tmp_path, env=ENV)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert [t["number"] for t in results["trials"]] == [0, 1, 2]
+    for t in results["trials"]:
+        assert t["state"] == "complete" and 1e-4 <= t["params"]["trainer.lr"] <= 1e-2 and t["params"]["method.r"] in (2, 4)
+        run = json.loads((sweep / str(t["number"]) / "eval" / "report.json").read_text())
+        assert run["score"] == t["value"]  # the objective is the run's dev score
+        saved = yaml.safe_load((sweep / str(t["number"]) / "config.yaml").read_text())
+        assert saved["trainer"]["lr"] == t["params"]["trainer.lr"] and saved["method"]["r"] == t["params"]["method.r"]
+    assert results["best_value"] == max(t["value"] for t in results["trials"])
+    assert "best of 3 finished trials" in first.stdout
+
+    again = run_cli(*args, cwd=tmp_path, env=ENV)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (again.stdout + again.stderr).count("skip") == 3  # seeded sampler: the same trials, all finished
+    assert yaml.safe_load((sweep / "optimization_results.yaml").read_text())["trials"] == results["trials"]
+
+
+def test_optuna_sweeper_without_a_range_is_one_clear_error(tiny_bert, tmp_path):
+    r = run_cli("train", "-m", "recipe=quickstart", "hydra/sweeper=optuna", "hydra.sweeper.params=null",
+                f"backbone.path={tiny_bert}", cwd=tmp_path, env=ENV)
+    assert r.returncode == 2 and "nothing to search" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "multirun").exists()  # nothing started, nothing written
