@@ -85,13 +85,18 @@ def test_wheel_ships_configs_and_recipes(tmp_path):
     for recipe in SHIPPED_RECIPES:
         assert f"peftkit/recipes/{recipe}.yaml" in names
     assert {"peftkit/configs/method/lora.yaml", "peftkit/configs/dataset/glue/rte.yaml",
-            "peftkit/configs/backbone/minilm.yaml", "peftkit/configs/trainer/default.yaml"} <= names
+            "peftkit/configs/backbone/minilm.yaml", "peftkit/configs/trainer/default.yaml",
+            "peftkit/configs/hydra/sweeper/optuna.yaml", "hydra_plugins/peftkit_optuna/optuna_sweeper.py"} <= names
+    assert "hydra_plugins/__init__.py" not in names  # a namespace package, shared with Hydra's own plugins
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, timeout=300)
-    probe = "import peftkit.config as c; print(c._shipped('configs')); print(sorted(c.recipes()))"
+    probe = ("import sys, peftkit.config as c; print(c._shipped('configs')); print(sorted(c.recipes()));"
+             "from hydra.core.plugins import Plugins; from hydra.plugins.sweeper import Sweeper;"
+             "print([sys.modules[p.__module__].__file__ for p in Plugins.instance().discover(Sweeper)])")
     r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
                        env={"PYTHONPATH": str(target), "PATH": ""}, timeout=120)
     assert r.returncode == 0, r.stderr
     assert str(target / "peftkit" / "configs") in r.stdout
     assert "glue_lora" in r.stdout
+    assert str(target / "hydra_plugins" / "peftkit_optuna" / "optuna_sweeper.py") in r.stdout  # Hydra finds it
