@@ -56,7 +56,7 @@ folder (config, tokenizer, model.safetensors) that loads with AutoModelForSequen
   out=DIR            where to write the merged model
 """
 
-REPORT_HELP = """usage: peftkit report DIR... [out=DIR]
+REPORT_HELP = """usage: peftkit report DIR... [out=DIR] [submission=true [data_dir=DIR]]
 
 Collect every run under the DIRs (any folder with eval/report.json and config.yaml), print a
 leaderboard and write it to OUT/leaderboard/: leaderboard.{md,csv,json,html}, best_runs.md,
@@ -64,6 +64,9 @@ score_vs_params.png and loss_curves.png. One row per method configuration, one c
 (mean ± std over seeds); failed runs are listed apart and left out of the means.
   DIR...             run directories or folders holding them (a sweep, outputs/)
   out=DIR            where to write leaderboard/ (default: the first DIR)
+  submission=true    the best run of each GLUE task predicts its test split: leaderboard/submission/
+                     holds the GLUE-server TSVs and leaderboard/submission.zip the upload
+  data_dir=DIR       the GLUE folder with the test TSVs, if not the one the runs trained from
 """
 
 LS_HELP = """usage: peftkit ls [recipes|methods|backbones|datasets|trainers]
@@ -139,12 +142,15 @@ def cmd_report(args: list[str]) -> int:
 
     dirs = [Path(a) for a in args if "=" not in a]
     kv = _kv([a for a in args if "=" in a], "report")
-    unknown = set(kv) - {"out"}
+    unknown = set(kv) - {"out", "submission", "data_dir"}
     if unknown:
         raise UserError(f"peftkit report: unknown option {', '.join(sorted(unknown))} (see peftkit report --help)")
     if not dirs:
         raise UserError("peftkit report needs at least one DIR (see peftkit report --help)")
-    leaderboard.run(dirs, Path(kv["out"]) if "out" in kv else None)
+    submission = kv.get("submission", "false").lower()
+    if submission not in ("true", "false"):
+        raise UserError(f"submission must be true or false, got '{kv['submission']}'")
+    leaderboard.run(dirs, Path(kv["out"]) if "out" in kv else None, submission == "true", kv.get("data_dir"))
     return 0
 
 

@@ -71,15 +71,49 @@ def test_eval_reproduces_glue_rte_scores(rte_run, tmp_path):
     assert after["metrics"] == before["metrics"] and after["score"] == before["score"]
 
 
-@needs_glue
-def test_eval_split_test_writes_glue_submission(rte_run, tmp_path):
-    """dev.tsv without its labels as test.tsv: one `index<TAB>label name` row per example, in file order."""
+def rte_test_dir(tmp_path):
+    """A GLUE folder whose RTE/test.tsv is dev.tsv without labels; returns it and the dev rows."""
     glue = tmp_path / "glue"
     (glue / "RTE").mkdir(parents=True)
     dev = [line.split("\t") for line in (GLUE_DIR / "RTE" / "dev.tsv").read_text(encoding="utf-8").splitlines()]
     header, rows = dev[0], dev[1:]
     assert header == ["index", "sentence1", "sentence2", "label"] and all(len(r) == 4 for r in rows)
     (glue / "RTE" / "test.tsv").write_text("".join("\t".join(r[:3]) + "\n" for r in dev), encoding="utf-8")
+    return glue, rows
+
+
+@needs_glue
+def test_report_assembles_glue_submission_from_best_runs(rte_run, tmp_path):
+    """`peftkit report DIR submission=true`: the best RTE run predicts test; TSV, zip and a note on the rest."""
+    import zipfile
+
+    glue, rows = rte_test_dir(tmp_path)
+    run = copy_run(rte_run, tmp_path / "sweep" / "run")
+    proc = cli("report", str(tmp_path / "sweep"), "submission=true", f"data_dir={glue}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    board = tmp_path / "sweep" / "leaderboard"
+    tsv = (board / "submission" / "RTE.tsv").read_text()
+    assert tsv == (run / "eval" / "submission" / "RTE.tsv").read_text()  # the best run's own predictions
+    assert len(tsv.splitlines()) == len(rows) + 1
+    with zipfile.ZipFile(board / "submission.zip") as z:
+        assert z.namelist() == ["RTE.tsv"] and z.read("RTE.tsv").decode() == tsv
+    note = (board / "submission" / "README.md").read_text()
+    assert "CoLA.tsv" in note and "AX.tsv" in note and "RTE.tsv" in note
+
+
+@needs_glue
+def test_report_submission_without_test_data_is_one_line_error(rte_run, tmp_path):
+    copy_run(rte_run, tmp_path / "sweep" / "run")
+    proc = cli("report", str(tmp_path / "sweep"), "submission=true", f"data_dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "submission: rte" in proc.stderr and "test.tsv not found" in proc.stderr
+    assert not (tmp_path / "sweep" / "leaderboard").exists()  # nothing half-written
+
+
+@needs_glue
+def test_eval_split_test_writes_glue_submission(rte_run, tmp_path):
+    """dev.tsv without its labels as test.tsv: one `index<TAB>label name` row per example, in file order."""
+    glue, rows = rte_test_dir(tmp_path)
     # The briefly trained tiny model predicts one class for every example. Shift the head's bias so
     # that half the examples fall on each side, then compare the file with predictions made here.
     run = copy_run(rte_run, tmp_path / "run")

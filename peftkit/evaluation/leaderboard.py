@@ -188,8 +188,8 @@ def best_runs(runs: list[Run]) -> dict[str, dict]:
     for r in runs:
         if not r.failed and (r.task not in best or r.report["score"] > best[r.task].report["score"]):
             best[r.task] = r
-    return {t: {"label": r.label, "score": r.report["score"], "seed": r.report.get("seed"), "dir": str(r.dir)}
-            for t, r in sorted(best.items())}
+    return {t: {"label": r.label, "score": r.report["score"], "seed": r.report.get("seed"), "dir": str(r.dir),
+                "dataset": r.report.get("dataset")} for t, r in sorted(best.items())}
 
 
 def collect(dirs: list[Path]) -> dict:
@@ -388,8 +388,10 @@ def plot_loss_curves(board: dict) -> bytes:
 # ------------------------------------------------------------------------------------------ write
 
 
-def write(board: dict, out: Path) -> Path:
+def write(board: dict, out: Path, submission_files: dict[str, Path] | None = None) -> Path:
     """Everything into out/leaderboard/ in one atomic rename: readers never see a half-built folder."""
+    from peftkit.evaluation import submission
+
     images = {"score_vs_params.png": plot_score_vs_params(board), "loss_curves.png": plot_loss_curves(board)}
     target = Path(out) / OUT_NAME
     with atomic_dir(target) as tmp:
@@ -400,6 +402,8 @@ def write(board: dict, out: Path) -> Path:
         (tmp / "best_runs.md").write_text(best_markdown(board), encoding="utf-8")
         for name, png in images.items():
             (tmp / name).write_bytes(png)
+        if submission_files:
+            submission.write(submission_files, tmp)
     return target
 
 
@@ -420,12 +424,18 @@ def print_table(board: dict) -> None:
         console.print(f"[red]failed[/red] {escape(f['dir'])}: {escape(str(f['error']))}", highlight=False)
 
 
-def run(dirs: list[Path], out: Path | None = None) -> Path:
-    """`peftkit report`: collect, print, write; returns the leaderboard folder."""
+def run(dirs: list[Path], out: Path | None = None, submission: bool = False, data_dir: str | None = None) -> Path:
+    """`peftkit report`: collect, print, write; returns the leaderboard folder.
+
+    `submission`: the best run of each GLUE task predicts its test split for a GLUE-server zip.
+    """
+    from peftkit.evaluation import submission as glue_submission
+
     if not dirs:
         raise UserError("peftkit report needs at least one DIR (see peftkit report --help)")
     board = collect(dirs)
     print_table(board)
-    target = write(board, Path(out) if out else Path(dirs[0]))
+    files = glue_submission.predict_best(board, data_dir) if submission else None
+    target = write(board, Path(out) if out else Path(dirs[0]), files)
     print(f"wrote {target}")
     return target
