@@ -17,7 +17,8 @@ from peftkit import data, model
 from peftkit.data.batching import Encoded
 from peftkit.errors import UserError
 from peftkit.evaluation import report
-from peftkit.train import make_accelerator, predict, score
+from peftkit.evaluation.scoring import predict, score
+from peftkit.train import make_accelerator
 
 console = Console()
 

@@ -1,0 +1,46 @@
+"""Scoring a model on a task's eval splits: predictions in split order (across processes), GLUE metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from peftkit import data
+from peftkit.data.batching import Encoded, eval_batches
+from peftkit.evaluation import metrics
+
+
+@torch.no_grad()
+def predict(accelerator, net: torch.nn.Module, enc: Encoded, batch_size: int, regression: bool) -> np.ndarray:
+    """Predictions in the split's order; batches are sorted by length and shared across processes."""
+    from accelerate.utils import gather_object
+
+    net.eval()
+    # Forward through the unwrapped model: DDP's forward syncs buffers collectively, which hangs
+    # when processes get different numbers of eval batches (e.g. one batch for two processes).
+    inner = accelerator.unwrap_model(net)
+    batches = eval_batches(enc.lengths, batch_size)[accelerator.process_index :: accelerator.num_processes]
+    idx, out = [], []
+    for b in batches:
+        batch = {k: v.to(accelerator.device) for k, v in enc.batch(b, regression).items() if k != "labels"}
+        with accelerator.autocast():
+            logits = inner(**batch).logits.float()
+        out.append(logits.squeeze(-1) if regression else logits.argmax(-1))
+        idx += b
+    local = list(zip(idx, torch.cat(out).cpu().tolist())) if out else []
+    pairs = gather_object(local) if accelerator.num_processes > 1 else local
+    preds = np.empty(len(enc), dtype=np.float64 if regression else np.int64)
+    for i, p in pairs:
+        preds[i] = p
+    net.train()
+    return preds
+
+
+def score(accelerator, net, task: data.TaskData, encoded: dict[str, Encoded], batch_size: int) -> dict:
+    """Metrics per eval split, and the task score (the mean of them)."""
+    regression = task.label_names is None
+    per_split = {}
+    for s in task.eval_splits:
+        preds = predict(accelerator, net, encoded[s], batch_size, regression)
+        per_split[s] = metrics.compute(task.metrics, preds, encoded[s].labels)
+    return {"metrics": per_split, "score": metrics.task_score(per_split)}
