@@ -22,9 +22,12 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter.safetensors"
 
 
-def save(path: Path, model: torch.nn.Module, trainable: list[str], meta: dict) -> None:
-    params = dict(model.named_parameters())
-    tensors = {n: params[n].detach().to("cpu").contiguous() for n in trainable}
+def save(path: Path, model: torch.nn.Module, names: list[str], meta: dict) -> None:
+    """`names`: the trained parameters and the method's buffers (`methods.prepare` lists them)."""
+    from peftkit.methods.base import adapter_tensors
+
+    params = adapter_tensors(model)
+    tensors = {n: params[n].detach().to("cpu").contiguous() for n in names}
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "peftkit": __version__})
         (tmp / CONFIG).write_text(json.dumps({"peftkit_version": __version__, **meta}, indent=2) + "\n")
@@ -41,8 +44,10 @@ def read_config(path: Path) -> dict:
         raise UserError(f"corrupt adapter config {f}: {e}") from None
 
 
-def load_weights(path: Path, model: torch.nn.Module, trainable: list[str]) -> None:
+def load_weights(path: Path, model: torch.nn.Module, names: list[str]) -> None:
     """Copy the adapter's tensors into a model prepared with the same method."""
+    from peftkit.methods.base import adapter_tensors
+
     f = Path(path) / WEIGHTS
     if not f.is_file():
         raise UserError(f"adapter weights {f} are missing")
@@ -50,13 +55,13 @@ def load_weights(path: Path, model: torch.nn.Module, trainable: list[str]) -> No
         tensors = load_file(str(f))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"corrupt adapter file {f}: {e}; retrain or restore it") from None
-    missing, unexpected = sorted(set(trainable) - set(tensors)), sorted(set(tensors) - set(trainable))
+    missing, unexpected = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
     if missing or unexpected:
         raise UserError(
             f"adapter {f} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}; "
             f"was it trained with another method or backbone?"
         )
-    params = dict(model.named_parameters())
+    params = adapter_tensors(model)
     with torch.no_grad():
         for name, t in tensors.items():
             if params[name].shape != t.shape:

@@ -12,9 +12,11 @@ from safetensors.torch import load_file, save_file
 from peftkit.files import atomic_dir
 
 
-def save(path: Path, model: torch.nn.Module, trainable: list[str], optimizer, scheduler, state: dict) -> None:
-    params = dict(model.named_parameters())
-    tensors = {f"model.{n}": params[n].detach().cpu().contiguous() for n in trainable}
+def save(path: Path, model: torch.nn.Module, names: list[str], optimizer, scheduler, state: dict) -> None:
+    from peftkit.methods.base import adapter_tensors
+
+    params = adapter_tensors(model)
+    tensors = {f"model.{n}": params[n].detach().cpu().contiguous() for n in names}
     opt = optimizer.state_dict()
     for idx, s in opt["state"].items():
         for k, v in s.items():
@@ -33,8 +35,10 @@ def save(path: Path, model: torch.nn.Module, trainable: list[str], optimizer, sc
 
 def load(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
     tensors = load_file(str(Path(path) / "state.safetensors"))
+    from peftkit.methods.base import adapter_tensors
+
     meta = json.loads((Path(path) / "trainer_state.json").read_text())
-    params = dict(model.named_parameters())
+    params = adapter_tensors(model)
     with torch.no_grad():
         for k, v in tensors.items():
             if k.startswith("model."):

@@ -18,7 +18,7 @@ class Adapted:
     model: nn.Module
     tokenizer: object
     method: methods.Method
-    trainable: list[str]  # parameter names the adapter file holds
+    trainable: list[str]  # what the adapter file holds: trained parameters, then the method's buffers
     head: list[str]  # head module names
     fingerprint: str  # of the frozen base weights
 

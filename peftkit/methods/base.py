@@ -25,7 +25,8 @@ class Method:
 
     The default `apply` wraps each target Linear with `wrap`; methods that train existing weights
     (full, head, BitFit) override `apply` instead. Everything `apply` leaves with
-    `requires_grad=True` is what trains and what the adapter file holds.
+    `requires_grad=True` is what trains; the adapter file holds that plus the persistent buffers
+    the method's modules add (frozen random projections, initial factors, rank masks).
     """
 
     name: ClassVar[str]
@@ -113,13 +114,34 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def prepare(model: nn.Module, method: Method, head: list[str]) -> list[str]:
     """Freeze the model, let the method inject and unfreeze, make the head trainable.
 
-    Returns the names of the trainable parameters: exactly what an adapter file stores.
+    Returns the names of the tensors an adapter file stores: the trainable parameters, then the
+    persistent buffers the method added (shared tensors appear once, under their first name).
     """
+    before = set(persistent_buffers(model))
     model.requires_grad_(False)
     method.apply(model, exclude=head)
     for h in head:
         model.get_submodule(h).requires_grad_(True)
-    return [n for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    added = [n for n in persistent_buffers(model) if n not in before and ".base_layer." not in n]
+    return trainable + added
+
+
+def persistent_buffers(model: nn.Module) -> list[str]:
+    """Names of the buffers a state dict would hold, each shared tensor once."""
+    names, seen = [], set()
+    for mod_name, m in model.named_modules():
+        for b_name, b in m._buffers.items():
+            if b is None or b_name in m._non_persistent_buffers_set or id(b) in seen:
+                continue
+            seen.add(id(b))
+            names.append(f"{mod_name}.{b_name}" if mod_name else b_name)
+    return names
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name: where an adapter's or checkpoint's tensors are read and written."""
+    return {**dict(model.named_buffers()), **dict(model.named_parameters())}
 
 
 def merge_into_base(model: nn.Module) -> nn.Module:

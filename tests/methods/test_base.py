@@ -131,3 +131,57 @@ def test_save_then_from_adapter_gives_the_same_logits(tiny_bert, batch, tmp_path
     b, meta = model.from_adapter(tmp_path / "adapter")
     assert meta["method"] == cfg and b.trainable == a.trainable
     assert torch.equal(logits(b.model, batch), expected)  # bit-exact
+
+
+def test_method_buffers_are_saved_and_restored(tiny_bert, batch, tmp_path, monkeypatch):
+    """A method's persistent buffers (a frozen random projection, shared by every layer) travel with the
+    adapter, once; a fresh build draws other values, so only a real load reproduces the logits."""
+    import dataclasses
+
+    from torch import nn
+
+    from peftkit.methods.base import METHODS, AdapterLinear, Method
+
+    class Projected(AdapterLinear):
+        def __init__(self, base_layer, shared):
+            super().__init__(base_layer)
+            if "proj" not in shared:
+                shared["proj"] = torch.randn(self.out_features, self.in_features)
+            self.register_buffer("proj", shared["proj"])  # the same tensor in every layer
+            self.register_buffer("scratch", torch.zeros(1), persistent=False)  # not state: never saved
+            self.scale = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return self.base_layer(x) + self.scale * nn.functional.linear(x, self.proj)
+
+    class BufferMethod(Method):
+        name = "buffer_test"
+        default_roles = ("query",)
+
+        @dataclasses.dataclass
+        class Config:
+            target_modules: list[str] | None = None
+
+        def apply(self, model, exclude):
+            self.shared = {}
+            super().apply(model, exclude)
+
+        def wrap(self, linear):
+            return Projected(linear, self.shared)
+
+    monkeypatch.setitem(METHODS, "buffer_test", BufferMethod)
+    cfg = {"name": "buffer_test"}
+    a = build(tiny_bert, cfg)
+    buffers = [n for n in a.trainable if n.endswith(".proj")]
+    assert buffers == ["bert.encoder.layer.0.attention.self.query.proj"]  # shared: stored once
+    assert not any(n.endswith("scratch") for n in a.trainable)
+    perturb(a.model, [n for n in a.trainable if n not in buffers], std=0.5)
+    expected = logits(a.model, batch)
+    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(tiny_bert), cfg, LABELS, "test"))
+    with safe_open(str(tmp_path / "adapter" / adapter.WEIGHTS), "pt") as st:
+        assert sorted(st.keys()) == sorted(a.trainable)
+
+    b, _ = model.from_adapter(tmp_path / "adapter")
+    layer1 = b.model.get_submodule("bert.encoder.layer.1.attention.self.query")
+    assert layer1.proj is b.model.get_submodule("bert.encoder.layer.0.attention.self.query").proj  # still shared
+    assert torch.equal(logits(b.model, batch), expected)
