@@ -47,6 +47,28 @@ def tiny_bert(tmp_path_factory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), seed=0)
 
 
+def make_tiny_llama(out: Path, seed: int) -> Path:
+    """A 2-layer, hidden-32 Llama (grouped-query attention: 4 heads, 2 KV heads) with random weights.
+
+    It shares MiniLM's tokenizer (vocab 30522, pad id 0), so the same sentences feed both
+    architectures; sequence classification reads the last non-pad token.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+    LlamaModel(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), seed=0)
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """`peftkit ARGS` in a fresh process, as a user would type it."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
