@@ -190,6 +190,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                     if accelerator.sync_gradients and t.max_grad_norm:
                         accelerator.clip_grad_norm_(trainable_params, t.max_grad_norm)
                     optimizer.step()
+                    if accelerator.sync_gradients:
+                        a.method.after_optimizer_step(raw, step + 1, total_steps)
                     optimizer.zero_grad(set_to_none=True)
                 window_loss += loss.item()
                 window_n += 1

@@ -51,6 +51,11 @@ class Method:
     def wrap(self, linear: nn.Linear) -> nn.Module:
         raise NotImplementedError
 
+    def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """The trainer calls this after each optimizer step, gradients still present (`step` counts
+        from 1). For methods that change shape while training: DyLoRA samples the next rank,
+        importance-based rank allocation prunes. Most methods do nothing."""
+
 
 class AdapterLinear(nn.Module):
     """A frozen Linear (`base_layer`) plus a method's trainable part.
