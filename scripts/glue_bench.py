@@ -1,0 +1,320 @@
+"""The GLUE quality bar: peftkit's committed recipes against peft + transformers' Trainer, on MiniLM.
+
+Every cell of the grid (side x method x task) is one fresh subprocess that writes a run directory
+`peftkit report` understands (config.yaml, eval/report.json, train_log.jsonl, adapter/):
+
+  peftkit   `peftkit train recipe=glue_<method> dataset=glue/<task> ...`, exactly as a user types it.
+  peer      the same recipe's numbers (lr, weight decay, epochs, batch, warmup, max length, seed,
+            rank/alpha/targets) given to Hugging Face `peft` (LoRA, IA3) or to plain full fine-tuning,
+            trained by transformers' `Trainer` with `train_sampling_strategy="group_by_length"` (its
+            fastest setting here), linear schedule with the same warmup fraction, evaluated once per
+            epoch; like peftkit's `keep_best`, the best epoch's dev score is reported. peft has no
+            Houlsby adapter, so that row has no peer. The peer reads the data through peftkit's own
+            GLUE loader, so both sides see identical examples.
+
+Tasks: CoLA, SST-2, MRPC, STS-B, RTE from `--glue-dir` (the original GLUE TSVs), scored on dev.
+SST-2 trains for 1 epoch on its first `--sst2-rows` rows (default 20,000 of 67,349) to save time;
+the others train the recipes' 3 epochs on the whole train split.
+
+A finished cell (eval/report.json with status ok) is skipped, so an interrupted bench resumes
+where it stopped. At the end the script runs `peftkit report` over `--out`, checks the targets
+(LoRA within 1.0 point of full fine-tuning on the 5-task average, every other method within 2.5,
+each method at least its peer), prints them and writes `<out>/bench.json` and `<out>/results.md`.
+
+Usage:
+    .venv/bin/python scripts/glue_bench.py [--out outputs/glue_bench] [--precision fp32|bf16]
+        [--jobs 2] [--threads 1] [--methods full,lora,ia3,houlsby] [--tasks cola,sst2,mrpc,stsb,rte]
+        [--sides peftkit,peer] [--sst2-rows 20000] [--glue-dir ../shared/glue]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_GLUE = ROOT.parent / "shared" / "glue"
+TASKS = ("cola", "sst2", "mrpc", "stsb", "rte")
+METHODS = ("full", "lora", "ia3", "houlsby")
+PEERS = {"full": "full · Trainer", "lora": "lora · peft+Trainer", "ia3": "ia3 · peft+Trainer"}
+SIDES = ("peftkit", "peer")
+TARGETS = {"lora": 1.0}  # max points below full fine-tuning on the average; every other method: 2.5
+DEFAULT_GAP = 2.5
+
+
+def task_overrides(task: str, args) -> list[str]:
+    """What the bench changes in a recipe: where the data is, and SST-2's size and epochs."""
+    out = [f"dataset=glue/{task}", f"dataset.data_dir={args.glue_dir}", f"trainer.precision={args.precision}"]
+    if args.threads:
+        out.append(f"trainer.threads={args.threads}")
+    if task == "sst2":
+        out += ["trainer.epochs=1"]
+    rows = min(args.sst2_rows, args.max_train_samples or args.sst2_rows) if task == "sst2" else args.max_train_samples
+    if rows:
+        out.append(f"dataset.max_train_samples={rows}")
+    return out
+
+
+def finished(run_dir: Path) -> dict | None:
+    try:
+        report = json.loads((run_dir / "eval" / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return report if report.get("status") == "ok" else None
+
+
+# ---- the peer: peft + Trainer in a child process -----------------------------------------------------
+
+
+def peft_model(model, method: str, cfg):
+    """peft's adapter with the peftkit recipe's hyperparameters and the same target modules."""
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    from peftkit.backbone import ROLES
+
+    roles = ROLES[model.config.model_type]
+    pattern = lambda names: "|".join(roles[n] for n in names)  # noqa: E731  (peft: a str is a full-match regex)
+    m = cfg.method
+    if method == "lora":
+        targets = m.target_modules or ["query", "value", "pooler"]
+        peft_cfg = LoraConfig(task_type="SEQ_CLS", r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout,
+                              use_rslora=m.rslora, target_modules=pattern(targets))
+    elif method == "ia3":
+        targets = m.target_modules or ["key", "value", "ffn_out", "pooler"]
+        ffn = m.feedforward_modules or ["ffn_out"]
+        peft_cfg = IA3Config(task_type="SEQ_CLS", target_modules=pattern(targets), feedforward_modules=pattern(ffn))
+    else:
+        raise ValueError(method)
+    return get_peft_model(model, peft_cfg)
+
+
+def peer_job(method: str, task: str, run_dir: Path, args) -> None:
+    """One cell trained by peft + Trainer; writes a run directory in peftkit's format."""
+    import datasets
+    import numpy as np
+    import torch
+    import transformers
+    from omegaconf import OmegaConf
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainingArguments)
+
+    from peftkit import backbone, config, data
+    from peftkit.evaluation import metrics, report
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    cfg = config.compose(f"glue_{method}", task_overrides(task, args))
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    transformers.set_seed(cfg.seed)
+    t = cfg.trainer
+    td = data.load(cfg.dataset)
+    path = backbone.resolve_path(cfg.backbone)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    regression = td.label_names is None
+
+    def encode(split):
+        enc = tokenizer(split.text_a, split.text_b, truncation=True, max_length=cfg.backbone.max_length)
+        return datasets.Dataset.from_dict({**enc, "labels": split.labels})
+
+    eval_name = td.eval_splits[0]
+    train_set, eval_set = encode(td.splits["train"]), encode(td.splits[eval_name])
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=td.num_labels, problem_type=td.problem_type)
+    if method != "full":
+        model = peft_model(model, method, cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    def compute_metrics(pred):
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        p = logits.squeeze(-1) if regression else np.argmax(logits, axis=-1)
+        ms = {eval_name: metrics.compute(td.metrics, p, pred.label_ids)}
+        return {"score": metrics.task_score(ms), **ms[eval_name]}
+
+    training_args = TrainingArguments(
+        output_dir=str(run_dir / "trainer"), per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size, num_train_epochs=t.epochs, learning_rate=t.lr,
+        weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1], adam_epsilon=t.eps,
+        max_grad_norm=t.max_grad_norm, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup, seed=cfg.seed,
+        report_to=[], save_strategy="no", eval_strategy="epoch", logging_steps=t.log_every, use_cpu=True,
+        dataloader_num_workers=0, bf16=t.precision == "bf16", train_sampling_strategy="group_by_length",
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
+                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics)
+    t0 = time.perf_counter()
+    trainer.train()
+    train_time = time.perf_counter() - t0
+    history = trainer.state.log_history
+    evals = [h for h in history if "eval_score" in h]
+    best = max(evals, key=lambda h: h["eval_score"])
+    best_metrics = {eval_name: {k: best[f"eval_{k}"] for k in td.metrics}}
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(run_dir / "adapter")  # peft: adapter + head; full: the whole model
+    shutil.rmtree(run_dir / "trainer", ignore_errors=True)
+    with open(run_dir / "train_log.jsonl", "w") as f:
+        for h in history:
+            if "loss" in h:
+                f.write(json.dumps({"step": h["step"], "epoch": h.get("epoch"), "loss": h["loss"]}) + "\n")
+    peer_cfg = OmegaConf.to_container(cfg, resolve=True)
+    peer_cfg["method"]["name"] = PEERS[method]
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(peer_cfg))
+    eval_time = sum(h.get("eval_runtime", 0.0) for h in evals)
+    report.write(run_dir, {
+        "status": "ok", "dataset": cfg.dataset.name, "task": td.task, "method": PEERS[method],
+        "backbone": cfg.backbone.name, "recipe": cfg.recipe, "seed": cfg.seed, "metrics": best_metrics,
+        "score": best["eval_score"], "glue_average": best["eval_score"], "best_step": best["step"],
+        "total_steps": trainer.state.global_step, "trainable_params": trainable, "total_params": total,
+        "trainable_pct": 100 * trainable / total, "train_time_s": train_time, "eval_time_s": eval_time,
+        "samples_per_s": len(train_set) * t.epochs / (train_time - eval_time),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "precision": t.precision,
+        "processes": 1,
+    })
+
+
+# ---- the parent: run the grid, report, check the targets ----------------------------------------------
+
+
+def cell_dir(out: Path, side: str, method: str, task: str) -> Path:
+    return out / side / method / task
+
+
+def command(side: str, method: str, task: str, run_dir: Path, args) -> list[str]:
+    if side == "peftkit":
+        peftkit = Path(sys.executable).parent / "peftkit"
+        return [str(peftkit), "train", f"recipe=glue_{method}", *task_overrides(task, args), f"hydra.run.dir={run_dir}"]
+    return [sys.executable, __file__, "--peer-job", method, task, str(run_dir), *forwarded(args)]
+
+
+def forwarded(args) -> list[str]:
+    out = ["--glue-dir", str(args.glue_dir), "--precision", args.precision, "--sst2-rows", str(args.sst2_rows)]
+    out += ["--threads", str(args.threads)] if args.threads else []
+    return out + (["--max-train-samples", str(args.max_train_samples)] if args.max_train_samples else [])
+
+
+def run_cell(cell: tuple[str, str, str], args, counter: dict) -> None:
+    side, method, task = cell
+    run_dir = cell_dir(args.out, side, method, task)
+    log = args.out / "logs" / f"{side}_{method}_{task}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished cell starts over
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    if args.threads:
+        env |= {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.run(command(side, method, task, run_dir, args), stdout=f, stderr=subprocess.STDOUT,
+                            env=env, cwd=ROOT).returncode
+    counter["done"] += 1
+    rep = finished(run_dir)
+    where = f"[{counter['done']}/{counter['total']}] {side} {method} {task}"
+    if rc or rep is None:
+        print(f"{where}: FAILED (exit {rc}); see {log}", flush=True)
+    else:
+        print(f"{where}: {rep['score']:.2f} in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def averages(board: dict) -> dict[str, float]:
+    """The 5-task average per row label, only for rows that have every task."""
+    return {r["label"]: r["average"] for r in board["rows"] if len(r["scores"]) == len(board["tasks"])}
+
+
+def check_targets(board: dict) -> list[dict]:
+    """The issue's bar: gaps to full fine-tuning, and each method against its peer."""
+    by_method = {r["method"]: r for r in board["rows"] if len(r["scores"]) == len(board["tasks"])}
+    checks = []
+    full = by_method.get("full")
+    for name, row in by_method.items():
+        if name in PEERS.values():
+            continue
+        if full and name != "full":
+            gap = full["average"] - row["average"]
+            limit = TARGETS.get(name, DEFAULT_GAP)
+            checks.append({"check": f"{name} within {limit} of full", "value": round(-gap, 2), "met": gap <= limit})
+        peer = by_method.get(PEERS.get(name, ""))
+        if peer:
+            diff = row["average"] - peer["average"]
+            checks.append({"check": f"{name} >= {PEERS[name]}", "value": round(diff, 2), "met": diff >= 0})
+    return checks
+
+
+def results_markdown(board: dict, checks: list[dict], args, wall_s: float) -> str:
+    from peftkit.evaluation import leaderboard
+
+    lines = [
+        f"Command: `{' '.join(['.venv/bin/python', 'scripts/glue_bench.py'] + sys.argv[1:])}`",
+        "",
+        f"Wall time of this invocation: {wall_s / 60:.0f} min ({args.jobs} cells at a time, "
+        f"{args.threads or 'default'} thread(s) each, {args.precision}).",
+        "",
+        leaderboard.to_markdown(board),
+        "",
+        "| target | value | met |",
+        "|---|---|---|",
+        *[f"| {c['check']} | {c['value']:+.2f} | {'yes' if c['met'] else '**no**'} |" for c in checks],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "glue_bench")
+    p.add_argument("--glue-dir", type=Path, default=DEFAULT_GLUE)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--jobs", type=int, default=1, help="cells trained at once (default 1)")
+    p.add_argument("--threads", type=int, help="torch threads per cell (default: torch's)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--sides", default=",".join(SIDES))
+    p.add_argument("--sst2-rows", type=int, default=20000)
+    p.add_argument("--max-train-samples", type=int, help="cap every task's train split (smoke tests)")
+    p.add_argument("--peer-job", nargs=3, metavar=("METHOD", "TASK", "DIR"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.glue_dir, args.out = args.glue_dir.resolve(), args.out.resolve()
+    if args.peer_job:
+        method, task, run_dir = args.peer_job
+        peer_job(method, task, Path(run_dir), args)
+        return
+    pick = lambda s, allowed: [x for x in s.split(",") if x] if set(s.split(",")) <= set(allowed) else p.error(  # noqa: E731
+        f"choose from {', '.join(allowed)}")
+    methods, tasks, sides = pick(args.methods, METHODS), pick(args.tasks, TASKS), pick(args.sides, SIDES)
+    if not (args.glue_dir / "RTE" / "dev.tsv").is_file():
+        p.error(f"no GLUE TSVs under {args.glue_dir}; pass --glue-dir")
+
+    cells = [(side, m, t) for t in tasks for m in methods for side in sides if side == "peftkit" or m in PEERS]
+    todo = [c for c in cells if not finished(cell_dir(args.out, *c))]
+    print(f"{len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run", flush=True)
+    counter = {"done": 0, "total": len(todo)}
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(lambda c: run_cell(c, args, counter), todo))
+    wall = time.perf_counter() - t0
+
+    from peftkit.evaluation import leaderboard
+
+    leaderboard.run([args.out], args.out)
+    board = leaderboard.collect([args.out])
+    checks = check_targets(board)
+    for c in checks:
+        print(f"{'met ' if c['met'] else 'MISS'}  {c['check']}: {c['value']:+.2f}")
+    (args.out / "bench.json").write_text(json.dumps({
+        "averages": averages(board), "checks": checks, "wall_s": wall, "argv": sys.argv[1:],
+        "precision": args.precision, "sst2_rows": args.sst2_rows,
+    }, indent=2) + "\n")
+    (args.out / "results.md").write_text(results_markdown(board, checks, args, wall))
+    print(f"wrote {args.out / 'results.md'} and {args.out / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    main()
