@@ -20,8 +20,46 @@ def show(what: str) -> None:
         if what not in ("all", kind):
             continue
         entries = config.recipes() if group is None else config.group_options(group)
-        table = Table(title=kind, title_justify="left", show_header=False, box=None, padding=(0, 2))
+        counts = method_param_counts(entries) if kind == "methods" else {}
+        table = Table(title=kind, title_justify="left", show_header=bool(counts), box=None, padding=(0, 2))
+        if counts:
+            table.add_column("name")
+            table.add_column("trainable on MiniLM", justify="right")
+            table.add_column("what it is")
         for name, path in entries.items():
-            table.add_row(f"[bold]{name}[/]", escape(config.describe(path)))
+            row = [f"[bold]{name}[/]", escape(config.describe(path))]
+            if counts:
+                row.insert(1, counts.get(name, "-"))
+            table.add_row(*row)
         console.print(table)
         console.print()
+
+
+def method_param_counts(entries: dict) -> dict[str, str]:
+    """Trainable parameters of each method YAML's defaults on MiniLM with a 2-class head.
+
+    Empty when MiniLM is not installed: the listing must not need it.
+    """
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from peftkit import backbone, methods
+    from peftkit.methods.base import count_params
+
+    bb = OmegaConf.load(config.group_options("backbone")["minilm"])
+    try:
+        base = backbone.load_model(bb, 2, "single_label_classification")
+    except (UserError, OSError):
+        return {}
+    head = backbone.head_module_names(base, list(bb.head))
+    counts = {}
+    for name, path in entries.items():
+        model = copy.deepcopy(base)
+        try:
+            methods.prepare(model, methods.build(OmegaConf.to_container(OmegaConf.load(path))), head)
+        except UserError:
+            continue
+        n, total = count_params(model)
+        counts[name] = f"{n:,} ({100 * n / total:.2f}%)"
+    return counts

