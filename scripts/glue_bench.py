@@ -16,8 +16,8 @@ Tasks: CoLA, SST-2, MRPC, STS-B, RTE from `--glue-dir` (the original GLUE TSVs),
 SST-2 trains for 1 epoch on its first `--sst2-rows` rows (default 20,000 of 67,349) to save time;
 the others train the recipes' 3 epochs on the whole train split.
 
-A finished cell (eval/report.json with status ok) is skipped, so an interrupted bench resumes
-where it stopped. At the end the script runs `peftkit report` over `--out`, checks the targets
+A finished cell (eval/report.json with status ok, trained with the recipe as it is now) is
+skipped, so an interrupted bench resumes where it stopped and a retuned recipe reruns its cells. At the end the script runs `peftkit report` over `--out`, checks the targets
 (LoRA within 1.0 point of full fine-tuning on the 5-task average, every other method within 2.5,
 each method at least its peer), prints them and writes `<out>/bench.json` and `<out>/results.md`.
 
@@ -69,6 +69,23 @@ def finished(run_dir: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return report if report.get("status") == "ok" else None
+
+
+def up_to_date(cell: tuple[str, str, str], args) -> bool:
+    """Finished with the recipe as it is now: a retuned recipe (lr, epochs, rank...) reruns its cells."""
+    from omegaconf import OmegaConf
+
+    from peftkit import config
+
+    side, method, task = cell
+    run_dir = cell_dir(args.out, side, method, task)
+    if not finished(run_dir):
+        return False
+    want = OmegaConf.to_container(config.compose(f"glue_{method}", task_overrides(task, args)), resolve=True)
+    have = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    same = lambda key: {k: v for k, v in want[key].items() if k != "name"} == {  # noqa: E731
+        k: v for k, v in have[key].items() if k != "name"}
+    return same("trainer") and same("method") and want["seed"] == have["seed"]
 
 
 # ---- the peer: peft + Trainer in a child process -----------------------------------------------------
@@ -293,7 +310,7 @@ def main(argv=None) -> None:
         p.error(f"no GLUE TSVs under {args.glue_dir}; pass --glue-dir")
 
     cells = [(side, m, t) for t in tasks for m in methods for side in sides if side == "peftkit" or m in PEERS]
-    todo = [c for c in cells if not finished(cell_dir(args.out, *c))]
+    todo = [c for c in cells if not up_to_date(c, args)]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run", flush=True)
     counter = {"done": 0, "total": len(todo)}
     t0 = time.perf_counter()
