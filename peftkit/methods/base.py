@@ -26,7 +26,9 @@ class Method:
     The default `apply` wraps each target Linear with `wrap`; methods that train existing weights
     (full, head, BitFit) override `apply` instead. Everything `apply` leaves with
     `requires_grad=True` is what trains; the adapter file holds that plus the persistent buffers
-    the method's modules add (frozen random projections, initial factors, rank masks).
+    the method's modules add (frozen random projections, initial factors, rank masks). To share a
+    tensor across layers, put it in one small module that every layer holds: a buffer registered
+    directly in several modules becomes separate copies after `.to(device)`.
     """
 
     name: ClassVar[str]

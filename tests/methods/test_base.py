@@ -145,14 +145,15 @@ def test_method_buffers_are_saved_and_restored(tiny_bert, batch, tmp_path, monke
     class Projected(AdapterLinear):
         def __init__(self, base_layer, shared):
             super().__init__(base_layer)
-            if "proj" not in shared:
-                shared["proj"] = torch.randn(self.out_features, self.in_features)
-            self.register_buffer("proj", shared["proj"])  # the same tensor in every layer
+            if "bank" not in shared:  # one holder module for every layer: survives .to(device)
+                shared["bank"] = nn.Module()
+                shared["bank"].register_buffer("proj", torch.randn(self.out_features, self.in_features))
+            self.bank = shared["bank"]
             self.register_buffer("scratch", torch.zeros(1), persistent=False)  # not state: never saved
             self.scale = nn.Parameter(torch.zeros(1))
 
         def forward(self, x):
-            return self.base_layer(x) + self.scale * nn.functional.linear(x, self.proj)
+            return self.base_layer(x) + self.scale * nn.functional.linear(x, self.bank.proj)
 
     class BufferMethod(Method):
         name = "buffer_test"
@@ -173,7 +174,7 @@ def test_method_buffers_are_saved_and_restored(tiny_bert, batch, tmp_path, monke
     cfg = {"name": "buffer_test"}
     a = build(tiny_bert, cfg)
     buffers = [n for n in a.trainable if n.endswith(".proj")]
-    assert buffers == ["bert.encoder.layer.0.attention.self.query.proj"]  # shared: stored once
+    assert buffers == ["bert.encoder.layer.0.attention.self.query.bank.proj"]  # shared: stored once
     assert not any(n.endswith("scratch") for n in a.trainable)
     perturb(a.model, [n for n in a.trainable if n not in buffers], std=0.5)
     expected = logits(a.model, batch)
@@ -183,5 +184,7 @@ def test_method_buffers_are_saved_and_restored(tiny_bert, batch, tmp_path, monke
 
     b, _ = model.from_adapter(tmp_path / "adapter")
     layer1 = b.model.get_submodule("bert.encoder.layer.1.attention.self.query")
-    assert layer1.proj is b.model.get_submodule("bert.encoder.layer.0.attention.self.query").proj  # still shared
+    assert layer1.bank.proj is b.model.get_submodule("bert.encoder.layer.0.attention.self.query").bank.proj  # still shared
     assert torch.equal(logits(b.model, batch), expected)
+    b.model.to(torch.float64)  # a device/dtype move keeps it shared
+    assert layer1.bank.proj is b.model.get_submodule("bert.encoder.layer.0.attention.self.query").bank.proj
