@@ -1,7 +1,9 @@
 """LoRA (Hu et al., 2021): y = W x + s · B A x, with A: r×in, B: out×r, B = 0 at init.
 
 s = alpha / r, or alpha / sqrt(r) with `rslora` (Kalajdzievski, 2023), which keeps the update's
-scale stable as r grows. Merges exactly: W' = W + s · B A.
+scale stable as r grows; `rslora` is also its own method name. `init: pissa` (Meng et al., 2024)
+starts A and B on W's top-r singular directions and freezes the residual instead of W.
+Merges exactly: W' = W + s · B A.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from torch import nn
 from peftkit.errors import UserError
 from peftkit.methods.base import AdapterLinear, Method, register
 
+INITS = ("kaiming", "gaussian", "pissa")
+
 
 class LoraLinear(AdapterLinear):
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float, rslora: bool, init: str):
@@ -25,10 +29,14 @@ class LoraLinear(AdapterLinear):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=w.dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.init_factors(init)
+
+    @torch.no_grad()
+    def init_factors(self, init: str) -> None:
         if init == "kaiming":  # as torch's nn.Linear, and peft's default
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         elif init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1 / r)
+            nn.init.normal_(self.lora_A, std=1 / self.lora_A.shape[0])
         else:
             raise UserError(f"unknown lora init '{init}'; choose one of: kaiming, gaussian")
 
@@ -52,6 +60,52 @@ class LoraLinear(AdapterLinear):
         self.merged = False
 
 
+class PissaLinear(LoraLinear):
+    """LoRA started on W's principal part (PiSSA): the frozen base holds the residual W − s · B₀ A₀.
+
+    With W = U S Vᵀ: A₀ = √(S_r/s) V_rᵀ and B₀ = U_r √(S_r/s), so s · B₀ A₀ = U_r S_r V_rᵀ, W's best
+    rank-r approximation, and the model starts as W. A₀ and B₀ are saved with the adapter, and the
+    residual is formed from them on first use (forward or merge) rather than at construction:
+    reloading rebuilds the model (a fresh SVD, whose last bits may differ) and then copies in the
+    saved factors, so the residual formed afterwards is bit for bit the one the adapter trained on.
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float, rslora: bool):
+        super().__init__(base_layer, r, alpha, dropout, rslora, init="pissa")
+
+    @torch.no_grad()
+    def init_factors(self, init: str) -> None:
+        w = self.base_layer.weight
+        r = self.lora_A.shape[0]
+        if r > min(w.shape):
+            raise UserError(f"pissa needs r ≤ min(out, in) = {min(w.shape)} for every target, got r={r}")
+        u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
+        root = (s[:r] / self.scaling).sqrt()
+        self.register_buffer("lora_A_initial", (root[:, None] * vh[:r]).to(w.dtype))
+        self.register_buffer("lora_B_initial", (u[:, :r] * root).to(w.dtype))
+        self.lora_A.copy_(self.lora_A_initial)
+        self.lora_B.copy_(self.lora_B_initial)
+        self.residual_formed = False
+
+    @torch.no_grad()
+    def form_residual(self) -> None:
+        if self.residual_formed:
+            return
+        w = self.base_layer.weight
+        with torch.autocast(w.device.type, enabled=False):
+            principal = (self.lora_B_initial.float() @ self.lora_A_initial.float()) * self.scaling
+        w.copy_((w.float() - principal).to(w.dtype))
+        self.residual_formed = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.form_residual()
+        return super().forward(x)
+
+    def merge(self) -> None:
+        self.form_residual()
+        super().merge()
+
+
 @register
 class LoRA(Method):
     name = "lora"
@@ -71,4 +125,19 @@ class LoRA(Method):
         c = self.cfg
         if c.r < 1:
             raise UserError(f"method.r must be at least 1, got {c.r}")
+        if c.init not in INITS:
+            raise UserError(f"unknown lora init '{c.init}'; choose one of: {', '.join(INITS)}")
+        if c.init == "pissa":
+            return PissaLinear(linear, c.r, c.alpha, c.dropout, c.rslora)
         return LoraLinear(linear, c.r, c.alpha, c.dropout, c.rslora, c.init)
+
+
+@register
+class RsLoRA(LoRA):
+    """rsLoRA (Kalajdzievski, 2023) under its own name: LoRA scaled by alpha/√r, so a larger r keeps learning."""
+
+    name = "rslora"
+
+    @dataclasses.dataclass
+    class Config(LoRA.Config):
+        rslora: bool = True

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from conftest import minilm_dir, needs_minilm
-from peftkit import methods
+from peftkit import adapter, methods
 from peftkit.errors import UserError
-from peftkit.methods.lora import LoraLinear
+from peftkit.methods.base import count_params
+from peftkit.methods.lora import LoraLinear, PissaLinear
 
-from ._helpers import SENTENCES, hf_model, logits, randomize_biases
+from ._helpers import SENTENCES, build, hf_model, logits, perturb, randomize_biases
 
 # Both implementations compute base(x) + B(A(x))·s with the same ops in fp32: they agree to
 # rounding (in practice bit for bit). 1e-6 absolute on logits of order 1.
@@ -159,3 +160,169 @@ def test_rank_below_one_is_a_user_error(tiny_bert):
 def test_unknown_option_is_a_user_error():
     with pytest.raises(UserError, match="no option rank"):
         methods.build({"name": "lora", "rank": 8})
+
+
+# --- PiSSA (init: pissa) and the rslora name ---------------------------------------------------
+
+PISSA_TARGETS = ["query", "value", "pooler.dense"]
+
+
+def _pissa_vs_peft(path, batch, r: int, alpha: float):
+    """(peft model, peftkit model, base logits), both PiSSA-initialised from the same weights."""
+    from peft import LoraConfig, get_peft_model
+
+    base = hf_model(path)
+    randomize_biases(base)
+    with torch.no_grad():
+        base.classifier.weight.normal_(0, base.config.hidden_size**-0.5)
+    before = logits(base, batch)
+    ours = copy.deepcopy(base)
+    ref = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=PISSA_TARGETS,
+                                          init_lora_weights="pissa")).eval()
+    methods.prepare(ours, methods.build({"name": "lora", "r": r, "alpha": alpha, "init": "pissa",
+                                         "target_modules": PISSA_TARGETS}), head=["classifier"])
+    with torch.no_grad():
+        ours.classifier.load_state_dict(ref.base_model.model.classifier.state_dict())
+    return ref, ours, before
+
+
+def test_pissa_equals_peft_at_init_and_after_training_moves(tiny_bert, batch):
+    """Same SVD, same factors, same residual as peft's init_lora_weights="pissa"; then the same
+    perturbed A and B give the same logits (1e-6 absolute, as for plain LoRA)."""
+    ref, ours, before = _pissa_vs_peft(tiny_bert, batch, r=4, alpha=8)
+    torch.testing.assert_close(logits(ours, batch), before, atol=1e-5, rtol=0)  # starts as W (up to the residual's rounding)
+    torch.testing.assert_close(logits(ours, batch), logits(ref, batch), atol=ATOL, rtol=0)
+
+    ref_modules = dict(ref.base_model.model.named_modules())
+    wrapped = {n: m for n, m in ours.named_modules() if isinstance(m, PissaLinear)}
+    assert len(wrapped) == 5
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, m in wrapped.items():
+            src = ref_modules[name]
+            torch.testing.assert_close(m.lora_A, src.lora_A["default"].weight, atol=1e-6, rtol=0)
+            torch.testing.assert_close(m.lora_B, src.lora_B["default"].weight, atol=1e-6, rtol=0)
+            torch.testing.assert_close(m.base_layer.weight, src.base_layer.weight, atol=1e-6, rtol=0)  # the residual
+            for p in (src.lora_A["default"].weight, src.lora_B["default"].weight):
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+            m.lora_A.copy_(src.lora_A["default"].weight)
+            m.lora_B.copy_(src.lora_B["default"].weight)
+    moved = logits(ref, batch)
+    assert (moved - before).abs().max() > 1e-2, "the adapter must move the logits, or this comparison proves nothing"
+    torch.testing.assert_close(logits(ours, batch), moved, atol=ATOL, rtol=0)
+
+
+def test_pissa_factors_are_the_principal_part_and_the_base_keeps_the_residual():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    w = base.weight.detach().clone()
+    m = PissaLinear(base, r=3, alpha=6.0, dropout=0.0, rslora=False)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    principal = u[:, :3] @ torch.diag(s[:3]) @ vh[:3]
+    torch.testing.assert_close(m.scaling * m.lora_B @ m.lora_A, principal, atol=1e-5, rtol=0)
+    assert torch.equal(m.lora_A, m.lora_A_initial) and torch.equal(m.lora_B, m.lora_B_initial)
+    torch.testing.assert_close(m.lora_A @ m.lora_A.T, torch.diag(s[:3] / m.scaling), atol=1e-5, rtol=0)  # √S Vᵀ: orthogonal rows
+
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        y = m(x)  # first use forms the residual
+        torch.testing.assert_close(m.base_layer.weight, w - principal, atol=1e-5, rtol=0)
+        torch.testing.assert_close(y, x @ w.T + base.bias, atol=1e-5, rtol=0)  # starts as W
+        m.lora_B.add_(torch.randn(m.lora_B.shape))
+        expected = x @ (m.base_layer.weight + m.scaling * m.lora_B @ m.lora_A).T + base.bias
+        torch.testing.assert_close(m(x), expected, atol=1e-5, rtol=0)
+        weights = m.base_layer.weight.clone()
+        m.merge()
+        torch.testing.assert_close(m(x), expected, atol=1e-5, rtol=0)
+        m.unmerge()
+        torch.testing.assert_close(m.base_layer.weight, weights, atol=1e-6, rtol=0)
+
+
+def test_pissa_buffers_are_saved_and_only_a_b_and_head_train(tiny_bert):
+    a = build(tiny_bert, {"name": "lora", "r": 4, "init": "pissa"})
+    names = [n for n, m in a.model.named_modules() if isinstance(m, PissaLinear)]
+    params = {f"{n}.lora_{x}" for n in names for x in ("A", "B")} | {"classifier.weight", "classifier.bias"}
+    buffers = {f"{n}.lora_{x}_initial" for n in names for x in ("A", "B")}
+    assert {n for n, p in a.model.named_parameters() if p.requires_grad} == params
+    assert set(a.trainable) == params | buffers
+    assert count_params(a.model)[0] == 5 * 4 * (32 + 32) + 32 * 2 + 2  # same as LoRA: r·(in + out) per target
+
+
+def test_pissa_reload_forms_the_residual_from_the_saved_factors(tiny_bert, batch, tmp_path, monkeypatch):
+    """Reloading rebuilds the model with a fresh SVD, then copies the saved factors in. Here the
+    fresh SVD comes out one ulp off (as it may on another machine or thread count); the residual
+    must still come from the saved factors, so the logits match bit for bit."""
+    a = build(tiny_bert, {"name": "lora", "r": 4, "init": "pissa"})
+    perturb(a.model, [n for n, p in a.model.named_parameters() if p.requires_grad], std=0.2)
+    expected = logits(a.model, batch)
+    adapter.save(tmp_path / "adapter", a.model, a.trainable, {})
+
+    svd = torch.linalg.svd
+
+    def svd_one_ulp_off(w, **kw):
+        u, s, vh = svd(w, **kw)
+        return u, torch.nextafter(s, torch.full_like(s, math.inf)), vh
+
+    monkeypatch.setattr(torch.linalg, "svd", svd_one_ulp_off)
+    b = build(tiny_bert, {"name": "lora", "r": 4, "init": "pissa"})
+    monkeypatch.undo()
+    adapter.load_weights(tmp_path / "adapter", b.model, b.trainable)
+    assert torch.equal(logits(b.model, batch), expected)
+
+
+def test_pissa_refuses_a_rank_above_the_layer():
+    with pytest.raises(UserError, match="r ≤ min"):
+        PissaLinear(nn.Linear(6, 4), r=5, alpha=5, dropout=0.0, rslora=False)
+
+
+def test_unknown_init_names_every_choice(tiny_bert):
+    with pytest.raises(UserError, match="kaiming, gaussian, pissa"):
+        methods.prepare(hf_model(tiny_bert), methods.build({"name": "lora", "init": "olora"}), head=["classifier"])
+
+
+def test_rslora_is_lora_scaled_by_alpha_over_sqrt_r(tiny_bert, batch):
+    a = build(tiny_bert, {"name": "rslora", "r": 4, "alpha": 8})
+    b = build(tiny_bert, {"name": "lora", "r": 4, "alpha": 8, "rslora": True})
+    assert {m.scaling for m in a.model.modules() if isinstance(m, LoraLinear)} == {4.0}
+    assert a.method.cfg.rslora and a.trainable == b.trainable
+    perturb(a.model, a.trainable)
+    perturb(b.model, b.trainable)
+    assert torch.equal(logits(a.model, batch), logits(b.model, batch))
+
+
+@pytest.mark.parametrize("which", ["bert", "llama"])
+def test_pissa_trains_reloads_bit_exactly_and_merges(which, tiny_bert, tiny_llama, tmp_path):
+    """What test_every_method checks for the shipped YAML, for init: pissa (the residual base included)."""
+    from transformers import AutoTokenizer
+
+    from peftkit import model
+    from peftkit.methods.base import set_merged
+
+    from ._helpers import LABELS, backbone_cfg
+
+    path = {"bert": tiny_bert, "llama": tiny_llama}[which]
+    cfg = {"name": "lora", "r": 4, "init": "pissa"}
+    a = build(path, cfg)
+    batch = dict(AutoTokenizer.from_pretrained(path)(SENTENCES, padding=True, return_tensors="pt"))
+    batch.pop("token_type_ids", None)
+    opt = torch.optim.AdamW([p for p in a.model.parameters() if p.requires_grad], lr=1e-2)
+    a.model.eval()
+    losses = []
+    for _ in range(10):
+        loss = a.model(**batch, labels=torch.tensor([1, 0, 1])).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    expected = logits(a.model, batch)
+    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(path), cfg, LABELS, "t"))
+
+    b, _ = model.from_adapter(tmp_path / "adapter")
+    assert torch.equal(logits(b.model, batch), expected)
+    weights = {n: p.detach().clone() for n, p in b.model.named_parameters()}
+    set_merged(b.model, True)
+    torch.testing.assert_close(logits(b.model, batch), expected, atol=1e-5, rtol=0)
+    set_merged(b.model, False)
+    for n, p in b.model.named_parameters():
+        torch.testing.assert_close(p, weights[n], atol=1e-5, rtol=0)
