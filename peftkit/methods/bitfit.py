@@ -1,0 +1,46 @@
+"""BitFit (Ben Zaken et al., 2022): only the bias terms train.
+
+Every bias of the backbone by default: the Linears' and the LayerNorms' (as the paper's `all`).
+`bias_names` restricts it, e.g. to [query, ffn_in], the paper's ablation that trains the query and
+FFN-in biases alone. Nothing is added, so there is nothing to merge. Models without biases (Llama
+and most decoders) cannot use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from peftkit.backbone import ROLES
+from peftkit.errors import UserError
+from peftkit.methods.base import Method, matches, register
+
+
+@register
+class BitFit(Method):
+    name = "bitfit"
+    mergeable = True  # nothing to fold: the trained biases are part of the plain model
+
+    @dataclasses.dataclass
+    class Config:
+        # Modules whose bias trains: role names (query, ffn_in, ...) or module names, suffixes, regexes.
+        bias_names: list[str] | None = None
+
+    def apply(self, model, exclude):
+        biases = {n.removesuffix(".bias"): p for n, p in model.named_parameters()
+                  if n.endswith(".bias") and not any(n.startswith(e + ".") for e in exclude)}
+        if not biases:
+            raise UserError(f"bitfit trains bias terms and this {model.config.model_type} model has none; "
+                            f"use ln_tuning, lora or another method")
+        wanted = self.cfg.bias_names
+        if wanted is not None:
+            roles = ROLES.get(model.config.model_type, {})
+            patterns = [roles.get(w, w) for w in wanted]
+            biases = {n: p for n, p in biases.items() if any(matches(n, pat) for pat in patterns)}
+            if not biases:
+                owners = sorted({re.sub(r"\.\d+\.", ".N.", n.removesuffix(".bias"))
+                                 for n, _ in model.named_parameters() if n.endswith(".bias")})
+                raise UserError(f"bias_names {wanted} match no bias; roles: {', '.join(roles) or 'none'}; "
+                                f"modules with a bias: {', '.join(owners)}")
+        for p in biases.values():
+            p.requires_grad_(True)

@@ -1,0 +1,126 @@
+"""AdapterBias: the token-dependent shift (w·x + b) v by hand, identity at init, sharing w, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from peftkit import adapter, model
+from peftkit.errors import UserError
+from peftkit.methods.adapter_bias import AdapterBiasLinear
+from peftkit.methods.base import set_merged
+
+from ._helpers import LABELS, backbone_cfg, build, hf_model, logits, perturb
+
+ADAPTER_BIAS = {"name": "adapter_bias"}
+D, FFN, L, HEAD = 32, 64, 2, 32 * 2 + 2  # the tiny BERT: hidden 32, FFN 64, 2 layers, a 2-class head
+LAYERNORMS = L * 2 * 2 * D  # two LayerNorms per layer, gain and bias
+
+
+def _layers(m) -> dict[str, AdapterBiasLinear]:
+    return {n: x for n, x in m.named_modules() if isinstance(x, AdapterBiasLinear)}
+
+
+def test_forward_by_hand_is_a_token_dependent_shift():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 6)
+    m = AdapterBiasLinear(base, nn.Linear(12, 1))
+    with torch.no_grad():
+        m.adapter_vector.normal_()
+        x = torch.randn(2, 5, 12)
+        w, b = m.adapter_alpha.weight[0], m.adapter_alpha.bias
+        token_weight = (x @ w + b)[..., None]  # one scalar per token
+        expected = x @ base.weight.T + base.bias + token_weight * m.adapter_vector
+        torch.testing.assert_close(m(x), expected, atol=1e-6, rtol=0)
+        shift = m(x) - base(x)
+        assert not torch.allclose(shift[0, 0], shift[0, 1])  # the same v, weighted per token
+
+
+def test_vector_starts_at_zero_so_the_layer_starts_as_its_base():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 6)
+    m = AdapterBiasLinear(base, nn.Linear(12, 1))
+    x = torch.randn(3, 12)
+    assert torch.count_nonzero(m.adapter_vector) == 0 and torch.count_nonzero(m.adapter_alpha.weight) > 0
+    assert torch.equal(m(x), base(x))
+
+
+def test_identity_at_init_on_the_model(tiny_bert, batch):
+    a = build(tiny_bert, ADAPTER_BIAS)
+    plain = hf_model(tiny_bert)
+    plain.classifier.load_state_dict(a.model.classifier.state_dict())
+    assert torch.equal(a.model(**batch, output_hidden_states=True).hidden_states[-1],
+                       plain(**batch, output_hidden_states=True).hidden_states[-1])
+    assert torch.equal(logits(a.model, batch), logits(plain, batch))
+
+
+def test_targets_the_ffn_output_and_reads_the_ffn_inner_activations(tiny_bert, tiny_llama):
+    layers = _layers(build(tiny_bert, ADAPTER_BIAS).model)
+    assert list(layers) == [f"bert.encoder.layer.{i}.output.dense" for i in range(L)]
+    assert {(x.adapter_alpha.in_features, x.adapter_alpha.out_features, x.adapter_vector.numel()) for x in layers.values()} \
+        == {(FFN, 1, D)}
+    assert list(_layers(build(tiny_llama, ADAPTER_BIAS).model)) == [f"model.layers.{i}.mlp.down_proj" for i in range(L)]
+
+
+def test_trainable_set_and_count(tiny_bert):
+    a = build(tiny_bert, ADAPTER_BIAS)
+    ours = {f"{n}.{p}" for n in _layers(a.model) for p in ("adapter_alpha.weight", "adapter_alpha.bias", "adapter_vector")}
+    norms = {n for n, _ in a.model.named_parameters() if ".encoder." in n and "LayerNorm" in n}
+    assert set(a.trainable) == ours | norms | {"classifier.weight", "classifier.bias"}
+    n = sum(p.numel() for p in a.model.parameters() if p.requires_grad)
+    assert n == L * (FFN + 1 + D) + LAYERNORMS + HEAD == 516
+
+
+def test_train_layernorm_false_trains_w_and_v_only(tiny_bert):
+    a = build(tiny_bert, {**ADAPTER_BIAS, "train_layernorm": False})
+    assert not any("LayerNorm" in n for n in a.trainable)
+    assert sum(p.numel() for p in a.model.parameters() if p.requires_grad) == L * (FFN + 1 + D) + HEAD
+
+
+def test_gradients_reach_exactly_the_vector_then_w(tiny_bert, batch):
+    a = build(tiny_bert, ADAPTER_BIAS)
+    m = a.model.train()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    labels = torch.tensor([1, 0, 0])
+    m(**batch, labels=labels).loss.backward()
+    layer = m.get_submodule("bert.encoder.layer.1.output.dense")
+    assert layer.adapter_vector.grad.abs().sum() > 0
+    assert layer.adapter_alpha.weight.grad.abs().sum() == 0  # v = 0: w has no effect yet
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    m(**batch, labels=labels).loss.backward()
+    for n, p in m.named_parameters():
+        if n in a.trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{n} got no gradient"
+        else:
+            assert p.grad is None, f"frozen {n} got a gradient"
+
+
+def test_share_alpha_uses_one_w_and_reloads_shared(tiny_bert, batch, tmp_path):
+    cfg = {**ADAPTER_BIAS, "share_alpha": True}
+    a = build(tiny_bert, cfg)
+    alphas = {id(x.adapter_alpha) for x in _layers(a.model).values()}
+    assert len(alphas) == 1
+    assert [n for n in a.trainable if "adapter_alpha" in n] == ["bert.encoder.layer.0.output.dense.adapter_alpha.weight",
+                                                               "bert.encoder.layer.0.output.dense.adapter_alpha.bias"]
+    assert sum(p.numel() for p in a.model.parameters() if p.requires_grad) == FFN + 1 + L * D + LAYERNORMS + HEAD
+
+    perturb(a.model, [n for n in a.trainable if "adapter_" in n])
+    expected = logits(a.model, batch)
+    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(tiny_bert), cfg, LABELS, "t"))
+    b, _ = model.from_adapter(tmp_path / "adapter")
+    assert len({id(x.adapter_alpha) for x in _layers(b.model).values()}) == 1
+    assert torch.equal(logits(b.model, batch), expected)
+
+
+def test_share_alpha_refuses_targets_of_different_widths(tiny_bert):
+    with pytest.raises(UserError, match=r"share_alpha needs targets of one input size; these have \[32, 64\]"):
+        build(tiny_bert, {**ADAPTER_BIAS, "share_alpha": True, "target_modules": ["output.dense"]})
+
+
+def test_merge_is_refused(tiny_bert):
+    a = build(tiny_bert, ADAPTER_BIAS)
+    assert not a.method.mergeable
+    with pytest.raises(UserError, match="cannot be merged"):
+        set_merged(a.model, True)
