@@ -64,3 +64,19 @@ def test_optuna_sweeper_without_a_range_is_one_clear_error(tiny_bert, tmp_path):
                 f"backbone.path={tiny_bert}", cwd=tmp_path, env=ENV)
     assert r.returncode == 2 and "nothing to search" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "multirun").exists()  # nothing started, nothing written
+
+
+def test_every_method_trains_from_the_quickstart_recipe(tiny_bert, tmp_path):
+    """`peftkit train recipe=quickstart method=<name>` for every registered method, as one sweep."""
+    from peftkit.methods import METHODS
+
+    sweep = tmp_path / "sweep"
+    names = sorted(METHODS)
+    r = run_cli("train", "-m", "recipe=quickstart", f"method={','.join(names)}", f"backbone.path={tiny_bert}",
+                "dataset.max_train_samples=64", "dataset.max_eval_samples=32", "trainer.max_steps=2",
+                "trainer.eval_every=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=ENV, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for i, name in enumerate(names):
+        report = json.loads((sweep / str(i) / "eval" / "report.json").read_text())
+        assert report["status"] == "ok" and report["method"] == name, report
+        assert (sweep / str(i) / "adapter" / "adapter.safetensors").is_file()
