@@ -85,3 +85,11 @@ def test_trains_saves_reloads_merges(name, backbone, tmp_path):
     set_merged(b.model, False)
     for n, p in b.model.named_parameters():
         torch.testing.assert_close(p, weights[n], atol=1e-5, rtol=0, msg=lambda m: f"{name} {n}: {m}")
+
+
+def test_every_method_has_a_docs_entry():
+    """docs/methods.md: one section per registered method, and one summary-table row."""
+    text = (ROOT / "docs" / "methods.md").read_text()
+    for name in METHODS:
+        assert f"(`{name}`)\n" in text, name
+        assert f"[`{name}`]" in text, name
