@@ -72,16 +72,19 @@ def test_same_logits_as_peft_prefixes(path, cfg):
     batch = inputs(path)
     cache = ref.get_prompt(batch_size=3)
     prefixes = ours.prefix_tuning()
+    # peft runs the MLP on a batch of 3 copies, we on one: with several threads the matmuls may round
+    # differently, so equal within 1e-6 (bit-equal with one thread and for the direct table).
+    close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-6, rtol=0)  # noqa: E731
     for layer, (k, v) in enumerate(prefixes):
-        assert torch.equal(cache.layers[layer].keys, k.expand(3, -1, -1, -1))
-        assert torch.equal(cache.layers[layer].values, v.expand(3, -1, -1, -1))
+        close(cache.layers[layer].keys, k.expand(3, -1, -1, -1))
+        close(cache.layers[layer].values, v.expand(3, -1, -1, -1))
 
     wide = {**batch, "attention_mask": torch.cat([torch.ones(3, P, dtype=torch.long), batch["attention_mask"]], 1)}
     with torch.no_grad():
         expected = ref.base_model(**wide, cache=cache, output_hidden_states=True)
         got = ours.eval()(**batch, output_hidden_states=True)
-    assert torch.equal(got.hidden_states[-1], expected.hidden_states[-1])  # the same ops: bit-equal
-    assert torch.equal(got.logits, expected.logits)
+    close(got.hidden_states[-1], expected.hidden_states[-1])
+    close(got.logits, expected.logits)
 
 
 def _capture(module):
