@@ -49,16 +49,6 @@ class SvdLinear(AdapterLinear):
         return y + F.linear(F.linear(self.dropout(x), self.lora_lambda[:, None] * self.lora_Q), self.lora_P) * self.scaling
 
     @torch.no_grad()
-    def merge(self) -> None:
-        self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
-        self.merged = False
-
-    @torch.no_grad()
     def update_importance(self, beta1: float, beta2: float) -> None:
         """Smooth each entry's sensitivity |θ·∂L/∂θ| (EMA β1) and its uncertainty |sensitivity − EMA| (EMA β2)."""
         for name, p in self.factors().items():

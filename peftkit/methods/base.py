@@ -62,8 +62,9 @@ class Method:
 class AdapterLinear(nn.Module):
     """A frozen Linear (`base_layer`) plus a method's trainable part.
 
-    Mergeable subclasses implement `merge`/`unmerge`, which fold the trainable part into
-    `base_layer` in place; while merged, `forward` is the base layer alone.
+    Additive methods (W' = W + ΔW) define `delta_weight` and merge with the `merge`/`unmerge`
+    here; multiplicative ones (IA³, OFT, DoRA, ...) override both. Merging folds the trainable
+    part into `base_layer` in place; while merged, `forward` is the base layer alone.
     """
 
     def __init__(self, base_layer: nn.Linear):
@@ -79,11 +80,18 @@ class AdapterLinear(nn.Module):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
-    def merge(self) -> None:
+    def delta_weight(self) -> torch.Tensor:
         raise UserError(f"{type(self).__name__} cannot be merged into the base weights")
 
+    @torch.no_grad()
+    def merge(self) -> None:
+        self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
     def unmerge(self) -> None:
-        raise UserError(f"{type(self).__name__} cannot be merged into the base weights")
+        self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+        self.merged = False
 
 
 def matches(name: str, pattern: str) -> bool:

@@ -47,16 +47,6 @@ class DiaBloLinear(AdapterLinear):
             return y
         return y + self.block_forward(self.dropout(x))
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
-        self.merged = False
-
 
 @register
 class DiaBlo(Method):

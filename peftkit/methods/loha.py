@@ -51,16 +51,6 @@ class HadamardLinear(AdapterLinear):
         b = (self.hada_B1[:, :, None] * self.hada_B2[:, None, :]).flatten(1)  # (out, r1·r2)
         return y + F.linear(F.linear(x, a), b) * self.scaling
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
-        self.merged = False
-
 
 class LohaLinear(HadamardLinear):
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float):

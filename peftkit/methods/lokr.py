@@ -85,16 +85,6 @@ class LokrLinear(AdapterLinear):
         x_mat = x.unflatten(-1, (w1.shape[1], w2.shape[1]))
         return y + (w1 @ x_mat @ w2.T).flatten(-2) * self.scaling
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
-        self.merged = False
-
 
 @register
 class LoKr(Method):

@@ -49,16 +49,6 @@ class LoraLinear(AdapterLinear):
             return y
         return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
-        self.merged = False
-
 
 class PissaLinear(LoraLinear):
     """LoRA started on W's principal part (PiSSA): the frozen base holds the residual W − s · B₀ A₀.

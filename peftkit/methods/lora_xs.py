@@ -47,16 +47,6 @@ class LoraXSLinear(AdapterLinear):
         h = F.linear(F.linear(self.dropout(x), self.lora_xs_A), self.lora_xs_R)
         return y + F.linear(h, self.lora_xs_B) * self.scaling
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
-        self.merged = False
-
 
 @register
 class LoraXS(Method):

@@ -52,16 +52,6 @@ class TiedLoraLinear(AdapterLinear):
             return y
         return y + self.lora_v * F.linear(self.lora_u * F.linear(x, self.tied.lora_A), self.tied.lora_B) * self.scaling
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
-        self.merged = False
-
 
 @register
 class TiedLoRA(Method):

@@ -69,16 +69,6 @@ class VBLoraLinear(AdapterLinear):
         a, b = self.factors()
         return y + F.linear(F.linear(x, a), b)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
-        self.merged = False
-
 
 @register
 class VBLoRA(Method):

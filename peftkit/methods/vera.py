@@ -62,16 +62,6 @@ class VeraLinear(AdapterLinear):
         a, b = self.sliced()
         return y + self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(x, a), b)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
-        self.merged = False
-
 
 @register
 class VeRA(Method):
