@@ -76,3 +76,19 @@ def randomize_biases(model, std: float = 0.1, seed: int = 5) -> None:
     g = torch.Generator().manual_seed(seed)
     for _, m in sorted(linears.items()):
         m.bias.copy_(torch.randn(m.bias.shape, generator=g, dtype=m.bias.dtype) * std)
+
+
+def assert_gradients_exactly(model, trainable, batch, labels) -> None:
+    """Two AdamW steps (a zero-initialised half wakes its partner after one), then a backward: every
+    tensor in `trainable` has a nonzero gradient, every other parameter none."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**batch, labels=labels).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    model(**batch, labels=labels).loss.backward()
+    for n, p in model.named_parameters():
+        if n in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{n} got no gradient"
+        else:
+            assert p.grad is None, f"frozen {n} got a gradient"

@@ -10,7 +10,7 @@ from peftkit.errors import UserError
 from peftkit.methods.base import set_merged
 from peftkit.methods.parallel_adapter import ParallelAdapterLinear
 
-from ._helpers import build, hf_model, logits
+from ._helpers import assert_gradients_exactly, build, hf_model, logits
 
 PARALLEL = {"name": "parallel_adapter", "bottleneck": 8}
 D, FFN, L, HEAD = 32, 64, 2, 32 * 2 + 2  # the tiny BERT: hidden 32, FFN 64, 2 layers, a 2-class head
@@ -72,18 +72,7 @@ def test_trainable_set_and_count(tiny_bert):
 
 def test_gradients_reach_exactly_adapters_and_head(tiny_bert, batch):
     a = build(tiny_bert, PARALLEL)
-    model = a.model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    labels = torch.tensor([1, 0, 0])
-    model(**batch, labels=labels).loss.backward()  # step 1: W_up is zero, so W_down gets no gradient yet
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    model(**batch, labels=labels).loss.backward()
-    for n, p in model.named_parameters():
-        if n in a.trainable:
-            assert p.grad is not None and p.grad.abs().sum() > 0, f"{n} got no gradient"
-        else:
-            assert p.grad is None, f"frozen {n} got a gradient"
+    assert_gradients_exactly(a.model, set(a.trainable), batch, torch.tensor([1, 0, 0]))
 
 
 @pytest.mark.parametrize(("option", "message"), [({"activation": "nope"}, "choose one of: .*relu"),
