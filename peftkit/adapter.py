@@ -1,4 +1,5 @@
-"""Adapter folders: `adapter_config.json` plus `adapter.safetensors` with exactly the trained tensors.
+"""Adapter folders: `adapter_config.json`, `adapter.safetensors` with exactly the trained tensors,
+and a model card (`README.md`) with the metadata the Hugging Face Hub reads.
 
 The config says how to rebuild the model (backbone, method, task head); the tensors are the
 method's parameters and the head. Loading checks the base model's fingerprint, so an adapter is
@@ -20,6 +21,7 @@ from peftkit.files import atomic_dir
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter.safetensors"
+CARD = "README.md"
 
 
 def save(path: Path, model: torch.nn.Module, names: list[str], meta: dict) -> None:
@@ -27,10 +29,66 @@ def save(path: Path, model: torch.nn.Module, names: list[str], meta: dict) -> No
     from peftkit.methods.base import adapter_tensors
 
     params = adapter_tensors(model)
-    tensors = {n: params[n].detach().to("cpu").contiguous() for n in names}
+    save_tensors(path, {n: params[n] for n in names}, meta)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write an adapter folder from its tensors and `meta` (what `model.meta` returns, plus metrics)."""
+    tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+    meta = {"peftkit_version": __version__, **meta}
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "peftkit": __version__})
-        (tmp / CONFIG).write_text(json.dumps({"peftkit_version": __version__, **meta}, indent=2) + "\n")
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / CARD).write_text(model_card(meta, size_bytes=(tmp / WEIGHTS).stat().st_size))
+
+
+def model_card(meta: dict, size_bytes: int | None = None, kind: str = "adapter") -> str:
+    """A Hub model card: YAML metadata (base model, library, tags, metrics) and a short summary.
+
+    `kind` is "adapter" or "model" (a merged, plain transformers folder).
+    """
+    method = meta.get("method", {}).get("name", "?")
+    bb = meta.get("backbone", {})
+    hub_id = None if bb.get("path") else bb.get("hub_id")  # a local path may hold any weights
+    base = hub_id or bb.get("path") or bb.get("name", "?")
+    dataset = meta.get("dataset") or "?"
+    labels = meta.get("label_names")
+    lines = ["---"]
+    if hub_id:
+        lines.append(f"base_model: {hub_id}")
+    lines += [f"library_name: {'peftkit' if kind == 'adapter' else 'transformers'}",
+              "pipeline_tag: text-classification", "tags:", "  - peftkit", f"  - {method}"]
+    if kind == "model":
+        lines.append("  - merged")
+    if dataset.startswith("glue/"):
+        lines += ["datasets:", "  - nyu-mll/glue"]
+    metrics = meta.get("metrics", {}).get("validation") or next(iter(meta.get("metrics", {}).values()), {})
+    if metrics:
+        lines += ["model-index:", f"  - name: {method}-{bb.get('name', 'model')}-{dataset.replace('/', '-')}", "    results:",
+                  "      - task:", "          type: text-classification", "        dataset:", f"          name: {dataset}",
+                  f"          type: {dataset.split('/')[0]}", "          split: validation", "        metrics:"]
+        lines += [f"          - type: {k}\n            value: {v:.4g}" for k, v in metrics.items()]
+    lines.append("---")
+    n, total = meta.get("trainable_params"), meta.get("total_params")
+    rows = [("method", method), ("base model", base), ("dataset", dataset),
+            ("labels", ", ".join(labels) if labels else "regression (one score)")]
+    if n and total:
+        rows.append(("trainable params", f"{n:,} ({100 * n / total:.3f}% of {total:,})"))
+    if size_bytes is not None:
+        rows.append((f"{kind} size", f"{size_bytes / 1e6:.2f} MB"))
+    rows += [(f"dev {k}", f"{v:.2f}") for k, v in metrics.items()]
+    if meta.get("merge"):
+        rows.append(("made by", f"peftkit merge mode={meta['merge'].get('mode')}"))
+    rows.append(("peftkit version", meta.get("peftkit_version", __version__)))
+    what = "adapter" if kind == "adapter" else "model (adapter merged into its base)"
+    body = [f"# {method} {what}: {bb.get('name', base)} on {dataset}", "", "| | |", "|---|---|"]
+    body += [f"| {k} | {v} |" for k, v in rows]
+    if kind == "adapter":
+        body += ["", "Load it with peftkit (`peftkit eval run=<run dir>`), or fold it into the base where the method is "
+                 "mergeable: `peftkit merge adapter=<this folder> out=merged/`."]
+    else:
+        body += ["", "A plain transformers model: `AutoModelForSequenceClassification.from_pretrained(<this folder>)`."]
+    return "\n".join(lines + [""] + body) + "\n"
 
 
 def read_config(path: Path) -> dict:

@@ -19,9 +19,10 @@ commands:
   train   train an adapter from a recipe:  peftkit train recipe=glue_lora dataset=glue/mrpc method.r=16
           sweep with -m:                   peftkit train -m method=lora,ia3 dataset=glue/rte,glue/mrpc
   eval    re-score a finished run:         peftkit eval run=outputs/2026-01-01/12-00-00 [split=test]
-  merge   fold an adapter into its base:   peftkit merge adapter=outputs/.../adapter out=merged/
+  merge   fold, combine, compress adapters: peftkit merge adapter=outputs/... out=merged/
+                                           peftkit merge mode=ties adapters=[RUN1,RUN2] out=DIR
   report  compare runs in a leaderboard:  peftkit report multirun/2026-01-01/12-00-00 [out=DIR]
-  ls      list what exists:                peftkit ls [recipes|methods|backbones|datasets|trainers]
+  ls      list what exists:                peftkit ls [recipes|methods|backbones|datasets|trainers|merges]
 
 Run `peftkit COMMAND --help` for each command's options.
 """
@@ -48,12 +49,22 @@ Reload a run's base model and adapter from disk, re-score it and write eval/repo
   KEY=VALUE          override the run's config, e.g. dataset.data_dir=/data/glue backbone.path=/models/x
 """
 
-MERGE_HELP = """usage: peftkit merge adapter=DIR out=DIR [backbone.path=DIR]
+MERGE_HELP = """usage: peftkit merge [mode=MODE | recipe=NAME] KEY=VALUE ...
 
-Fold a mergeable adapter (lora, ia3, ...) into its base model and save a plain Hugging Face model
-folder (config, tokenizer, model.safetensors) that loads with AutoModelForSequenceClassification.
-  adapter=DIR        an adapter folder, or a run directory that holds one
-  out=DIR            where to write the merged model
+Fold, combine, compress and exchange adapters. Each mode's keys and defaults are in
+configs/merge/MODE.yaml (`peftkit ls merges`); a merge recipe fixes some of them.
+  into_base        fold a mergeable adapter into its base: a plain transformers folder
+                   peftkit merge adapter=RUN out=merged/
+  task_arithmetic  base + Σ weight·(adapter − base); weights < 0 remove a behaviour
+                   peftkit merge mode=task_arithmetic adapters=[RUN1,RUN2] weights=[1,-0.5] out=DIR
+  ties             trim to the top `density`, elect signs, average the agreeing values
+  dare             drop at random to `density`, rescale, add (elect_sign=true: DARE-TIES)
+  concat           LoRA adapters side by side: one LoRA of rank r1+r2+..., exact
+  svd              the summed ΔW of any mergeable adapters, truncated to a LoRA of rank=R
+  head=mean|INDEX  combined heads: their weighted mean (one label set), or one adapter's head
+Lists take Hydra syntax: adapters=[outputs/a,outputs/b]. An adapter is an adapter folder or a run
+directory; adapters written by concat/svd land in OUT/adapter with OUT/config.yaml, so
+`peftkit eval run=OUT` scores them.
 """
 
 REPORT_HELP = """usage: peftkit report DIR... [out=DIR] [submission=true [data_dir=DIR]]
@@ -69,7 +80,7 @@ score_vs_params.png and loss_curves.png. One row per method configuration, one c
   data_dir=DIR       the GLUE folder with the test TSVs, if not the one the runs trained from
 """
 
-LS_HELP = """usage: peftkit ls [recipes|methods|backbones|datasets|trainers]
+LS_HELP = """usage: peftkit ls [recipes|methods|backbones|datasets|trainers|merges]
 
 List what exists, one line each.
 """
@@ -125,12 +136,18 @@ def cmd_merge(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(MERGE_HELP)
         return 0
-    from peftkit import merge
+    from peftkit import config, merge
 
-    kv = _kv(args, "merge")
-    if "adapter" not in kv or "out" not in kv:
-        raise UserError("peftkit merge needs adapter=DIR and out=DIR")
-    merge.into_base(Path(kv["adapter"]), Path(kv["out"]), kv.get("backbone.path"))
+    for a in args:
+        if "=" not in a:
+            raise UserError(f"peftkit merge: expected KEY=VALUE, got '{a}' (see peftkit merge --help)")
+    args = [f"backbone_path={a.split('=', 1)[1]}" if a.startswith("backbone.path=") else a for a in args]
+    picks = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in ("mode", "recipe")}
+    if len(picks) == 2:
+        raise UserError("peftkit merge takes mode= or recipe=, not both (a recipe names its mode)")
+    name = next(iter(picks.values()), "into_base")
+    rest = [a for a in args if a.split("=", 1)[0] not in ("mode", "recipe")]
+    merge.run(config.compose_merge(name, rest))
     return 0
 
 

@@ -160,6 +160,41 @@ def compose(recipe: str, overrides: list[str] = ()) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
+MERGE_DIR = "merge"
+
+
+def merge_configs() -> dict[str, Path]:
+    """Merge modes (`configs/merge/`) and merge recipes (`recipes/merge/`, user `<dir>/merge/`) by name."""
+    return _options(MERGE_DIR)
+
+
+def compose_merge(name: str, overrides: list[str]) -> DictConfig:
+    """A `peftkit merge` config: a mode's YAML, or a recipe whose defaults list names one, plus overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    _check_choice("merge mode or recipe", name, merge_configs())
+    dirs = ",".join(f"file://{d / MERGE_DIR}" for d in search_path() if (d / MERGE_DIR).is_dir())
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(merge_configs()[name].parent), version_base="1.3"):
+            cfg = hydra_compose(name, overrides=[f"hydra.searchpath=[{dirs}]", *overrides])
+    except Exception as e:
+        msg = " ".join(str(e).split())
+        if msg.startswith("Could not override '"):
+            key = msg.split("'")[1]
+            keys = ", ".join(str(k) for k in OmegaConf.load(merge_configs()[name]) if k != "defaults")
+            msg = f"'{name}' has no key '{key}'; its keys are: {keys}"
+        raise UserError(f"bad merge config: {msg}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(f"peftkit merge {cfg.get('mode', name)} needs {', '.join(f'{k}=...' for k in missing)} (see peftkit merge --help)")
+    return cfg
+
+
 def _unknown_key_hint(recipe: str, overrides: list[str], e: Exception) -> str:
     """For a mistyped key (`trainer.lrr=1`): the keys that do exist there."""
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError

@@ -9,7 +9,7 @@ from rich.table import Table
 from peftkit import config
 from peftkit.errors import UserError
 
-KINDS = {"recipes": None, "methods": "method", "backbones": "backbone", "datasets": "dataset", "trainers": "trainer"}
+KINDS = {"recipes": None, "methods": "method", "backbones": "backbone", "datasets": "dataset", "trainers": "trainer", "merges": "merge"}
 
 
 def show(what: str) -> None:

@@ -107,6 +107,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     seed_everything(cfg.seed)
 
     task = data.load(cfg.dataset)
+    seed_everything(cfg.seed)  # the initial adapter and head depend on the seed alone (merge mode=compress rebuilds them)
     a = model.build(cfg.backbone, cfg.method, task.label_names)
     if main:
         console.print(f"{cfg.method.name} on {cfg.backbone.name}, {cfg.dataset.name}: {a.summary()}")
@@ -160,7 +161,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    meta = model.meta(a, cfg.backbone, cfg.method, task.label_names, cfg.dataset.name)
+    meta = {**model.meta(a, cfg.backbone, cfg.method, task.label_names, cfg.dataset.name), "seed": cfg.seed}
 
     def evaluate_and_keep(step: int) -> None:
         result = score(accelerator, net, task, encoded, t.eval_batch_size)
@@ -172,7 +173,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if best is None or result["score"] > best["score"] or not t.keep_best:
             state["best"] = {"step": step, **result}
             if main:
-                adapter.save(run_dir / "adapter", raw, a.trainable, meta)
+                adapter.save(run_dir / "adapter", raw, a.trainable, {**meta, "step": step, "metrics": result["metrics"]})
 
     step, epoch, start = state["step"], state["epoch"], state["batch"]
     window_loss, window_n, window_samples, window_t = 0.0, 0, 0, time.perf_counter()
