@@ -1,5 +1,8 @@
 """Houlsby bottleneck adapters (Houlsby et al., 2019): two per layer, after attention and after FFN.
 
+One more follows an encoder's pooler (dense + tanh on [CLS]), whose pretraining objective may be
+unrelated to the task: frozen and unadapted it starves the head (STS-B scored 9.6 without it).
+
 Each sublayer's output h becomes h + W_up σ(W_down h) before the residual and LayerNorm. W_up
 starts at zero, so the adapter starts as the identity. The LayerNorms train too, as in the paper.
 Not mergeable: σ sits between the two projections.
@@ -37,7 +40,7 @@ class BottleneckAdapter(AdapterLinear):
 @register
 class Houlsby(Method):
     name = "houlsby"
-    default_roles = ("attn_out", "ffn_out")
+    default_roles = ("attn_out", "ffn_out", "pooler")
 
     @dataclasses.dataclass
     class Config:

@@ -5,6 +5,10 @@ adapter beside the whole FFN block; wrapping Linears, the default puts it beside
 projection (ffn_out): it reads the FFN's inner activations instead of the block's input, and adds
 to the same place, the FFN output before the residual. W_down is Kaiming-uniform and W_up zero, so
 the layer starts as f. Not mergeable: σ sits between the two projections.
+
+One more sits beside an encoder's pooler dense layer (reading [CLS], width d), as in `houlsby`:
+pretrained for another objective, frozen and unadapted it starves the head (Houlsby scored 9.6 on
+STS-B without it).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class ParallelAdapterLinear(AdapterLinear):
 @register
 class ParallelAdapter(Method):
     name = "parallel_adapter"
-    default_roles = ("ffn_out",)
+    default_roles = ("ffn_out", "pooler")
 
     @dataclasses.dataclass
     class Config:

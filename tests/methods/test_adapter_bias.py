@@ -16,6 +16,7 @@ from ._helpers import LABELS, backbone_cfg, build, hf_model, logits, perturb
 ADAPTER_BIAS = {"name": "adapter_bias"}
 D, FFN, L, HEAD = 32, 64, 2, 32 * 2 + 2  # the tiny BERT: hidden 32, FFN 64, 2 layers, a 2-class head
 LAYERNORMS = L * 2 * 2 * D  # two LayerNorms per layer, gain and bias
+POOLER = D + 1 + D  # the pooler's w, b (it reads the 32-wide [CLS]) and v
 
 
 def _layers(m) -> dict[str, AdapterBiasLinear]:
@@ -55,11 +56,13 @@ def test_identity_at_init_on_the_model(tiny_bert, batch):
     assert torch.equal(logits(a.model, batch), logits(plain, batch))
 
 
-def test_targets_the_ffn_output_and_reads_the_ffn_inner_activations(tiny_bert, tiny_llama):
+def test_targets_the_ffn_output_and_the_pooler_reading_their_inputs(tiny_bert, tiny_llama):
     layers = _layers(build(tiny_bert, ADAPTER_BIAS).model)
-    assert list(layers) == [f"bert.encoder.layer.{i}.output.dense" for i in range(L)]
-    assert {(x.adapter_alpha.in_features, x.adapter_alpha.out_features, x.adapter_vector.numel()) for x in layers.values()} \
-        == {(FFN, 1, D)}
+    ffn = [f"bert.encoder.layer.{i}.output.dense" for i in range(L)]
+    assert list(layers) == [*ffn, "bert.pooler.dense"]
+    shapes = {n: (x.adapter_alpha.in_features, x.adapter_alpha.out_features, x.adapter_vector.numel()) for n, x in layers.items()}
+    assert shapes == {**{n: (FFN, 1, D) for n in ffn}, "bert.pooler.dense": (D, 1, D)}  # the FFN's inner activations; [CLS]
+    # Llama has no pooler: the role is skipped
     assert list(_layers(build(tiny_llama, ADAPTER_BIAS).model)) == [f"model.layers.{i}.mlp.down_proj" for i in range(L)]
 
 
@@ -69,13 +72,13 @@ def test_trainable_set_and_count(tiny_bert):
     norms = {n for n, _ in a.model.named_parameters() if ".encoder." in n and "LayerNorm" in n}
     assert set(a.trainable) == ours | norms | {"classifier.weight", "classifier.bias"}
     n = sum(p.numel() for p in a.model.parameters() if p.requires_grad)
-    assert n == L * (FFN + 1 + D) + LAYERNORMS + HEAD == 516
+    assert n == L * (FFN + 1 + D) + POOLER + LAYERNORMS + HEAD == 581
 
 
 def test_train_layernorm_false_trains_w_and_v_only(tiny_bert):
     a = build(tiny_bert, {**ADAPTER_BIAS, "train_layernorm": False})
     assert not any("LayerNorm" in n for n in a.trainable)
-    assert sum(p.numel() for p in a.model.parameters() if p.requires_grad) == L * (FFN + 1 + D) + HEAD
+    assert sum(p.numel() for p in a.model.parameters() if p.requires_grad) == L * (FFN + 1 + D) + POOLER + HEAD
 
 
 def test_gradients_reach_exactly_the_vector_then_w(tiny_bert, batch):
@@ -97,26 +100,36 @@ def test_gradients_reach_exactly_the_vector_then_w(tiny_bert, batch):
             assert p.grad is None, f"frozen {n} got a gradient"
 
 
-def test_share_alpha_uses_one_w_and_reloads_shared(tiny_bert, batch, tmp_path):
+def test_share_alpha_uses_one_w_for_the_layers_and_reloads_shared(tiny_bert, batch, tmp_path):
+    """The layers share one w; the pooler, of another input width, keeps its own."""
     cfg = {**ADAPTER_BIAS, "share_alpha": True}
     a = build(tiny_bert, cfg)
-    alphas = {id(x.adapter_alpha) for x in _layers(a.model).values()}
-    assert len(alphas) == 1
-    assert [n for n in a.trainable if "adapter_alpha" in n] == ["bert.encoder.layer.0.output.dense.adapter_alpha.weight",
-                                                               "bert.encoder.layer.0.output.dense.adapter_alpha.bias"]
-    assert sum(p.numel() for p in a.model.parameters() if p.requires_grad) == FFN + 1 + L * D + LAYERNORMS + HEAD
+    layers = _layers(a.model)
+    assert len({id(x.adapter_alpha) for n, x in layers.items() if ".encoder." in n}) == 1
+    assert layers["bert.pooler.dense"].adapter_alpha is not layers["bert.encoder.layer.0.output.dense"].adapter_alpha
+    assert [n for n in a.trainable if "adapter_alpha" in n] == [f"{n}.adapter_alpha.{p}" for n in
+                                                               ("bert.encoder.layer.0.output.dense", "bert.pooler.dense")
+                                                               for p in ("weight", "bias")]
+    assert sum(p.numel() for p in a.model.parameters() if p.requires_grad) == FFN + 1 + L * D + POOLER + LAYERNORMS + HEAD
 
     perturb(a.model, [n for n in a.trainable if "adapter_" in n])
     expected = logits(a.model, batch)
     adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(tiny_bert), cfg, LABELS, "t"))
     b, _ = model.from_adapter(tmp_path / "adapter")
-    assert len({id(x.adapter_alpha) for x in _layers(b.model).values()}) == 1
+    assert len({id(x.adapter_alpha) for x in _layers(b.model).values()}) == 2  # the layers', the pooler's
     assert torch.equal(logits(b.model, batch), expected)
 
 
-def test_share_alpha_refuses_targets_of_different_widths(tiny_bert):
-    with pytest.raises(UserError, match=r"share_alpha needs targets of one input size; these have \[32, 64\]"):
-        build(tiny_bert, {**ADAPTER_BIAS, "share_alpha": True, "target_modules": ["output.dense"]})
+def test_share_alpha_shares_one_w_per_input_width(tiny_bert):
+    """attention.output.dense reads 32 wide, the FFN's output.dense 64: one w for each width."""
+    a = build(tiny_bert, {**ADAPTER_BIAS, "share_alpha": True, "target_modules": ["output.dense"]})
+    layers = _layers(a.model)
+    assert len(layers) == 2 * L
+    by_width = {}
+    for x in layers.values():
+        by_width.setdefault(x.adapter_alpha.in_features, set()).add(id(x.adapter_alpha))
+    assert {w: len(ids) for w, ids in by_width.items()} == {D: 1, FFN: 1}
+    assert sum(p.numel() for p in a.model.parameters() if p.requires_grad) == (D + 1) + (FFN + 1) + 2 * L * D + LAYERNORMS + HEAD
 
 
 def test_merge_is_refused(tiny_bert):

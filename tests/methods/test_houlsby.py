@@ -27,7 +27,7 @@ def test_identity_at_init(tiny_bert, batch):
     a = build(tiny_bert, HOULSBY)
     plain = hf_model(tiny_bert)
     plain.classifier.load_state_dict(a.model.classifier.state_dict())
-    assert sum(isinstance(m, BottleneckAdapter) for m in a.model.modules()) == 4
+    assert sum(isinstance(m, BottleneckAdapter) for m in a.model.modules()) == 2 * 2 + 1  # two per layer, one on the pooler
     assert torch.count_nonzero(next(m for m in a.model.modules() if isinstance(m, BottleneckAdapter)).adapter_down.weight) > 0
     assert torch.equal(logits(a.model, batch), logits(plain, batch))
     assert torch.equal(a.model(**batch, output_hidden_states=True).hidden_states[-1],
@@ -49,10 +49,11 @@ def test_init_and_forward_by_hand():
         torch.testing.assert_close(m(x), expected, atol=1e-5, rtol=0)
 
 
-def test_targets_attention_and_ffn_outputs(tiny_bert):
+def test_targets_attention_and_ffn_outputs_and_the_pooler(tiny_bert):
     a = build(tiny_bert, HOULSBY)
     wrapped = [n for n, m in a.model.named_modules() if isinstance(m, BottleneckAdapter)]
-    assert wrapped == [f"bert.encoder.layer.{i}.{s}" for i in range(2) for s in ("attention.output.dense", "output.dense")]
+    layers = [f"bert.encoder.layer.{i}.{s}" for i in range(2) for s in ("attention.output.dense", "output.dense")]
+    assert wrapped == [*layers, "bert.pooler.dense"]
     m = a.model.get_submodule(wrapped[0])
     assert (m.adapter_down.in_features, m.adapter_down.out_features, m.adapter_up.out_features) == (32, 8, 32)
 
@@ -93,5 +94,5 @@ def test_merge_is_refused(tiny_bert, batch):
         merge_into_base(a.model)
     with pytest.raises(UserError, match="cannot be merged"):
         set_merged(a.model, True)
-    assert sum(isinstance(m, BottleneckAdapter) for m in a.model.modules()) == 4  # nothing dropped
+    assert sum(isinstance(m, BottleneckAdapter) for m in a.model.modules()) == 2 * 2 + 1  # nothing dropped
     assert torch.equal(logits(a.model, batch), expected)

@@ -55,9 +55,11 @@ def test_identity_at_init_on_the_model(tiny_bert, batch):
 
 def test_default_targets_and_scaling(tiny_bert, tiny_llama):
     a = build(tiny_bert, PARALLEL)
-    assert list(_adapters(a.model)) == [f"bert.encoder.layer.{i}.output.dense" for i in range(L)]
+    assert list(_adapters(a.model)) == [*(f"bert.encoder.layer.{i}.output.dense" for i in range(L)), "bert.pooler.dense"]
+    pooler = _adapters(a.model)["bert.pooler.dense"]
+    assert (pooler.adapter_down.in_features, pooler.adapter_up.out_features) == (D, D)  # reads [CLS], width d
     assert {m.scaling for m in _adapters(a.model).values()} == {4.0}  # He et al.'s s
-    assert list(_adapters(build(tiny_llama, PARALLEL).model)) == [f"model.layers.{i}.mlp.down_proj" for i in range(L)]
+    assert list(_adapters(build(tiny_llama, PARALLEL).model)) == [f"model.layers.{i}.mlp.down_proj" for i in range(L)]  # no pooler
 
 
 def test_trainable_set_and_count(tiny_bert):
@@ -67,7 +69,8 @@ def test_trainable_set_and_count(tiny_bert):
                 for p in ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")}
     assert set(a.trainable) == expected | {"classifier.weight", "classifier.bias"}
     n = sum(p.numel() for p in a.model.parameters() if p.requires_grad)
-    assert n == L * (FFN * m + m + m * D + D) + HEAD == 1682  # W_down reads the FFN's 64-wide inner activations
+    # W_down reads the FFN's 64-wide inner activations in each layer, the 32-wide [CLS] on the pooler
+    assert n == L * (FFN * m + m + m * D + D) + (D * m + m + m * D + D) + HEAD == 2234
 
 
 def test_gradients_reach_exactly_adapters_and_head(tiny_bert, batch):

@@ -1,4 +1,4 @@
-"""Pfeiffer adapters: one per layer after the FFN, identity at init, only adapters and head train."""
+"""Pfeiffer adapters: one per layer after the FFN and one on the pooler, identity at init, only adapters and head train."""
 
 from __future__ import annotations
 
@@ -22,8 +22,12 @@ def _adapters(model) -> dict[str, BottleneckAdapter]:
     return {n: m for n, m in model.named_modules() if isinstance(m, BottleneckAdapter)}
 
 
-def test_one_adapter_per_layer_after_the_ffn(tiny_bert, tiny_llama):
-    assert list(_adapters(build(tiny_bert, PFEIFFER).model)) == [f"bert.encoder.layer.{i}.output.dense" for i in range(L)]
+def test_one_adapter_per_layer_after_the_ffn_and_one_on_the_pooler(tiny_bert, tiny_llama):
+    adapters = _adapters(build(tiny_bert, PFEIFFER).model)
+    assert list(adapters) == [*(f"bert.encoder.layer.{i}.output.dense" for i in range(L)), "bert.pooler.dense"]
+    pooler = adapters["bert.pooler.dense"]
+    assert (pooler.adapter_down.in_features, pooler.adapter_down.out_features, pooler.adapter_up.out_features) == (D, 8, D)
+    # Llama has no pooler: the role is skipped
     assert list(_adapters(build(tiny_llama, PFEIFFER).model)) == [f"model.layers.{i}.mlp.down_proj" for i in range(L)]
 
 
@@ -58,7 +62,7 @@ def test_trainable_set_and_count(tiny_bert):
                 for p in ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")}
     assert set(a.trainable) == expected | {"classifier.weight", "classifier.bias"}  # no LayerNorm
     n = sum(p.numel() for p in a.model.parameters() if p.requires_grad)
-    assert n == L * (D * m + m + m * D + D) + HEAD == 1170
+    assert n == (L + 1) * (D * m + m + m * D + D) + HEAD == 1722  # one adapter per layer, one on the pooler
 
 
 def test_gradients_reach_exactly_adapters_and_head(tiny_bert, batch):
