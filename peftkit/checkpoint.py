@@ -1,4 +1,5 @@
-"""Resumable training state as safetensors + JSON (no pickles): weights, optimizer, scheduler, RNG."""
+"""Resumable training state as safetensors + JSON (no pickles): weights, optimizer, scheduler, RNG,
+and what the method tracks while training (`Method.training_state`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from peftkit.files import atomic_dir
 
 
-def save(path: Path, model: torch.nn.Module, names: list[str], optimizer, scheduler, state: dict) -> None:
+def save(path: Path, model: torch.nn.Module, names: list[str], method, optimizer, scheduler, state: dict) -> None:
     from peftkit.methods.base import adapter_tensors
 
     params = adapter_tensors(model)
@@ -21,6 +22,8 @@ def save(path: Path, model: torch.nn.Module, names: list[str], optimizer, schedu
     for idx, s in opt["state"].items():
         for k, v in s.items():
             tensors[f"optim.{idx}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).cpu().contiguous()
+    for k, v in method.training_state(model).items():
+        tensors[f"method.{k}"] = v.detach().cpu().contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {
         "state": state,
@@ -33,7 +36,7 @@ def save(path: Path, model: torch.nn.Module, names: list[str], optimizer, schedu
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
 
 
-def load(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
+def load(path: Path, model: torch.nn.Module, method, optimizer, scheduler) -> dict:
     tensors = load_file(str(Path(path) / "state.safetensors"))
     from peftkit.methods.base import adapter_tensors
 
@@ -48,6 +51,7 @@ def load(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
         if k.startswith("optim."):
             _, idx, name = k.split(".", 2)
             state.setdefault(int(idx), {})[name] = v
+    method.load_training_state(model, {k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")})
     optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])

@@ -133,3 +133,16 @@ def test_resume_true_without_a_matching_run_is_a_user_error(tmp_path, monkeypatc
         launch.resolve_resume("quickstart", ["seed=3", "resume=true"], cfg)
     with pytest.raises(UserError, match="no checkpoint"):
         launch.resolve_resume("quickstart", ["seed=3", f"resume={tmp_path}"], cfg)
+
+
+def test_adalora_resumes_with_its_importance_scores(tmp_path, tiny_bert):
+    """A method with training state of its own (AdaLoRA's importance scores, rank masks that change
+    every step) resumes bitwise; tests/methods/test_adalora.py checks the scores' round trip itself."""
+    args = tiny(tiny_bert, "method=adalora", "method.tinit=2", "method.tfinal=1", "method.target_r=4")
+    ref = tmp_path / "ref"
+    train(tmp_path, *args, f"hydra.run.dir={ref}")
+    run = tmp_path / "run"
+    interrupted(tmp_path, *args, f"hydra.run.dir={run}")
+    assert any(k.startswith("method.") and ".importance." in k for k in checkpoint_tensors(run))
+    train(tmp_path, *args, f"resume={run}")
+    assert_same_as_reference(run, ref)

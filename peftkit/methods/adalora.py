@@ -34,7 +34,7 @@ class SvdLinear(AdapterLinear):
         self.lora_Q = nn.Parameter(nn.init.normal_(torch.empty(r, self.in_features, **like), std=0.02))
         self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=w.device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.importance: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # training state, not saved
+        self.importance: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # in checkpoints, not in the adapter
 
     def factors(self) -> dict[str, nn.Parameter]:
         return {"P": self.lora_P, "lambda": self.lora_lambda, "Q": self.lora_Q}
@@ -181,6 +181,17 @@ class AdaLoRA(Method):
                 m.importance.clear()
         for m in adapted:
             m.apply_mask()
+
+    def training_state(self, model):
+        return {f"{name}.importance.{factor}.{i}": t for name, m in model.named_modules() if isinstance(m, SvdLinear)
+                for factor, pair in m.importance.items() for i, t in enumerate(pair)}
+
+    def load_training_state(self, model, tensors):
+        for name, m in model.named_modules():
+            if isinstance(m, SvdLinear):
+                m.importance = {f: (tensors[f"{name}.importance.{f}.0"].to(m.lora_P.device),
+                                    tensors[f"{name}.importance.{f}.1"].to(m.lora_P.device))
+                                for f in m.factors() if f"{name}.importance.{f}.0" in tensors}
 
 
 def svd_layers(model: nn.Module) -> list[SvdLinear]:

@@ -58,6 +58,14 @@ class Method:
         from 1). For methods that change shape while training: DyLoRA samples the next rank,
         importance-based rank allocation prunes. Most methods do nothing."""
 
+    def training_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What the method tracks while training besides its tensors (AdaLoRA's importance
+        averages): resumable checkpoints hold it, adapters do not. Most methods track nothing."""
+        return {}
+
+    def load_training_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what `training_state` returned, on resume."""
+
 
 class AdapterLinear(nn.Module):
     """A frozen Linear (`base_layer`) plus a method's trainable part.

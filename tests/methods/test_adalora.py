@@ -263,3 +263,35 @@ def test_schedule_without_a_pruning_phase_is_a_user_error(tiny_bert):
     a = build(tiny_bert, {"name": "adalora", "tinit": 5, "tfinal": 5})
     with pytest.raises(UserError, match="leave no steps"):
         a.method.after_optimizer_step(a.model, 1, 10)
+
+
+def test_importance_scores_survive_a_checkpoint(tmp_path):
+    """A resumed run continues the smoothed importance scores; restarting them from zero would prune
+    other triplets than the uninterrupted run."""
+    from peftkit import checkpoint
+
+    def setup():
+        torch.manual_seed(0)
+        net = _Small()
+        method = methods.build({"name": "adalora", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2,
+                                "target_modules": ["a", "b", "c"]})
+        names = methods.prepare(net, method, head=[])
+        opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+        return net, method, names, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    net, method, names, opt, sched = setup()
+    x, y = torch.randn(32, 8), torch.randn(32, 3)
+    for step in range(1, 4):
+        nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+        method.after_optimizer_step(net, step, 10)
+        opt.zero_grad()
+    saved = method.training_state(net)
+    assert len(saved) == 3 * 3 * 2  # 3 layers × (P, λ, Q) × (smoothed, uncertainty)
+    checkpoint.save(tmp_path / "ckpt", net, names, method, opt, sched, {"step": 3})
+
+    fresh, fresh_method, _, fresh_opt, fresh_sched = setup()
+    assert fresh_method.training_state(fresh) == {}
+    checkpoint.load(tmp_path / "ckpt", fresh, fresh_method, fresh_opt, fresh_sched)
+    restored = fresh_method.training_state(fresh)
+    assert restored.keys() == saved.keys() and all(torch.equal(restored[k], saved[k]) for k in saved)
