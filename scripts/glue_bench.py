@@ -83,8 +83,11 @@ def up_to_date(cell: tuple[str, str, str], args) -> bool:
         return False
     want = OmegaConf.to_container(config.compose(f"glue_{method}", task_overrides(task, args)), resolve=True)
     have = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    same = lambda key: {k: v for k, v in want[key].items() if k != "name"} == {  # noqa: E731
-        k: v for k, v in have[key].items() if k != "name"}
+    def same(key: str) -> bool:
+        # a key added since the cell ran (a new feature, off by default: keep_checkpoints=0) changes nothing
+        now = {k: v for k, v in want[key].items() if k != "name" and (k in have[key] or v)}
+        return now == {k: v for k, v in have[key].items() if k != "name"}
+
     return same("trainer") and same("method") and want["seed"] == have["seed"]
 
 
