@@ -2,7 +2,8 @@
 
 The loop is plain PyTorch under accelerate (one process, DDP on CPUs or GPUs, multi-node), in
 fp32, bf16 or fp16. Features are small functions it calls: evaluation every N steps, keeping the
-best adapter, resumable checkpoints, a JSONL log and a rich progress bar.
+best adapter, resumable checkpoints, adapter snapshots for checkpoint merging, a JSONL log and a
+rich progress bar.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import math
 import random
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -85,6 +87,20 @@ def progress_bar(enabled: bool) -> Progress:
     )
 
 
+def snapshots(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the run's adapter snapshots (`trainer.keep_checkpoints`), oldest first."""
+    found = [(int(p.name.removeprefix("step-")), p) for p in (run_dir / "snapshots").glob("step-*")
+             if p.is_dir() and p.name.removeprefix("step-").isdigit()]
+    return sorted(found)
+
+
+def save_snapshot(run_dir: Path, raw: torch.nn.Module, names: list[str], meta: dict, keep: int) -> None:
+    """The adapter at this eval step, for `peftkit merge mode=mwa`; only the newest `keep` stay."""
+    adapter.save(run_dir / "snapshots" / f"step-{meta['step']:06d}", raw, names, meta)
+    for _, old in snapshots(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 PATH_KEYS = ("backbone.path", "dataset.data_dir", "dataset.train_file", "dataset.dev_file")
 
 
@@ -100,6 +116,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     absolute_paths(cfg)
     t = cfg.trainer
+    keep_snapshots = t.get("keep_checkpoints") or 0
+    if keep_snapshots < 0:
+        raise UserError(f"trainer.keep_checkpoints must be 0 (off) or the number of snapshots to keep, got {keep_snapshots}")
     if t.get("threads"):  # on a shared CPU, fewer threads than cores can be several times faster
         torch.set_num_threads(t.threads)
     accelerator = make_accelerator(t)
@@ -138,7 +157,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     ckpt_dir = run_dir / "checkpoints" / "last"
     state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "samples": 0, "train_time_s": 0.0, "eval_time_s": 0.0}
     if cfg.resume and ckpt_dir.is_dir():
-        state = checkpoint.load(ckpt_dir, raw, optimizer, scheduler)
+        state = checkpoint.load(ckpt_dir, raw, a.method, optimizer, scheduler)
         if main:
             console.print(f"resumed from {ckpt_dir} at step {state['step']}")
     elif cfg.resume and main:
@@ -155,6 +174,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             except (ValueError, KeyError, TypeError):  # a line cut short by the interruption
                 pass
         atomic_write_text(log_path, "".join(kept))
+    if main:  # snapshots past the starting step belong to an earlier run in this folder, not to this one
+        for at, old in snapshots(run_dir):
+            if at > state["step"]:
+                shutil.rmtree(old, ignore_errors=True)
 
     def log(record: dict) -> None:
         if main:
@@ -163,7 +186,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     meta = {**model.meta(a, cfg.backbone, cfg.method, task.label_names, cfg.dataset.name), "seed": cfg.seed}
 
-    def evaluate_and_keep(step: int) -> None:
+    def evaluate_and_keep(step: int, train_loss: float) -> None:
         result = score(accelerator, net, task, encoded, t.eval_batch_size)
         log({"step": step, "eval": result["metrics"], "score": result["score"]})
         best = state["best"]
@@ -174,9 +197,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             state["best"] = {"step": step, **result}
             if main:
                 adapter.save(run_dir / "adapter", raw, a.trainable, {**meta, "step": step, "metrics": result["metrics"]})
+        if keep_snapshots:
+            train_loss = accelerator.reduce(torch.tensor(train_loss, dtype=torch.float64, device=accelerator.device), "mean").item()
+            if main:
+                save_snapshot(run_dir, raw, a.trainable, {**meta, "step": step, "train_loss": train_loss,
+                                                          "score": result["score"], "metrics": result["metrics"]}, keep_snapshots)
 
     step, epoch, start = state["step"], state["epoch"], state["batch"]
     window_loss, window_n, window_samples, window_t = 0.0, 0, 0, time.perf_counter()
+    eval_loss_sum, eval_loss_n = 0.0, 0  # training loss since the last evaluation (snapshots record it)
     t_start = time.perf_counter() - state["train_time_s"]
     net.train()
     with progress_bar(main) as bar:
@@ -194,8 +223,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                     if accelerator.sync_gradients:
                         a.method.after_optimizer_step(raw, step + 1, total_steps)
                     optimizer.zero_grad(set_to_none=True)
-                window_loss += loss.item()
+                loss_value = loss.item()
+                window_loss += loss_value
                 window_n += 1
+                eval_loss_sum, eval_loss_n = eval_loss_sum + loss_value, eval_loss_n + 1
                 window_samples += len(batches[bi]) * world
                 if (bi + 1) % t.grad_accum:
                     continue
@@ -215,12 +246,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 bar.update(job, completed=step)
                 if step % eval_every == 0 or step == total_steps:
                     t0 = time.perf_counter()
-                    evaluate_and_keep(step)
+                    evaluate_and_keep(step, eval_loss_sum / eval_loss_n)
+                    eval_loss_sum, eval_loss_n = 0.0, 0
                     state.update(step=step, epoch=epoch, batch=bi + 1)
                     state["eval_time_s"] += time.perf_counter() - t0
                     state["train_time_s"] = time.perf_counter() - t_start
                     if main and t.checkpoint:
-                        checkpoint.save(ckpt_dir, raw, a.trainable, optimizer, scheduler, state)
+                        checkpoint.save(ckpt_dir, raw, a.trainable, a.method, optimizer, scheduler, state)
                     window_t = time.perf_counter()  # eval and saving are not training speed
                 if step >= total_steps:
                     break
@@ -255,8 +287,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if main:
         report.write(run_dir, result)
         if not t.keep_last_checkpoint:
-            import shutil
-
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     accelerator.wait_for_everyone()
     return result
