@@ -32,20 +32,25 @@ def save(path: Path, model: torch.nn.Module, names: list[str], meta: dict) -> No
     save_tensors(path, {n: params[n] for n in names}, meta)
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write an adapter folder from its tensors and `meta` (what `model.meta` returns, plus metrics)."""
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict, weights: str = WEIGHTS) -> None:
+    """Write an adapter folder from its tensors and `meta` (what `model.meta` returns, plus metrics).
+
+    `weights`: the tensors' file name; a compressed adapter's differs (`merge.compress.WEIGHTS`).
+    """
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
     meta = {"peftkit_version": __version__, **meta}
     with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "peftkit": __version__})
+        save_file(tensors, str(tmp / weights), metadata={"format": "pt", "peftkit": __version__})
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-        (tmp / CARD).write_text(model_card(meta, size_bytes=(tmp / WEIGHTS).stat().st_size))
+        (tmp / CARD).write_text(model_card(meta, size_bytes=(tmp / weights).stat().st_size))
 
 
-def model_card(meta: dict, size_bytes: int | None = None, kind: str = "adapter") -> str:
+def model_card(meta: dict, size_bytes: int | None = None, kind: str = "adapter", library: str | None = None,
+               usage: str | None = None) -> str:
     """A Hub model card: YAML metadata (base model, library, tags, metrics) and a short summary.
 
-    `kind` is "adapter" or "model" (a merged, plain transformers folder).
+    `kind` is "adapter" or "model" (a merged, plain transformers folder); `library` and `usage`
+    (how to load it) default to peftkit's for an adapter and transformers' for a model.
     """
     method = meta.get("method", {}).get("name", "?")
     bb = meta.get("backbone", {})
@@ -56,7 +61,8 @@ def model_card(meta: dict, size_bytes: int | None = None, kind: str = "adapter")
     lines = ["---"]
     if hub_id:
         lines.append(f"base_model: {hub_id}")
-    lines += [f"library_name: {'peftkit' if kind == 'adapter' else 'transformers'}",
+    library = library or ("peftkit" if kind == "adapter" else "transformers")
+    lines += [f"library_name: {library}",
               "pipeline_tag: text-classification", "tags:", "  - peftkit", f"  - {method}"]
     if kind == "model":
         lines.append("  - merged")
@@ -83,11 +89,12 @@ def model_card(meta: dict, size_bytes: int | None = None, kind: str = "adapter")
     what = "adapter" if kind == "adapter" else "model (adapter merged into its base)"
     body = [f"# {method} {what}: {bb.get('name', base)} on {dataset}", "", "| | |", "|---|---|"]
     body += [f"| {k} | {v} |" for k, v in rows]
-    if kind == "adapter":
-        body += ["", "Load it with peftkit (`peftkit eval run=<run dir>`), or fold it into the base where the method is "
-                 "mergeable: `peftkit merge adapter=<this folder> out=merged/`."]
-    else:
-        body += ["", "A plain transformers model: `AutoModelForSequenceClassification.from_pretrained(<this folder>)`."]
+    if usage is None and kind == "adapter":
+        usage = ("Load it with peftkit (`peftkit eval run=<run dir>`), or fold it into the base where the method is "
+                 "mergeable: `peftkit merge adapter=<this folder> out=merged/`.")
+    elif usage is None:
+        usage = "A plain transformers model: `AutoModelForSequenceClassification.from_pretrained(<this folder>)`."
+    body += ["", usage]
     return "\n".join(lines + [""] + body) + "\n"
 
 

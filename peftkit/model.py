@@ -56,8 +56,18 @@ def meta(a: Adapted, backbone_cfg: DictConfig, method_cfg, label_names, dataset:
 
 
 def from_adapter(path: str | Path, backbone_path: str | None = None) -> tuple[Adapted, dict]:
-    """Rebuild base + adapter from an adapter folder; refuse a base with another fingerprint."""
+    """Rebuild base + adapter from an adapter folder; refuse a base with another fingerprint.
+
+    A compressed adapter (`peftkit merge mode=compress`) stores its change from the initial
+    weights: seeded as in training, `build` recreates them, and its loader adds the change.
+    """
     cfg = adapter.read_config(path)
+    load_weights = adapter.load_weights
+    if "compression" in cfg:
+        from peftkit.merge import compress
+
+        compress.seed_init(cfg, path)
+        load_weights = compress.load_weights
     bb = OmegaConf.create(cfg["backbone"])
     if backbone_path:
         bb.path = backbone_path
@@ -67,5 +77,5 @@ def from_adapter(path: str | Path, backbone_path: str | None = None) -> tuple[Ad
             f"adapter {path} was trained on backbone '{cfg['backbone']['name']}' (fingerprint "
             f"{cfg['base_fingerprint']}); the base loaded here differs ({a.fingerprint}): pass the same base weights"
         )
-    adapter.load_weights(path, a.model, a.trainable)
+    load_weights(path, a.model, a.trainable)
     return a, cfg
