@@ -62,9 +62,17 @@ configs/merge/MODE.yaml (`peftkit ls merges`); a merge recipe fixes some of them
   concat           LoRA adapters side by side: one LoRA of rank r1+r2+..., exact
   svd              the summed ΔW of any mergeable adapters, truncated to a LoRA of rank=R
   head=mean|INDEX  combined heads: their weighted mean (one label set), or one adapter's head
+  mwa              average one run's kept checkpoints (train with trainer.keep_checkpoints=K)
+                   peftkit merge mode=mwa run=RUN weighting=loss penalty=1 out=DIR
+  compress         ComPEFT: keep the top `density` of τ = trained − initial as sign × one scale
+                   peftkit merge mode=compress adapter=RUN density=0.1 out=DIR
+  to_peft          a lora/rslora/dora/ia3 adapter in Hugging Face peft's format
+                   peftkit merge mode=to_peft adapter=RUN out=DIR
+  from_peft        a peft LoRA/IA³ adapter as a peftkit adapter
+                   peftkit merge mode=from_peft adapter=DIR out=OUT [backbone=NAME|backbone_path=DIR]
 Lists take Hydra syntax: adapters=[outputs/a,outputs/b]. An adapter is an adapter folder or a run
-directory; adapters written by concat/svd land in OUT/adapter with OUT/config.yaml, so
-`peftkit eval run=OUT` scores them.
+directory; adapters written by concat/svd/mwa/compress land in OUT/adapter with OUT/config.yaml,
+so `peftkit eval run=OUT` scores them.
 """
 
 REPORT_HELP = """usage: peftkit report DIR... [out=DIR] [submission=true [data_dir=DIR]]

@@ -51,11 +51,19 @@ def run(run_dir: Path, split: str, overrides: dict[str, str]) -> dict:
     result = score(accelerator, net, task, encoded, cfg.trainer.eval_batch_size)
     old_path = run_dir / "eval" / "report.json"
     previous = json.loads(old_path.read_text()) if old_path.is_file() else None
-    new = {**(previous or {}), **result}
+    new = {**(previous or first_report(cfg, task, adapter_cfg)), **result}
     if accelerator.is_main_process:
         report.write(run_dir, new)
         show(new, previous)
     return new
+
+
+def first_report(cfg, task, adapter_cfg: dict) -> dict:
+    """What a report holds besides the scores, for a run scored for the first time (a merge's output)."""
+    n, total = adapter_cfg["trainable_params"], adapter_cfg["total_params"]
+    return {"status": "ok", "dataset": cfg.dataset.name, "task": task.task, "method": cfg.method.name,
+            "backbone": cfg.backbone.name, "recipe": cfg.get("recipe"), "seed": cfg.get("seed"),
+            "trainable_params": n, "total_params": total, "trainable_pct": 100 * n / total}
 
 
 def show(new: dict, previous: dict | None) -> None:

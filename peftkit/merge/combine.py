@@ -44,8 +44,9 @@ def task_vectors(paths: list[str], backbone_path: str | None = None):
         raise UserError("adapters=[...] is empty; give the adapter folders or run directories to combine")
     vectors, base, tokenizer = [], None, None
     for path in paths:
+        refuse_unmergeable(path)
+    for path in paths:
         a, meta = sources.load(path, backbone_path)
-        refuse_unmergeable(a.method, path)
         if vectors:
             sources.check_same_base([vectors[0].path, path], [vectors[0].meta, meta])
         folded = merge_into_base(a.model)

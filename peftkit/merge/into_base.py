@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from peftkit import adapter
 from peftkit.errors import UserError
 from peftkit.merge import sources
 from peftkit.methods.base import merge_into_base
@@ -18,10 +19,14 @@ from peftkit.methods.base import merge_into_base
 PROBE = ["a merged model must give the same logits", "as the adapter it came from"]
 
 
-def refuse_unmergeable(method, where) -> None:
-    if not method.mergeable:
+def refuse_unmergeable(path) -> None:
+    """Before anything loads: is the adapter's method one whose update is a change of the base weights?"""
+    from peftkit.methods import METHODS
+
+    name = adapter.read_config(sources.adapter_dir(path))["method"]["name"]
+    if name in METHODS and not METHODS[name].mergeable:
         raise UserError(
-            f"method '{method.name}' ({where}) is not mergeable: its update is not a change of the base "
+            f"method '{name}' ({path}) is not mergeable: its update is not a change of the base "
             f"weights (a nonlinearity, extra tokens or an intervention); load base + adapter with peftkit "
             f"instead (peftkit eval run=...), or train a mergeable method such as lora or ia3"
         )
@@ -29,8 +34,8 @@ def refuse_unmergeable(method, where) -> None:
 
 @torch.no_grad()
 def run(cfg: DictConfig) -> dict:
+    refuse_unmergeable(cfg.adapter)
     a, meta = sources.load(cfg.adapter, cfg.get("backbone_path"))
-    refuse_unmergeable(a.method, cfg.adapter)
     net = a.model.eval()
     probe = a.tokenizer(PROBE, padding=True, return_tensors="pt")
     before = net(**probe).logits
