@@ -343,3 +343,19 @@ def test_concat_of_trained_runs_scores_with_peftkit_eval(two_runs):
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp / "soup" / "eval" / "report.json").read_text())
     assert 0 <= report["metrics"]["validation"]["accuracy"] <= 100
+
+
+@pytest.mark.parametrize("mode, extra", [("task_arithmetic", ["weights=[0.5,0.5]"]), ("ties", ["density=0.3"]),
+                                         ("dare", ["density=0.5", "elect_sign=true"]), ("svd", ["rank=4"])])
+def test_every_combining_mode_on_trained_runs(two_runs, mode, extra):
+    tmp = two_runs
+    _merge(tmp, f"mode={mode}", f"adapters=[{tmp / 'run1'},{tmp / 'run2'}]", *extra, f"out={tmp / mode}")
+    if mode == "svd":
+        r = run_cli("eval", f"run={tmp / mode}", cwd=tmp)
+        assert r.returncode == 0, r.stderr[-3000:]
+    else:
+        from transformers import AutoModelForSequenceClassification
+
+        net = AutoModelForSequenceClassification.from_pretrained(tmp / mode)
+        assert net.config.id2label == {0: "rotten", 1: "fresh"}
+    assert json.loads((tmp / mode / "merge.json").read_text())["mode"] == mode

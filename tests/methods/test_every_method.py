@@ -1,5 +1,6 @@
 """Every registered method, with its shipped YAML defaults, on a tiny BERT and a tiny Llama:
-it trains (loss down, its own tensors move), saves and reloads bit-exactly, and merges and unmerges."""
+it trains (loss down, its own tensors move), saves and reloads bit-exactly, merges and unmerges, and
+`peftkit merge` folds it into a plain transformers model with the same outputs."""
 
 from __future__ import annotations
 
@@ -85,6 +86,16 @@ def test_trains_saves_reloads_merges(name, backbone, tmp_path):
     set_merged(b.model, False)
     for n, p in b.model.named_parameters():
         torch.testing.assert_close(p, weights[n], atol=1e-5, rtol=0, msg=lambda m: f"{name} {n}: {m}")
+
+    # peftkit merge mode=into_base: a plain transformers folder with the adapter's outputs
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.merge import into_base
+
+    into_base.run(OmegaConf.create({"mode": "into_base", "adapter": str(tmp_path / "adapter"), "out": str(tmp_path / "merged")}))
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert not any(isinstance(m, AdapterLinear) for m in plain.modules())
+    torch.testing.assert_close(outputs(plain, batch), expected, atol=1e-5, rtol=0)
 
 
 def test_every_method_has_a_docs_entry():
