@@ -359,3 +359,22 @@ def test_every_combining_mode_on_trained_runs(two_runs, mode, extra):
         net = AutoModelForSequenceClassification.from_pretrained(tmp / mode)
         assert net.config.id2label == {0: "rotten", 1: "fresh"}
     assert json.loads((tmp / mode / "merge.json").read_text())["mode"] == mode
+
+
+def test_merge_recipes_shipped_and_user(adapters, tmp_path):
+    tmp, _ = adapters
+    pair = f"adapters=[{tmp / 'lora1'},{tmp / 'pissa'}]"
+    _merge(tmp, "recipe=soup", pair, f"out={tmp_path / 'soup'}")
+    _merge(tmp, "mode=task_arithmetic", pair, "weights=[0.5,0.5]", f"out={tmp_path / 'halves'}")
+    a, b = _model_state(tmp_path / "soup"), _model_state(tmp_path / "halves")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+    mine = tmp_path / "my_recipes" / "merge"
+    mine.mkdir(parents=True)
+    (mine / "sparse_ties.yaml").write_text("# TIES, denser\ndefaults:\n  - ties\n  - _self_\ndensity: 0.5\n")
+    r = run_cli("--recipes-dir", str(tmp_path / "my_recipes"), "merge", "recipe=sparse_ties", pair, f"out={tmp_path / 'mine'}", cwd=tmp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((tmp_path / "mine" / "merge.json").read_text())
+    assert (info["mode"], info["density"]) == ("ties", 0.5)
+    r = run_cli("merge", "recipe=soup", "mode=ties", pair, f"out={tmp_path / 'x'}", cwd=tmp)
+    assert r.returncode == 2 and "not both" in r.stderr

@@ -104,13 +104,20 @@ def combine(deltas: list[torch.Tensor], weights: list[float], mode: str, density
 
 
 def check_knobs(cfg: DictConfig, n: int) -> list[float]:
-    """The weights (1.0 each by default) and, for TIES/DARE, a density in (0, 1]."""
-    weights = [1.0] * n if cfg.get("weights") is None else [float(w) for w in cfg.weights]
-    if len(weights) != n:
-        raise UserError(f"weights has {len(weights)} values for {n} adapters; give one per adapter")
+    """The weights (null: 1.0 each; `average`: 1/n each; or one per adapter), after checking the
+    density of TIES/DARE is in (0, 1]."""
     if cfg.mode in ("ties", "dare") and not 0 < cfg.density <= 1:
         raise UserError(f"density must be in (0, 1], got {cfg.density}")
-    return weights
+    given = cfg.get("weights")
+    if given is None:
+        return [1.0] * n
+    if given == "average":
+        return [1.0 / n] * n
+    if isinstance(given, str):
+        raise UserError(f"weights must be a list (one per adapter), null (1.0 each) or average (1/n each), got '{given}'")
+    if len(given) != n:
+        raise UserError(f"weights has {len(given)} values for {n} adapters; give one per adapter")
+    return [float(w) for w in given]
 
 
 def combined_deltas(vectors: list[TaskVector], weights: list[float], cfg: DictConfig) -> dict[str, torch.Tensor]:
