@@ -35,9 +35,9 @@ def expected_trainable(method_cfg: dict, config, plain_total: int) -> int:
         return method_cfg["r"] * (h + h) * (2 * n_layers + 1) + head
     if name == "ia3":  # Σ out over key, value, pooler + Σ in over the FFN down projections
         return (2 * n_layers + 1) * h + n_layers * ffn + head
-    if name == "houlsby":  # two adapters a layer, 2·d·m + m + d each; the encoder's two LayerNorms a layer
+    if name == "houlsby":  # two adapters a layer and one on the pooler, 2·d·m + m + d each; two LayerNorms a layer
         m = method_cfg["bottleneck"]
-        return 2 * n_layers * (2 * h * m + m + h) + 2 * n_layers * 2 * h + head
+        return (2 * n_layers + 1) * (2 * h * m + m + h) + 2 * n_layers * 2 * h + head
     if name == "full":
         return plain_total + head
     if name == "head":

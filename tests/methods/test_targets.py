@@ -98,7 +98,8 @@ def test_ia3_default_targets(model):
 
 def test_houlsby_default_targets(model):
     assert _wrapped(model, {"name": "houlsby", "bottleneck": 4}) == [
-        L0 + "attention.output.dense", L0 + "output.dense", L1 + "attention.output.dense", L1 + "output.dense"]
+        L0 + "attention.output.dense", L0 + "output.dense", L1 + "attention.output.dense", L1 + "output.dense",
+        "bert.pooler.dense"]
 
 
 def test_user_targets_replace_the_defaults(model):
