@@ -47,6 +47,22 @@ def tiny_bert(tmp_path_factory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def biased_bert(tiny_bert, tmp_path_factory) -> Path:
+    """The tiny BERT with random biases: its own are zero, which would hide a merge or an export that
+    forgets them (DoRA and IA³ treat the bias apart)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from methods._helpers import randomize_biases
+
+    out = tmp_path_factory.mktemp("biased_bert")
+    m = AutoModel.from_pretrained(tiny_bert)
+    randomize_biases(m)
+    m.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(out)
+    return out
+
+
 def make_tiny_llama(out: Path, seed: int) -> Path:
     """A 2-layer, hidden-32 Llama (grouped-query attention: 4 heads, 2 KV heads) with random weights.
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from conftest import run_cli
-from methods._helpers import LABELS, SENTENCES, backbone_cfg, build, hf_model, outputs, perturb, randomize_biases
+from methods._helpers import LABELS, SENTENCES, backbone_cfg, build, hf_model, outputs, perturb
 from peftkit import adapter, model
 from peftkit.methods import AdapterLinear
 from peftkit.methods.base import merge_into_base, set_merged
@@ -35,19 +35,6 @@ def _nontrivial(a) -> None:
         elif isinstance(m, IA3Linear):
             m.ia3_l.copy_(torch.empty(m.ia3_l.shape).uniform_(0.5, 1.5, generator=g))
     a.model.classifier.weight.copy_(torch.randn(a.model.classifier.weight.shape, generator=g) * a.model.config.hidden_size**-0.5)
-
-
-@pytest.fixture(scope="module")
-def biased_bert(tiny_bert, tmp_path_factory):
-    """The tiny BERT with random biases (its own are zero, which would hide a merge that forgets them)."""
-    from transformers import AutoModel, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("biased_bert")
-    m = AutoModel.from_pretrained(tiny_bert)
-    randomize_biases(m)
-    m.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(out)
-    return out
 
 
 @pytest.fixture

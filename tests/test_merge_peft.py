@@ -20,7 +20,6 @@ from methods._helpers import (
     build,
     outputs,
     perturb,
-    randomize_biases,
 )
 from safetensors.torch import load_file
 
@@ -35,19 +34,6 @@ EXPORTS = {
     "pissa": {"name": "lora", "r": 4, "alpha": 8, "init": "pissa"},
     "ia3": {"name": "ia3"},
 }
-
-
-@pytest.fixture(scope="module")
-def biased_bert(tiny_bert, tmp_path_factory):
-    """The tiny BERT with random biases: DoRA and IA³ treat the bias apart, which zero biases would hide."""
-    from transformers import AutoModel, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("biased_bert")
-    m = AutoModel.from_pretrained(tiny_bert)
-    randomize_biases(m)
-    m.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(out)
-    return out
 
 
 def _batch(path):

@@ -9,15 +9,13 @@ Merges exactly: W ← (m / ‖W + s · B A‖) ⊙ (W + s · B A), the bias left
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peftkit.errors import UserError
-from peftkit.methods.base import Method, register
-from peftkit.methods.lora import LoraLinear
+from peftkit.methods.base import register
+from peftkit.methods.lora import LoRA, LoraLinear
 
 
 class DoraLinear(LoraLinear):
@@ -59,19 +57,10 @@ class DoraLinear(LoraLinear):
 
 
 @register
-class DoRA(Method):
-    name = "dora"
-    mergeable = True
-    default_roles = ("query", "value", "pooler")
+class DoRA(LoRA):
+    """LoRA's config and targets; only the wrapped layer differs."""
 
-    @dataclasses.dataclass
-    class Config:
-        r: int = 8
-        alpha: float = 16
-        dropout: float = 0.0
-        rslora: bool = False
-        init: str = "kaiming"
-        target_modules: list[str] | None = None
+    name = "dora"
 
     def wrap(self, linear):
         c = self.cfg
