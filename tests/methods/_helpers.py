@@ -78,15 +78,20 @@ def randomize_biases(model, std: float = 0.1, seed: int = 5) -> None:
         m.bias.copy_(torch.randn(m.bias.shape, generator=g, dtype=m.bias.dtype) * std)
 
 
-def assert_gradients_exactly(model, trainable, batch, labels) -> None:
-    """Two AdamW steps (a zero-initialised half wakes its partner after one), then a backward: every
-    tensor in `trainable` has a nonzero gradient, every other parameter none."""
+def assert_gradients_exactly(model, trainable, batch, labels, steps: int = 2, after_first_backward=None) -> None:
+    """Backward passes with an AdamW step between (two by default: a zero-initialised half wakes its
+    partner after one; one where the update is not zero at init): after the last, every tensor in
+    `trainable` has a nonzero gradient, every other parameter none. `after_first_backward()` may
+    check the first step's gradients."""
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model(**batch, labels=labels).loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    model(**batch, labels=labels).loss.backward()
+    if after_first_backward is not None:
+        after_first_backward()
+    for _ in range(steps - 1):
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model(**batch, labels=labels).loss.backward()
     for n, p in model.named_parameters():
         if n in trainable:
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{n} got no gradient"

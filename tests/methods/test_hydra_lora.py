@@ -12,7 +12,7 @@ from peftkit.errors import UserError
 from peftkit.methods.base import count_params
 from peftkit.methods.hydra_lora import HydraLinear
 
-from ._helpers import build, hf_model, logits, outputs
+from ._helpers import assert_gradients_exactly, build, hf_model, logits, outputs
 
 PARAMS = ("hydra_par_A", "hydra_par_B", "hydra_seq_A", "hydra_seq_B")
 
@@ -107,19 +107,11 @@ def test_gradients_reach_exactly_both_branches_and_head(tiny_bert, batch):
     assert set(a.trainable) == expected
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
 
-    labels = torch.tensor([1, 0, 0])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model(**batch, labels=labels).loss.backward()
-    for n in branches:  # step 1: both B are zero, so only they have a gradient (as LoRA's B)
-        assert (model.get_parameter(n).grad.abs().sum() > 0) == n.endswith("_B"), n
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    model(**batch, labels=labels).loss.backward()
-    for n, p in model.named_parameters():
-        if n in expected:
-            assert p.grad is not None and p.grad.abs().sum() > 0, f"{n} got no gradient"
-        else:
-            assert p.grad is None, f"frozen {n} got a gradient"
+    def step1():  # both B are zero, so only they have a gradient (as LoRA's B)
+        for n in branches:
+            assert (model.get_parameter(n).grad.abs().sum() > 0) == n.endswith("_B"), n
+
+    assert_gradients_exactly(model, expected, batch, torch.tensor([1, 0, 0]), after_first_backward=step1)
 
 
 def test_trainable_parameter_counts(tiny_bert, tiny_llama):

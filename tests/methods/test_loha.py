@@ -15,7 +15,7 @@ from peftkit.errors import UserError
 from peftkit.methods.base import count_params
 from peftkit.methods.loha import AbbaLinear, HadamardLinear, LohaLinear
 
-from ._helpers import build, hf_model, logits, outputs, randomize_biases
+from ._helpers import assert_gradients_exactly, build, hf_model, logits, outputs, randomize_biases
 
 # peft forms ΔW and multiplies; we take the Khatri-Rao route, (B₁∗B₂)((A₁∗A₂)x): the same sums in a
 # different order, so fp32 rounding differs (seen: 3e-7 on logits, 7e-7 on hidden states, both O(1)).
@@ -173,22 +173,14 @@ def test_gradients_reach_exactly_the_factors_and_head(tiny_bert, batch, name):
     assert set(a.trainable) == expected
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
 
-    labels = torch.tensor([1, 0, 0])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model(**batch, labels=labels).loss.backward()
-    # Step 1: one factor is zero (LoHa's A₂, ABBA's B₂), so only it has a gradient yet.
     zero = "hada_A2" if name == "loha" else "hada_B2"
-    for n, p in model.named_parameters():
-        if n in factors:
-            assert (p.grad.abs().sum() > 0) == n.endswith(zero), n
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    model(**batch, labels=labels).loss.backward()  # step 2: every trainable tensor has a gradient
-    for n, p in model.named_parameters():
-        if n in expected:
-            assert p.grad is not None and p.grad.abs().sum() > 0, f"{n} got no gradient"
-        else:
-            assert p.grad is None, f"frozen {n} got a gradient"
+
+    def step1():  # one factor is zero (LoHa's A₂, ABBA's B₂), so only it has a gradient yet
+        for n, p in model.named_parameters():
+            if n in factors:
+                assert (p.grad.abs().sum() > 0) == n.endswith(zero), n
+
+    assert_gradients_exactly(model, expected, batch, torch.tensor([1, 0, 0]), after_first_backward=step1)
 
 
 def test_trainable_parameter_counts(tiny_bert):
