@@ -109,17 +109,23 @@ def read_config(path: Path) -> dict:
         raise UserError(f"corrupt adapter config {f}: {e}") from None
 
 
+def read_tensors(f: Path, what: str, fix: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or one line saying the `what` is missing or corrupt, and `fix`."""
+    f = Path(f)
+    if not f.is_file():
+        raise UserError(f"{what} {f} is missing; {fix}")
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"corrupt {what} {f}: {e}; {fix}") from None
+
+
 def load_weights(path: Path, model: torch.nn.Module, names: list[str]) -> None:
     """Copy the adapter's tensors into a model prepared with the same method."""
     from peftkit.methods.base import adapter_tensors
 
     f = Path(path) / WEIGHTS
-    if not f.is_file():
-        raise UserError(f"adapter weights {f} are missing")
-    try:
-        tensors = load_file(str(f))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"corrupt adapter file {f}: {e}; retrain or restore it") from None
+    tensors = read_tensors(f, "adapter file", "retrain or restore it")
     missing, unexpected = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
     if missing or unexpected:
         raise UserError(

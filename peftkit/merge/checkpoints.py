@@ -29,8 +29,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 from rich.table import Table
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from peftkit import adapter
 from peftkit.errors import UserError
@@ -87,10 +85,7 @@ def read_snapshots(run: Path, last: int | None) -> list[Snapshot]:
         found = found[-last:]
     out = []
     for step, path in found:
-        try:
-            tensors = load_file(str(path / adapter.WEIGHTS))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"corrupt or missing snapshot weights in {path}: {e}; delete that snapshot folder") from None
+        tensors = adapter.read_tensors(path / adapter.WEIGHTS, "snapshot file", "delete that snapshot folder")
         out.append(Snapshot(step, path, adapter.read_config(path), tensors))
     newest = out[-1]
     for s in out[:-1]:

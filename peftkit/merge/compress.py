@@ -24,8 +24,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from peftkit import adapter, model
 from peftkit.errors import UserError
@@ -147,12 +145,7 @@ def load_weights(path: Path, net: torch.nn.Module, names: list[str]) -> None:
     if info.get("method") != FORMAT:
         raise UserError(f"adapter {path} is compressed with '{info.get('method')}', which this peftkit cannot read; it reads {FORMAT}")
     f = Path(path) / WEIGHTS
-    if not f.is_file():
-        raise UserError(f"compressed adapter weights {f} are missing")
-    try:
-        stored = load_file(str(f))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"corrupt adapter file {f}: {e}; compress the run again") from None
+    stored = adapter.read_tensors(f, "compressed adapter file", "compress the run again")
     params = adapter_tensors(net)
     squeezed = compressed_names(net, names)
     dense = [n for n in names if n not in squeezed]

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from peftkit import adapter, backbone, config, model
 from peftkit.errors import UserError
@@ -198,10 +197,7 @@ def read_peft_tensors(src: Path) -> dict[str, torch.Tensor]:
         hint = " (adapter_model.bin is a pickle, which peftkit does not load: re-save it with safetensors)" \
             if (src / "adapter_model.bin").is_file() else ""
         raise UserError(f"{src} has no {WEIGHTS}{hint}")
-    try:
-        tensors = load_file(str(f))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"corrupt peft weights {f}: {e}") from None
+    tensors = adapter.read_tensors(f, "peft weights file", "re-save the peft adapter")
     return {k.removeprefix(PREFIX): t for k, t in tensors.items()}
 
 
