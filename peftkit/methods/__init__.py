@@ -21,6 +21,7 @@ def build(cfg: dict) -> Method:
     """The method a `method:` config section names, with its fields checked."""
     cfg = dict(cfg)
     name = cfg.pop("name", None)
+    cfg.pop("lr", None)  # the method's usual learning rate: the trainer's default, not a method option
     if name not in METHODS:
         raise UserError(f"unknown method '{name}'; choose one of: {', '.join(sorted(METHODS))}")
     return METHODS[name](cfg)
