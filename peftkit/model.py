@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +46,12 @@ def build(backbone_cfg: DictConfig, method_cfg, label_names: list[str] | None) -
     return Adapted(model, tokenizer, method, trainable, head, fp)
 
 
-def meta(a: Adapted, backbone_cfg: DictConfig, method_cfg, label_names, dataset: str) -> dict:
+def meta(a: Adapted, backbone_cfg: DictConfig, label_names, dataset: str) -> dict:
+    """adapter_config.json: the method's options as applied (default targets resolved to names), the
+    backbone, the base's fingerprint, labels and head, sizes."""
     n, total = count_params(a.model)
     return {
-        "method": {k: v for k, v in method_options(method_cfg).items() if k != "lr"},
+        "method": {"name": a.method.name, **dataclasses.asdict(a.method.cfg)},
         "backbone": OmegaConf.to_container(backbone_cfg, resolve=True),
         "base_fingerprint": a.fingerprint,
         "dataset": dataset,

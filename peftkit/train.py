@@ -184,7 +184,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    meta = {**model.meta(a, cfg.backbone, cfg.method, task.label_names, cfg.dataset.name), "seed": cfg.seed}
+    meta = {**model.meta(a, cfg.backbone, task.label_names, cfg.dataset.name), "seed": cfg.seed}
 
     def evaluate_and_keep(step: int, train_loss: float) -> None:
         result = score(accelerator, net, task, encoded, t.eval_batch_size)

@@ -128,7 +128,7 @@ def _peftkit_outputs(adapter_dir, sentences=SENTENCES):
 def _save_adapter(backbone_path, out, method_cfg, randomize) -> None:
     a = build(backbone_path, method_cfg)
     randomize(a)
-    adapter.save(out, a.model, a.trainable, model.meta(a, backbone_cfg(backbone_path), method_cfg, LABELS, "test"))
+    adapter.save(out, a.model, a.trainable, model.meta(a, backbone_cfg(backbone_path), LABELS, "test"))
 
 
 @pytest.fixture(scope="module")

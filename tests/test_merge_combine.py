@@ -71,7 +71,7 @@ def _save(path, backbone, cfg, seed, labels=LABELS):
         torch.manual_seed(seed)
         a = model.build(backbone_cfg(backbone), dict(cfg), list(labels))
         perturb(a.model, _trained(a), std=0.3, seed=seed + 100)
-    adapter.save(path, a.model, a.trainable, {**model.meta(a, backbone_cfg(backbone), cfg, labels, "test"), "seed": seed})
+    adapter.save(path, a.model, a.trainable, {**model.meta(a, backbone_cfg(backbone), labels, "test"), "seed": seed})
     return a
 
 

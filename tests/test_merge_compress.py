@@ -243,7 +243,7 @@ def test_buffers_are_stored_as_they_are(tiny_bert, tmp_path):
     buffers = [n for n in a.trainable if n not in params]
     assert buffers
     perturb(a.model, list(init), std=0.1, seed=2)
-    meta = {**model.meta(a, backbone_cfg(tiny_bert), method, list(LABELS), "test"), "seed": 5}
+    meta = {**model.meta(a, backbone_cfg(tiny_bert), list(LABELS), "test"), "seed": 5}
     adapter.save(tmp_path / "run" / "adapter", a.model, a.trainable, meta)
     from peftkit import config, merge
 

@@ -75,7 +75,7 @@ def _save_peftkit(base_path, out, method_cfg):
     a = build(base_path, method_cfg)
     params = dict(a.model.named_parameters())
     perturb(a.model, [n for n in a.trainable if n in params], std=0.5 if method_cfg["name"] == "ia3" else 0.1)
-    adapter.save(out, a.model, a.trainable, model.meta(a, backbone_cfg(base_path), method_cfg, LABELS, "test"))
+    adapter.save(out, a.model, a.trainable, model.meta(a, backbone_cfg(base_path), LABELS, "test"))
     return out
 
 

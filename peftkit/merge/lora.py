@@ -66,7 +66,7 @@ def lora_adapter(bb: dict, labels, rank: int, factors: dict[str, tuple[torch.Ten
     with torch.no_grad():
         for n in a.trainable:
             tensors[n].copy_(out[n])
-    return {n: out[n] for n in a.trainable}, model.meta(a, OmegaConf.create(bb), method, labels, None)
+    return {n: out[n] for n in a.trainable}, model.meta(a, OmegaConf.create(bb), labels, None)
 
 
 def concat(cfg: DictConfig, paths: list[str], weights: list[float]):

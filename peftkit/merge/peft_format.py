@@ -165,7 +165,7 @@ def from_peft(cfg: DictConfig) -> dict:
 
     info = {"mode": "from_peft", "adapter": str(src.resolve()), "peft_type": peft_cfg["peft_type"],
             "peft_version": peft_cfg.get("peft_version"), "base_model_name_or_path": peft_cfg.get("base_model_name_or_path")}
-    meta = {**model.meta(a, OmegaConf.create(bb), method, labels, None), "seed": None, "merge": info}
+    meta = {**model.meta(a, OmegaConf.create(bb), labels, None), "seed": None, "merge": info}
     sources.write_adapter_run(Path(cfg.out), {n: params[n] for n in a.trainable}, meta, None)
     sources.console.print(f"from_peft: peft {peft_cfg['peft_type']} → peftkit {method['name']} on "
                           f"{len(method['target_modules'])} modules, backbone {bb['name']} → {cfg.out}")

@@ -142,6 +142,10 @@ def prepare(model: nn.Module, method: Method, head: list[str]) -> list[str]:
     """
     before = set(persistent_buffers(model))
     model.requires_grad_(False)
+    if method.default_roles and getattr(method.cfg, "target_modules", ()) is None:
+        # the adapter file records what was wrapped: a later change of a method's default roles
+        # must not change where an adapter saved before it loads
+        method.cfg.target_modules = role_patterns(model, list(method.default_roles))
     method.apply(model, exclude=head)
     for h in head:
         model.get_submodule(h).requires_grad_(True)

@@ -61,8 +61,8 @@ class IA3(Method):
         feedforward_modules: list[str] | None = None
 
     def apply(self, model, exclude):
+        if self.cfg.feedforward_modules is None:  # resolved once, so the adapter file records it
+            self.cfg.feedforward_modules = role_patterns(model, ["ffn_out"]) if model.config.model_type in ROLES else []
         ffn = self.cfg.feedforward_modules
-        if ffn is None:
-            ffn = role_patterns(model, ["ffn_out"]) if model.config.model_type in ROLES else []
         for name, linear in find_targets(model, self.cfg.target_modules, self.default_roles, exclude):
             replace_module(model, name, IA3Linear(linear, on_input=any(matches(name, p) for p in ffn)))

@@ -107,7 +107,7 @@ def test_share_alpha_uses_one_w_for_the_layers_and_reloads_shared(tiny_bert, bat
 
     perturb(a.model, [n for n in a.trainable if "adapter_" in n])
     expected = logits(a.model, batch)
-    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(tiny_bert), cfg, LABELS, "t"))
+    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(tiny_bert), LABELS, "t"))
     b, _ = model.from_adapter(tmp_path / "adapter")
     assert len({id(x.adapter_alpha) for x in _layers(b.model).values()}) == 2  # the layers', the pooler's
     assert torch.equal(logits(b.model, batch), expected)

@@ -104,7 +104,7 @@ def test_trainable_set_is_the_adapter_file(tiny_bert, tmp_path, method_key):
         assert all(n.endswith(TRAINABLE_SUFFIXES[method_key]) for n in others), others
         assert not any("embeddings" in n for n in others)
 
-    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(tiny_bert), cfg, LABELS, "test"))
+    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(tiny_bert), LABELS, "test"))
     f = tmp_path / "adapter" / adapter.WEIGHTS
     with safe_open(str(f), "pt") as st:
         assert sorted(st.keys()) == sorted(a.trainable)
@@ -123,13 +123,13 @@ def test_save_then_from_adapter_gives_the_same_logits(tiny_bert, batch, tmp_path
     a = build(tiny_bert, cfg)
     perturb(a.model, a.trainable, std=0.2)  # trained-looking weights: B ≠ 0, l ≠ 1, W_up ≠ 0
     expected = logits(a.model, batch)
-    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(tiny_bert), cfg, LABELS, "test"))
+    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(tiny_bert), LABELS, "test"))
 
     fresh = build(tiny_bert, cfg, seed=7)  # what a load that dropped some tensor would look like
     assert not torch.allclose(logits(fresh.model, batch), expected, atol=1e-4, rtol=0)
 
     b, meta = model.from_adapter(tmp_path / "adapter")
-    assert meta["method"] == cfg and b.trainable == a.trainable
+    assert cfg.items() <= meta["method"].items() and b.trainable == a.trainable  # plus defaults, targets resolved
     assert torch.equal(logits(b.model, batch), expected)  # bit-exact
 
 
@@ -178,7 +178,7 @@ def test_method_buffers_are_saved_and_restored(tiny_bert, batch, tmp_path, monke
     assert not any(n.endswith("scratch") for n in a.trainable)
     perturb(a.model, [n for n in a.trainable if n not in buffers], std=0.5)
     expected = logits(a.model, batch)
-    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(tiny_bert), cfg, LABELS, "test"))
+    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(tiny_bert), LABELS, "test"))
     with safe_open(str(tmp_path / "adapter" / adapter.WEIGHTS), "pt") as st:
         assert sorted(st.keys()) == sorted(a.trainable)
 
@@ -188,3 +188,23 @@ def test_method_buffers_are_saved_and_restored(tiny_bert, batch, tmp_path, monke
     assert torch.equal(logits(b.model, batch), expected)
     b.model.to(torch.float64)  # a device/dtype move keeps it shared
     assert layer1.bank.proj is b.model.get_submodule("bert.encoder.layer.0.attention.self.query").bank.proj
+
+
+@pytest.mark.parametrize("cfg", [{"name": "lora", "r": 2}, {"name": "ia3"}])
+def test_adapter_config_records_the_default_targets_it_resolved(cfg, tiny_bert, tmp_path, batch, monkeypatch):
+    """An adapter saved with the defaults loads where it was trained even after the method's
+    default roles change (as they did when the pooler became a default target)."""
+    from peftkit.methods import METHODS
+
+    a = build(tiny_bert, cfg)
+    perturb(a.model, a.trainable, std=0.5)
+    expected = logits(a.model, batch)
+    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(tiny_bert), LABELS, "test"))
+    saved = adapter.read_config(tmp_path / "adapter")["method"]
+    assert saved["target_modules"] and all(isinstance(p, str) for p in saved["target_modules"])
+    if cfg["name"] == "ia3":
+        assert saved["feedforward_modules"]  # the FFN down projections, by pattern
+
+    monkeypatch.setattr(METHODS[cfg["name"]], "default_roles", ("query",))  # a later version's defaults
+    b, _ = model.from_adapter(tmp_path / "adapter")
+    assert torch.equal(logits(b.model, batch), expected)

@@ -72,7 +72,7 @@ def test_trains_saves_reloads_merges(name, backbone, tmp_path):
     assert own == [] or moved, f"{name}: none of its own parameters changed"
 
     expected = outputs(a.model, batch)
-    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(backbone), cfg, LABELS, "t"))
+    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(backbone), LABELS, "t"))
     b, _ = model.from_adapter(tmp_path / "adapter")
     assert torch.equal(outputs(b.model, batch), expected)  # bit-exact reload
 

@@ -316,7 +316,7 @@ def test_pissa_trains_reloads_bit_exactly_and_merges(which, tiny_bert, tiny_llam
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     expected = logits(a.model, batch)
-    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(path), cfg, LABELS, "t"))
+    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(path), LABELS, "t"))
 
     b, _ = model.from_adapter(tmp_path / "adapter")
     assert torch.equal(logits(b.model, batch), expected)

@@ -17,7 +17,7 @@ from peftkit.methods.loreft import (
     transformer_layers,
 )
 
-from ._helpers import LABELS, SENTENCES, backbone_cfg, build, hf_model, perturb
+from ._helpers import LABELS, SENTENCES, assert_gradients_exactly, backbone_cfg, build, hf_model, perturb
 
 ATOL = 1e-5  # hidden states are O(1); the edit is a few fp32 matmuls
 
@@ -160,12 +160,7 @@ def test_gradients_reach_only_interventions_and_head(tiny_bert, batch):
     expected = {f"bert.encoder.layer.1.loreft.{p}" for p in ("rotation", "learned_source.weight", "learned_source.bias")}
     expected |= {"classifier.weight", "classifier.bias"}
     assert set(a.trainable) == expected
-    a.model.train()(**batch, labels=torch.tensor([1, 0, 1])).loss.backward()
-    for n, p in a.model.named_parameters():
-        if n in expected:
-            assert p.grad is not None and p.grad.abs().sum() > 0, f"{n} got no gradient"
-        else:
-            assert p.grad is None, f"frozen {n} got a gradient"
+    assert_gradients_exactly(a.model, expected, batch, torch.tensor([1, 0, 1]), steps=1)
 
 
 def test_trainable_count_is_r_times_2d_plus_1_per_layer_plus_head(tiny_bert):
@@ -181,7 +176,7 @@ def test_save_and_load_give_the_same_rotation_bit_for_bit(tiny_bert, batch, tmp_
         a.model(**batch, labels=torch.tensor([1, 0, 1])).loss.backward()
         opt.step()
         opt.zero_grad()
-    adapter.save(tmp_path / "a", a.model, a.trainable, model.meta(a, backbone_cfg(tiny_bert), cfg, LABELS, "t"))
+    adapter.save(tmp_path / "a", a.model, a.trainable, model.meta(a, backbone_cfg(tiny_bert), LABELS, "t"))
     b, _ = model.from_adapter(tmp_path / "a")
     for (name, x), y in zip(_interventions(a.model).items(), _interventions(b.model).values()):
         assert torch.equal(x.orthonormal_rotation(), y.orthonormal_rotation()), name

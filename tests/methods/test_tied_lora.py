@@ -86,7 +86,7 @@ def test_shared_factors_are_stored_once_and_stay_shared_after_loading(tiny_llama
         for p in a.model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape) * 0.1)
-    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(tiny_llama), TIED, LABELS, "t"))
+    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(tiny_llama), LABELS, "t"))
     keys = sorted(load_file(str(tmp_path / "adapter" / adapter.WEIGHTS)))
     assert [k for k in keys if ".tied." in k] == [
         "model.layers.0.self_attn.q_proj.tied.lora_A", "model.layers.0.self_attn.q_proj.tied.lora_B",

@@ -75,7 +75,7 @@ def test_one_projection_pair_shared_and_saved_once(tiny_bert, tmp_path):
     a = build(tiny_bert, cfg)
     layers = [m for m in a.model.modules() if isinstance(m, VeraLinear)]
     assert len({id(m.projections) for m in layers}) == 1
-    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(tiny_bert), cfg, LABELS, "t"))
+    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, backbone_cfg(tiny_bert), LABELS, "t"))
     keys = load_file(str(tmp_path / "adapter" / adapter.WEIGHTS))
     assert [k for k in keys if "vera_A" in k or "vera_B" in k] == [
         "bert.encoder.layer.0.attention.self.query.projections.vera_A",
