@@ -101,14 +101,15 @@ def _lr(run: Run):
 
 
 def label_runs(runs: list[Run]) -> None:
-    """Name each run's configuration by only what varies, so labels stay short: `lora r=8`."""
+    """Name each run's configuration by only what varies within its method, so labels stay short:
+    `lora r=8`. Methods train at their own learning rates, so lr shows only where one method has several."""
     by_method: dict[str, list[Run]] = {}
     for r in runs:
         by_method.setdefault(method_name(r), []).append(r)
-    lr_varies = len({repr(_lr(r)) for r in runs}) > 1
     for name, group in by_method.items():
         keys = sorted({k for r in group for k in _method_params(r)})
         varying = [k for k in keys if len({repr(_method_params(r).get(k)) for r in group}) > 1]
+        lr_varies = len({repr(_lr(r)) for r in group}) > 1
         for r in group:
             parts = [name] + [f"{k}={_fmt_value(_method_params(r).get(k))}" for k in varying]
             if lr_varies:

@@ -98,9 +98,10 @@ def test_best_run_per_task(sweep):
 def test_labels_name_only_what_varies(tmp_path):
     make_run(tmp_path / "a", {"name": "lora", "r": 8, "alpha": 16}, "rte", 0, 60.0)
     make_run(tmp_path / "b", {"name": "lora", "r": 16, "alpha": 16}, "rte", 0, 61.0, lr=3e-4)
-    make_run(tmp_path / "c", METHODS["ia3"], "rte", 0, 50.0)
+    make_run(tmp_path / "c", METHODS["ia3"], "rte", 0, 50.0, lr=1e-2)
     labels = sorted(r["label"] for r in leaderboard.collect([tmp_path])["rows"])
-    assert labels == ["ia3 lr=0.001", "lora r=16 lr=0.0003", "lora r=8 lr=0.001"]
+    # lr varies within lora, so lora's labels carry it; ia3 has one lr (its own), so its label does not
+    assert labels == ["ia3", "lora r=16 lr=0.0003", "lora r=8 lr=0.001"]
 
 
 def test_writes_every_format(sweep, tmp_path):
