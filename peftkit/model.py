@@ -28,13 +28,9 @@ class Adapted:
         return f"trainable params: {n:,} ({100 * n / total:.2f}% of {total:,})"
 
 
-def method_options(method_cfg) -> dict:
-    return OmegaConf.to_container(method_cfg, resolve=True) if isinstance(method_cfg, DictConfig) else dict(method_cfg)
-
-
 def build(backbone_cfg: DictConfig, method_cfg, label_names: list[str] | None) -> Adapted:
     """Load the backbone with a fresh head for the task and apply the method."""
-    method = methods.build(method_options(method_cfg))
+    method = methods.build(OmegaConf.to_container(method_cfg, resolve=True) if isinstance(method_cfg, DictConfig) else method_cfg)
     tokenizer = backbone.load_tokenizer(backbone_cfg)
     num_labels = 1 if label_names is None else len(label_names)
     problem = "regression" if label_names is None else "single_label_classification"

@@ -25,7 +25,7 @@ each method at least its peer), prints them and writes `<out>/bench.json` and `<
 Usage:
     .venv/bin/python scripts/glue_bench.py [--out outputs/glue_bench] [--precision fp32|bf16]
         [--jobs 2] [--threads 1] [--methods full,lora,ia3,houlsby (any registered method)] [--tasks cola,sst2,mrpc,stsb,rte]
-        [--sides peftkit,peer] [--sst2-rows 20000] [--glue-dir ../shared/glue]
+        [--sides peftkit,peer] [--sst2-rows 20000] [--glue-dir ../shared/glue] [--override trainer.lr=3e-3 ...]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ DEFAULT_GAP = 2.5
 
 
 def task_overrides(task: str, args) -> list[str]:
-    """What the bench changes in a recipe: where the data is, and SST-2's size and epochs."""
+    """What the bench changes in a recipe: where the data is, SST-2's size and epochs, and `--override`s."""
     out = [f"dataset=glue/{task}", f"dataset.data_dir={args.glue_dir}", f"trainer.precision={args.precision}"]
     if args.threads:
         out.append(f"trainer.threads={args.threads}")
@@ -61,7 +61,23 @@ def task_overrides(task: str, args) -> list[str]:
     rows = min(args.sst2_rows, args.max_train_samples or args.sst2_rows) if task == "sst2" else args.max_train_samples
     if rows:
         out.append(f"dataset.max_train_samples={rows}")
-    return out
+    return out + list(args.override)
+
+
+def recipe_overrides(method: str) -> list[str]:
+    """A method's own tuned recipe (recipes/glue_<method>.yaml) where one exists, else the generic
+    `recipe=glue method=<method>` (6 epochs at the method YAML's learning rate)."""
+    from peftkit import config
+
+    own = f"glue_{method}"
+    return [f"recipe={own}"] if own in config.recipes() else ["recipe=glue", f"method={method}"]
+
+
+def cell_config(method: str, task: str, args):
+    """The config a cell trains with: what `peftkit train` composes from the cell's command line."""
+    from peftkit import config
+
+    return config.compose(*config.split_recipe(recipe_overrides(method) + task_overrides(task, args), "glue"))
 
 
 def finished(run_dir: Path) -> dict | None:
@@ -76,14 +92,11 @@ def up_to_date(cell: tuple[str, str, str], args) -> bool:
     """Finished with the recipe as it is now: a retuned recipe (lr, epochs, rank...) reruns its cells."""
     from omegaconf import OmegaConf
 
-    from peftkit import config
-
     side, method, task = cell
     run_dir = cell_dir(args.out, side, method, task)
     if not finished(run_dir):
         return False
-    recipe, *picked = recipe_overrides(method)
-    want = OmegaConf.to_container(config.compose(recipe.removeprefix("recipe="), picked + task_overrides(task, args)), resolve=True)
+    want = OmegaConf.to_container(cell_config(method, task, args), resolve=True)
     have = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
     def same(key: str) -> bool:
         # a key added since the cell ran (a new feature, off by default: keep_checkpoints=0) changes nothing
@@ -130,12 +143,12 @@ def peer_job(method: str, task: str, run_dir: Path, args) -> None:
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments)
 
-    from peftkit import backbone, config, data
+    from peftkit import backbone, data
     from peftkit.evaluation import metrics, report
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    cfg = config.compose(f"glue_{method}", task_overrides(task, args))
+    cfg = cell_config(method, task, args)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     transformers.set_seed(cfg.seed)
@@ -220,18 +233,10 @@ def command(side: str, method: str, task: str, run_dir: Path, args) -> list[str]
     return [sys.executable, __file__, "--peer-job", method, task, str(run_dir), *forwarded(args)]
 
 
-def recipe_overrides(method: str) -> list[str]:
-    """A method's own tuned recipe (recipes/glue_<method>.yaml) where one exists, else the generic
-    `recipe=glue method=<method>` (6 epochs at the method YAML's learning rate)."""
-    from peftkit import config
-
-    own = f"glue_{method}"
-    return [f"recipe={own}"] if own in config.recipes() else ["recipe=glue", f"method={method}"]
-
-
 def forwarded(args) -> list[str]:
     out = ["--glue-dir", str(args.glue_dir), "--precision", args.precision, "--sst2-rows", str(args.sst2_rows)]
     out += ["--threads", str(args.threads)] if args.threads else []
+    out += [f"--override={o}" for o in args.override]
     return out + (["--max-train-samples", str(args.max_train_samples)] if args.max_train_samples else [])
 
 
@@ -312,6 +317,8 @@ def main(argv=None) -> None:
     p.add_argument("--sides", default=",".join(SIDES))
     p.add_argument("--sst2-rows", type=int, default=20000)
     p.add_argument("--max-train-samples", type=int, help="cap every task's train split (smoke tests)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every cell, both sides (e.g. trainer.lr=3e-3); repeatable")
     p.add_argument("--peer-job", nargs=3, metavar=("METHOD", "TASK", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.glue_dir, args.out = args.glue_dir.resolve(), args.out.resolve()
