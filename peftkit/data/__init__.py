@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from omegaconf import DictConfig
@@ -65,21 +66,34 @@ def load(cfg: DictConfig, splits: tuple[str, ...] = ("train", "validation")) -> 
     return data
 
 
-def labels_to_ids(values: list, label_names: list[str] | None, where: str) -> list:
-    """Map raw labels (names or integers as text) to class ids, or to floats for regression."""
-    if label_names is None:
-        try:
-            return [float(v) for v in values]
-        except ValueError as e:
-            raise UserError(f"{where}: regression labels must be numbers ({e})") from None
-    index = {n: i for i, n in enumerate(label_names)}
+def label_key(v) -> str:
+    """A label as text: 1.0 (an integer column with gaps, read as floats) is '1', like 1."""
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v).strip()
+
+
+def labels_to_ids(values: list, label_names: list[str] | None, where: str, rows: list | None = None) -> list:
+    """Map raw labels (names or integers as text) to class ids, or to floats for regression.
+
+    `rows` names each value's row in messages (default: 1, 2, ...)."""
+    rows = range(1, len(values) + 1) if rows is None else rows
     out = []
-    for v in values:
-        key = str(v).strip()
+    if label_names is None:
+        for row, v in zip(rows, values):
+            try:
+                x = float(v)
+            except (TypeError, ValueError):
+                raise UserError(f"{where}: row {row}: regression labels must be numbers, got {v!r}; fix or remove that row") from None
+            if not math.isfinite(x):
+                raise UserError(f"{where}: row {row}: regression label {v!r} is not a finite number; fix or remove that row")
+            out.append(x)
+        return out
+    index = {n: i for i, n in enumerate(label_names)}
+    for row, v in zip(rows, values):
+        key = label_key(v)
         if key in index:
             out.append(index[key])
         elif key.lstrip("-").isdigit() and 0 <= int(key) < len(label_names):
             out.append(int(key))
         else:
-            raise UserError(f"{where}: label '{v}' is not one of {label_names}")
+            raise UserError(f"{where}: row {row}: label {key!r} is not one of {label_names}")
     return out

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
 
-from peftkit.data import Split, TaskData, labels_to_ids
+from peftkit.data import Split, TaskData, label_key, labels_to_ids
 from peftkit.errors import UserError
 from peftkit.evaluation.metrics import METRICS
 
@@ -15,6 +16,7 @@ READERS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".p
 
 
 def read_table(path_str: str, key: str = "dataset.train_file"):
+    """The file as a DataFrame with at least one row; CSV/TSV cells stay text ('' when empty)."""
     import pandas as pd
 
     path = Path(path_str).expanduser()
@@ -24,25 +26,69 @@ def read_table(path_str: str, key: str = "dataset.train_file"):
     if not suffixes:
         raise UserError(f"{path}: unknown file type; use one of {', '.join(READERS)} (optionally compressed)")
     kind = READERS[suffixes[-1]]
+    df = None
     try:
-        if kind in ("csv", "tsv"):
-            return pd.read_csv(path, sep="\t" if kind == "tsv" else ",", dtype=str, keep_default_na=False)
-        if kind == "parquet":
-            return pd.read_parquet(path)
-        return pd.read_json(path, lines=kind == "jsonl", dtype=False)
+        if path.stat().st_size == 0:
+            pass
+        elif kind in ("csv", "tsv"):
+            sep = "\t" if kind == "tsv" else ","
+            # the header as written: pandas reads a second 'text' column as 'text.1' without a word
+            header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].tolist()
+            dup = next((c for i, c in enumerate(header) if c and c in header[:i]), None)
+            if dup is not None:
+                raise UserError(f"{path}: column '{dup}' appears twice in the header; give each column its own name")
+            df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+        elif kind == "parquet":
+            df = pd.read_parquet(path)
+        else:
+            df = pd.read_json(path, lines=kind == "jsonl", dtype=False)
+    except pd.errors.EmptyDataError:  # only blank lines
+        pass
     except (ValueError, OSError) as e:  # pandas' ParserError is a ValueError; pyarrow's errors too
         raise UserError(f"{path}: cannot read as {kind}: {' '.join(str(e).split())}") from None
+    if df is None or len(df) == 0:
+        what = f"has columns {list(df.columns)} but no rows" if df is not None and len(df.columns) else "is empty"
+        raise UserError(f"{path} {what}; add data rows, or set {key}=PATH to the file that has them")
+    return df
 
 
-def _split(df, cfg: DictConfig, label_names, where: str) -> Split:
+def _missing(v) -> bool:
+    import pandas as pd
+
+    if isinstance(v, str):
+        return not v.strip()
+    return not isinstance(v, (list, tuple, dict, np.ndarray)) and bool(pd.isna(v))
+
+
+def _clean(df, cfg: DictConfig, where: str):
+    """Check the columns, refuse multi-label rows, drop rows with an empty text or label (with a warning)."""
     cols = [*cfg.text_fields, cfg.label_field]
     missing = [c for c in cols if c not in df.columns]
     if missing:
         raise UserError(f"{where}: missing column(s) {missing}; columns are {list(df.columns)} (set dataset.text_fields / dataset.label_field)")
-    if len(cfg.text_fields) not in (1, 2):
-        raise UserError("dataset.text_fields takes one or two columns")
+    labels = df[cfg.label_field]
+    for i, v in labels.items():
+        if isinstance(v, (list, tuple, dict, np.ndarray)):
+            v = v.tolist() if isinstance(v, np.ndarray) else v
+            raise UserError(f"{where}: row {i + 1}: label {v!r} in column '{cfg.label_field}' is a {type(v).__name__}; "
+                            "labels must be one class name or number per row (multi-label is not supported)")
+    no_text = np.logical_or.reduce([df[c].map(_missing).to_numpy(bool) for c in cfg.text_fields])
+    no_label = labels.map(_missing).to_numpy(bool)
+    drop = no_text | no_label
+    counts = {f"text in {list(cfg.text_fields)}": no_text.sum(), f"label in '{cfg.label_field}'": no_label.sum()}
+    why = ", ".join(f"{n} with an empty {what}" for what, n in counts.items() if n)
+    if drop.all():
+        raise UserError(f"{where}: no usable rows: all {len(df)} have an empty text or label ({why}); "
+                        "fill them in, or set dataset.text_fields / dataset.label_field to the right columns")
+    if drop.any():
+        print(f"peftkit: warning: {where}: dropped {drop.sum()} of {len(df)} rows ({why}; the first is row {df.index[drop][0] + 1})",
+              file=sys.stderr)
+    return df[~drop]
+
+
+def _split(df, cfg: DictConfig, label_names, where: str) -> Split:
     texts = [df[c].astype(str).tolist() for c in cfg.text_fields]
-    labels = labels_to_ids(df[cfg.label_field].tolist(), label_names, where)
+    labels = labels_to_ids(df[cfg.label_field].tolist(), label_names, where, rows=[i + 1 for i in df.index])
     ids = df[cfg.id_field].tolist() if cfg.get("id_field") else df.index.tolist()  # row numbers in the file
     return Split(texts[0], texts[1] if len(texts) > 1 else None, labels, ids)
 
@@ -50,23 +96,36 @@ def _split(df, cfg: DictConfig, label_names, where: str) -> Split:
 def load(cfg: DictConfig, splits: tuple[str, ...]) -> TaskData:
     if not cfg.get("train_file"):
         raise UserError("dataset=local needs dataset.train_file=PATH (csv, tsv, json, jsonl or parquet)")
-    train_df = read_table(cfg.train_file)
+    for key in ("text_fields", "label_names"):
+        if isinstance(cfg.get(key), str):
+            raise UserError(f"dataset.{key} is the string '{cfg[key]}', not a list; write dataset.{key}=[{cfg[key]}]")
+    if len(cfg.text_fields) not in (1, 2):
+        raise UserError("dataset.text_fields takes one or two columns")
+    where = str(cfg.train_file)
+    train_df = _clean(read_table(cfg.train_file), cfg, where)
     if cfg.regression:
         label_names = None
     elif cfg.get("label_names"):
         label_names = [str(n) for n in cfg.label_names]
     else:
-        if cfg.label_field not in train_df.columns:
-            raise UserError(f"{cfg.train_file}: missing label column '{cfg.label_field}'; columns are {list(train_df.columns)} (set dataset.label_field)")
-        label_names = sorted({str(v) for v in train_df[cfg.label_field]})
+        label_names = sorted({label_key(v) for v in train_df[cfg.label_field]})
     if cfg.get("dev_file"):
-        dev_df = read_table(cfg.dev_file, "dataset.dev_file")
+        dev_df = _clean(read_table(cfg.dev_file, "dataset.dev_file"), cfg, str(cfg.dev_file))
     else:  # carve a dev split out of train with a fixed seed
-        order = np.random.default_rng(cfg.split_seed).permutation(len(train_df))
-        n_dev = max(1, int(round(len(train_df) * cfg.dev_fraction)))
+        n, fraction = len(train_df), cfg.dev_fraction
+        n_dev = min(n, max(1 if fraction > 0 else 0, int(round(n * fraction))))
+        if not 0 < n_dev < n:
+            raise UserError(f"{where} has {n} usable row(s): dataset.dev_fraction={fraction} leaves {n_dev} for dev and {n - n_dev} for train, "
+                            "and both need rows; set dataset.dev_fraction between 0 and 1, add rows, or give a dev set with dataset.dev_file=PATH")
+        order = np.random.default_rng(cfg.split_seed).permutation(n)
         dev_df, train_df = train_df.iloc[np.sort(order[:n_dev])], train_df.iloc[np.sort(order[n_dev:])]
-    out = {"train": _split(train_df, cfg, label_names, str(cfg.train_file)),
-           "validation": _split(dev_df, cfg, label_names, str(cfg.get("dev_file") or cfg.train_file))}
+    train = _split(train_df, cfg, label_names, where)
+    if label_names is not None:
+        present = sorted({label_names[y] for y in train.labels})
+        if len(label_names if cfg.get("label_names") else present) < 2:
+            raise UserError(f"{where}: the train split has one class only, {present[0]!r} (column '{cfg.label_field}'), and classification needs "
+                            "at least two; set dataset.regression=true if the labels are scores, or declare the classes with dataset.label_names=[...]")
+    out = {"train": train, "validation": _split(dev_df, cfg, label_names, str(cfg.get("dev_file") or cfg.train_file))}
     metrics = ("pearson", "spearman") if label_names is None else tuple(cfg.metrics)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
