@@ -1,7 +1,8 @@
-"""The method registry. Every module in this folder registers one method on import.
+"""The method registry. Every method module in this folder registers one method on import.
 
 Adding a method is one module here (a `Method` subclass under `@register`) and one YAML in
-`configs/method/`.
+`configs/method/`. Modules whose name starts with `_` are helpers (`_checks`: the option checks that
+need no model) and register nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from peftkit.errors import UserError
 from peftkit.methods.base import METHODS, AdapterLinear, Method, prepare, register
 
 for _mod in pkgutil.iter_modules(__path__):
-    if _mod.name != "base":
+    if _mod.name != "base" and not _mod.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_mod.name}")
 
 

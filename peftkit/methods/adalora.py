@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.errors import UserError
+from peftkit.methods import _checks
 from peftkit.methods.base import AdapterLinear, Method, register
 
 
@@ -139,20 +140,24 @@ class AdaLoRA(Method):
         orth_reg_weight: float = 0.1
         target_modules: list[str] | None = None
 
+        def __post_init__(self):
+            # whether tinit and tfinal leave steps to prune in needs the run's length: after_optimizer_step
+            _checks.at_least("init_r", self.init_r)
+            if not 1 <= self.target_r <= self.init_r:
+                raise UserError(f"method.target_r must be between 1 and init_r={self.init_r}, got {self.target_r}")
+            _checks.positive("alpha", self.alpha)
+            _checks.dropout(self.dropout)
+            for key in ("tinit", "tfinal"):
+                v = getattr(self, key)
+                if v < 0 or (v >= 1 and v != int(v)):
+                    raise UserError(f"method.{key} must be a fraction of the run in [0, 1) or a whole number of steps, got {v}")
+            _checks.at_least("allocate_every", self.allocate_every)
+            if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
+                raise UserError(f"method.beta1 and beta2 must lie in (0, 1), got beta1={self.beta1}, beta2={self.beta2}")
+            _checks.non_negative("orth_reg_weight", self.orth_reg_weight)
+
     def apply(self, model, exclude):
         c = self.cfg
-        if not 1 <= c.target_r <= c.init_r:
-            raise UserError(f"method.target_r must be between 1 and init_r={c.init_r}, got {c.target_r}")
-        for key in ("tinit", "tfinal"):
-            v = getattr(c, key)
-            if v < 0 or (v >= 1 and v != int(v)):
-                raise UserError(f"method.{key} must be a fraction of the run in [0, 1) or a whole number of steps, got {v}")
-        if c.allocate_every < 1:
-            raise UserError(f"method.allocate_every must be at least 1, got {c.allocate_every}")
-        if not (0 < c.beta1 < 1 and 0 < c.beta2 < 1):
-            raise UserError(f"method.beta1 and beta2 must lie in (0, 1), got {c.beta1}, {c.beta2}")
-        if c.orth_reg_weight < 0:
-            raise UserError(f"method.orth_reg_weight must be at least 0, got {c.orth_reg_weight}")
         super().apply(model, exclude)
         if c.orth_reg_weight > 0:
             model.register_forward_hook(functools.partial(add_orthogonality_penalty, layers=svd_layers(model), weight=c.orth_reg_weight))

@@ -26,6 +26,12 @@ class BitFit(Method):
         # Modules whose bias trains: role names (query, ffn_in, ...) or module names, suffixes, regexes.
         bias_names: list[str] | None = None
 
+        def __post_init__(self):
+            # whether the names match a bias of the model: apply
+            if self.bias_names == []:
+                raise UserError("method.bias_names=[] names no bias to train; list roles or modules, e.g. [query,ffn_in], "
+                                "or null for every bias")
+
     def apply(self, model, exclude):
         biases = {n.removesuffix(".bias"): p for n, p in model.named_parameters()
                   if n.endswith(".bias") and not any(n.startswith(e + ".") for e in exclude)}

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.errors import UserError
+from peftkit.methods import _checks
 from peftkit.methods.base import AdapterLinear, Method, register
 
 
@@ -60,10 +60,10 @@ class DiaBlo(Method):
         dropout: float = 0.0
         target_modules: list[str] | None = None
 
+        def __post_init__(self):
+            _checks.at_least("num_blocks", self.num_blocks)
+            _checks.dropout(self.dropout)
+
     def wrap(self, linear):
         c = self.cfg
-        if c.num_blocks < 1:
-            raise UserError(f"method.num_blocks must be at least 1, got {c.num_blocks}")
-        if not 0 <= c.dropout < 1:
-            raise UserError(f"method.dropout must be in [0, 1), got {c.dropout}")
         return DiaBloLinear(linear, c.num_blocks, c.dropout)

@@ -9,13 +9,16 @@ Merges exactly: W ← (m / ‖W + s · B A‖) ⊙ (W + s · B A), the bias left
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.errors import UserError
 from peftkit.methods.base import register
-from peftkit.methods.lora import LoRA, LoraLinear
+from peftkit.methods.lora import LoRA, LoraLinear, check_options
+
+INITS = ("kaiming", "gaussian")
 
 
 class DoraLinear(LoraLinear):
@@ -58,14 +61,15 @@ class DoraLinear(LoraLinear):
 
 @register
 class DoRA(LoRA):
-    """LoRA's config and targets; only the wrapped layer differs."""
+    """LoRA's config (without PiSSA's init) and targets; only the wrapped layer differs."""
 
     name = "dora"
 
+    @dataclasses.dataclass
+    class Config(LoRA.Config):
+        def __post_init__(self):
+            check_options(self, "dora", INITS)
+
     def wrap(self, linear):
         c = self.cfg
-        if c.r < 1:
-            raise UserError(f"method.r must be at least 1, got {c.r}")
-        if c.init not in ("kaiming", "gaussian"):
-            raise UserError(f"unknown dora init '{c.init}'; choose one of: kaiming, gaussian")
         return DoraLinear(linear, c.r, c.alpha, c.dropout, c.rslora, c.init)

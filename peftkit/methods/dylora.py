@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.errors import UserError
+from peftkit.methods import _checks
 from peftkit.methods.base import Method, register
 from peftkit.methods.lora import LoraLinear
 
@@ -60,19 +61,21 @@ class DyLoRA(Method):
         init: str = "kaiming"
         target_modules: list[str] | None = None
 
+        def __post_init__(self):
+            _checks.at_least("r", self.r)
+            _checks.one_of("dylora init", self.init, ("kaiming", "gaussian"))
+            if self.eval_rank is not None and not 1 <= self.eval_rank <= self.r:
+                raise UserError(f"method.eval_rank must be between 1 and r={self.r} (or null for r), got {self.eval_rank}")
+            _checks.positive("alpha", self.alpha)
+            _checks.dropout(self.dropout)
+
     def apply(self, model, exclude):
         super().apply(model, exclude)
         self.draw_rank(model)  # the first step trains at a sampled rank too
 
     def wrap(self, linear):
         c = self.cfg
-        if c.r < 1:
-            raise UserError(f"method.r must be at least 1, got {c.r}")
-        if c.init not in ("kaiming", "gaussian"):
-            raise UserError(f"unknown dylora init '{c.init}'; choose one of: kaiming, gaussian")
         eval_rank = c.r if c.eval_rank is None else c.eval_rank
-        if not 1 <= eval_rank <= c.r:
-            raise UserError(f"method.eval_rank must be between 1 and r={c.r} (or null for r), got {c.eval_rank}")
         return DyLoraLinear(linear, c.r, c.alpha, c.dropout, c.init, eval_rank)
 
     def after_optimizer_step(self, model, step, total_steps):

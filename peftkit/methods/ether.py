@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.errors import UserError
+from peftkit.methods import _checks
 from peftkit.methods.base import AdapterLinear, Method, register
 
 
@@ -117,7 +118,7 @@ class EtherPlusLinear(AdapterLinear):
 def _check_blocks(n_blocks: int, dims: dict[str, int]) -> None:
     """Each block needs 2 or more features: a 1-feature reflection is a constant ±1 that cannot train."""
     for what, d in dims.items():
-        if n_blocks < 1 or d % n_blocks or d // n_blocks < 2:
+        if d % n_blocks or d // n_blocks < 2:
             valid = [k for k in range(1, min(dims.values()) // 2 + 1) if all(e % k == 0 and e // k >= 2 for e in dims.values())]
             raise UserError(f"method.n_blocks={n_blocks} must split {what}={d} into equal blocks of 2 or more; "
                             f"choose one of: {', '.join(map(str, valid))}")
@@ -134,6 +135,9 @@ class Ether(Method):
         n_blocks: int = 4
         target_modules: list[str] | None = None
 
+        def __post_init__(self):
+            _checks.at_least("n_blocks", self.n_blocks)  # whether it splits a target evenly: wrap
+
     def wrap(self, linear):
         _check_blocks(self.cfg.n_blocks, {"in_features": linear.in_features})
         return EtherLinear(linear, self.cfg.n_blocks)
@@ -145,10 +149,7 @@ class EtherPlus(Method):
     mergeable = True
     default_roles = ("query", "value", "pooler")
 
-    @dataclasses.dataclass
-    class Config:
-        n_blocks: int = 4
-        target_modules: list[str] | None = None
+    Config = Ether.Config
 
     def wrap(self, linear):
         _check_blocks(self.cfg.n_blocks, {"in_features": linear.in_features, "out_features": linear.out_features})

@@ -16,7 +16,16 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from peftkit.errors import UserError
+from peftkit.methods import _checks
 from peftkit.methods.base import AdapterLinear, Method, register
+
+
+def check_bottleneck(bottleneck: int, activation: str) -> None:
+    """The options every bottleneck adapter shares (Houlsby, Pfeiffer, parallel)."""
+    _checks.at_least("bottleneck", bottleneck)
+    if activation not in ACT2FN:
+        raise UserError(f"unknown activation '{activation}'; choose one of: {', '.join(sorted(ACT2FN))}")
 
 
 class BottleneckAdapter(AdapterLinear):
@@ -49,6 +58,11 @@ class Houlsby(Method):
         init_std: float = 0.01
         train_layernorm: bool = True
         target_modules: list[str] | None = None
+
+        def __post_init__(self):
+            check_bottleneck(self.bottleneck, self.activation)
+            # 0 (W_down = W_up = 0 at the start): with relu or gelu (σ(0) = 0) neither gets a gradient
+            _checks.positive("init_std", self.init_std)
 
     def apply(self, model, exclude):
         if self.cfg.train_layernorm:

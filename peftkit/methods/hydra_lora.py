@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.errors import UserError
+from peftkit.methods import _checks
 from peftkit.methods.base import AdapterLinear, Method, register
 
 
@@ -87,7 +87,9 @@ class HydraLoRA(Method):
         alpha: float = 16
         target_modules: list[str] | None = None
 
+        def __post_init__(self):
+            _checks.at_least("r", self.r)
+            _checks.positive("alpha", self.alpha)
+
     def wrap(self, linear):
-        if self.cfg.r < 1:
-            raise UserError(f"method.r must be at least 1, got {self.cfg.r}")
         return HydraLinear(linear, self.cfg.r, self.cfg.alpha)

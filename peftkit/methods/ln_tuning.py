@@ -41,6 +41,12 @@ class LNTuning(Method):
     class Config:
         target_modules: list[str] | None = None
 
+        def __post_init__(self):
+            # whether the names match a norm of the model: find_norms
+            if self.target_modules == []:
+                raise UserError("method.target_modules=[] names no norm layer to train; list names, suffixes or regexes, "
+                                "or null for every norm")
+
     def apply(self, model, exclude):
         for _, norm in find_norms(model, self.cfg.target_modules, exclude):
             norm.requires_grad_(True)

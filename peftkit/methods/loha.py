@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.errors import UserError
+from peftkit.methods import _checks
 from peftkit.methods.base import AdapterLinear, Method, register
 
 
@@ -71,10 +72,8 @@ class AbbaLinear(HadamardLinear):
         nn.init.kaiming_uniform_(self.hada_A2, a=math.sqrt(5))
 
 
-def _check_rank(key: str, r: int, limit: int | None = None) -> None:
-    if r < 1:
-        raise UserError(f"method.{key} must be at least 1, got {r}")
-    if limit is not None and r > limit:
+def _check_rank_limit(key: str, r: int, limit: int) -> None:
+    if r > limit:
         raise UserError(f"method.{key}={r} exceeds the target's rank limit min(out, in) = {limit}; choose 1..{limit}")
 
 
@@ -90,8 +89,11 @@ class LoHa(Method):
         alpha: float = 8
         target_modules: list[str] | None = None
 
+        def __post_init__(self):
+            _checks.at_least("r", self.r)
+            _checks.positive("alpha", self.alpha)
+
     def wrap(self, linear):
-        _check_rank("r", self.cfg.r)
         return LohaLinear(linear, self.cfg.r, self.cfg.alpha)
 
 
@@ -108,8 +110,12 @@ class ABBA(Method):
         alpha: float = 32
         target_modules: list[str] | None = None
 
+        def __post_init__(self):
+            _checks.at_least("r1", self.r1)
+            _checks.at_least("r2", self.r2)
+            _checks.positive("alpha", self.alpha)
+
     def wrap(self, linear):
         c = self.cfg
-        _check_rank("r1", c.r1, min(linear.in_features, linear.out_features))  # B₁A₁ is a truncated SVD of W
-        _check_rank("r2", c.r2)
+        _check_rank_limit("r1", c.r1, min(linear.in_features, linear.out_features))  # B₁A₁ is a truncated SVD of W
         return AbbaLinear(linear, c.r1, c.r2, c.alpha)

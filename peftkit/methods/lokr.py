@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import UserError
+from peftkit.methods import _checks
 from peftkit.methods.base import AdapterLinear, Method, register
 
 
@@ -100,10 +101,12 @@ class LoKr(Method):
         decompose_both: bool = False
         target_modules: list[str] | None = None
 
+        def __post_init__(self):
+            _checks.at_least("r", self.r)
+            _checks.positive("alpha", self.alpha)
+            if self.decompose_factor != -1 and self.decompose_factor < 1:
+                raise UserError(f"method.decompose_factor must be -1 (most balanced split) or a positive integer, got {self.decompose_factor}")
+
     def wrap(self, linear):
         c = self.cfg
-        if c.r < 1:
-            raise UserError(f"method.r must be at least 1, got {c.r}")
-        if c.decompose_factor != -1 and c.decompose_factor < 1:
-            raise UserError(f"method.decompose_factor must be -1 (most balanced split) or a positive integer, got {c.decompose_factor}")
         return LokrLinear(linear, c.r, c.alpha, c.decompose_factor, c.decompose_both)

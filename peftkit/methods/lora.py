@@ -16,9 +16,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.errors import UserError
+from peftkit.methods import _checks
 from peftkit.methods.base import AdapterLinear, Method, register
 
 INITS = ("kaiming", "gaussian", "pissa")
+
+
+def check_options(c, method: str, inits: tuple[str, ...]) -> None:
+    """LoRA's options that need no model (also DoRA's, with its own inits); r ≤ min(out, in) for
+    PiSSA needs the layer and is checked there."""
+    _checks.at_least("r", c.r)
+    _checks.one_of(f"{method} init", c.init, inits)
+    _checks.positive("alpha", c.alpha)
+    _checks.dropout(c.dropout)
 
 
 class LoraLinear(AdapterLinear):
@@ -111,12 +121,11 @@ class LoRA(Method):
         init: str = "kaiming"
         target_modules: list[str] | None = None
 
+        def __post_init__(self):
+            check_options(self, "lora", INITS)
+
     def wrap(self, linear):
         c = self.cfg
-        if c.r < 1:
-            raise UserError(f"method.r must be at least 1, got {c.r}")
-        if c.init not in INITS:
-            raise UserError(f"unknown lora init '{c.init}'; choose one of: {', '.join(INITS)}")
         if c.init == "pissa":
             return PissaLinear(linear, c.r, c.alpha, c.dropout, c.rslora)
         return LoraLinear(linear, c.r, c.alpha, c.dropout, c.rslora, c.init)

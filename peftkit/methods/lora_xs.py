@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.errors import UserError
+from peftkit.methods import _checks
 from peftkit.methods.base import AdapterLinear, Method, register
 
 INITS = ("zero", "gaussian")
@@ -62,12 +63,14 @@ class LoraXS(Method):
         init: str = "gaussian"
         target_modules: list[str] | None = None
 
+        def __post_init__(self):
+            _checks.at_least("r", self.r)
+            _checks.one_of("lora_xs init", self.init, INITS)
+            _checks.positive("alpha", self.alpha)
+            _checks.dropout(self.dropout)
+
     def wrap(self, linear):
         c = self.cfg
-        if c.r < 1:
-            raise UserError(f"method.r must be at least 1, got {c.r}")
         if c.r > min(linear.weight.shape):
             raise UserError(f"lora_xs needs r ≤ min(out, in) = {min(linear.weight.shape)} for every target, got r={c.r}")
-        if c.init not in INITS:
-            raise UserError(f"unknown lora_xs init '{c.init}'; choose one of: {', '.join(INITS)}")
         return LoraXSLinear(linear, c.r, c.alpha, c.dropout, c.init)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import UserError
+from peftkit.methods import _checks
 from peftkit.methods.base import Method, register
 
 
@@ -101,17 +102,25 @@ class LoReFT(Method):
         suffix_positions: int = 1
         dropout: float = 0.0
 
+        def __post_init__(self):
+            # r against the hidden size and layer indices against the layer count: apply
+            _checks.at_least("r", self.r)
+            p, s = self.prefix_positions, self.suffix_positions
+            if p < 0 or s < 0 or p + s == 0:
+                raise UserError(f"method.prefix_positions and suffix_positions must be 0 or more, and not both 0, "
+                                f"got prefix_positions={p}, suffix_positions={s}")
+            if self.layers is not None and (not self.layers or min(self.layers) < 0 or len(set(self.layers)) != len(self.layers)):
+                raise UserError(f"method.layers must be distinct layer indices, 0 or more (or null for all), got {self.layers}")
+            _checks.dropout(self.dropout)
+
     def apply(self, model, exclude):
         c = self.cfg
         stack = transformer_layers(model)
         layers = list(range(len(stack))) if c.layers is None else list(c.layers)
         d = model.config.hidden_size
-        if not 1 <= c.r <= d:
+        if c.r > d:
             raise UserError(f"method.r must be between 1 and the hidden size {d}, got {c.r}")
-        if c.prefix_positions < 0 or c.suffix_positions < 0 or c.prefix_positions + c.suffix_positions == 0:
-            raise UserError("method.prefix_positions and suffix_positions must be 0 or more, and not both 0")
-        bad = [i for i in layers if not 0 <= i < len(stack)]
-        if bad or not layers or len(set(layers)) != len(layers):
+        if max(layers) >= len(stack):
             raise UserError(f"method.layers must be distinct layer indices from 0 to {len(stack) - 1} (or null for all), got {c.layers}")
         positions = TokenPositions(c.prefix_positions, c.suffix_positions)
         model.base_model.register_forward_pre_hook(positions.record, with_kwargs=True)

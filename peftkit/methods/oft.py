@@ -89,19 +89,24 @@ class OFT(Method):
         eps: float = 6e-5
         target_modules: list[str] | None = None
 
+        def __post_init__(self):
+            # whether they divide a target's in_features needs the model: wrap
+            if (self.block_size > 0) == (self.r > 0) or min(self.block_size, self.r) < 0:
+                raise UserError(f"set exactly one of method.block_size and method.r (the other to 0), got block_size={self.block_size}, r={self.r}")
+            if self.block_size == 1:  # a 1×1 block has no angle to train
+                raise UserError(f"method.block_size must be at least 2 (or 0 with method.r set), got {self.block_size}")
+            if self.coft and self.eps <= 0:
+                raise UserError(f"method.eps must be positive with coft, got {self.eps}")
+
     def wrap(self, linear):
         c = self.cfg
-        if (c.block_size > 0) == (c.r > 0) or min(c.block_size, c.r) < 0:
-            raise UserError(f"set exactly one of method.block_size and method.r (the other to 0), got block_size={c.block_size}, r={c.r}")
-        if c.coft and c.eps <= 0:
-            raise UserError(f"method.eps must be positive with coft, got {c.eps}")
         d = linear.in_features
         if c.r:
             if d % c.r or d // c.r < 2:
                 raise UserError(f"method.r={c.r} must divide in_features={d} into blocks of 2 or more; choose one of: {', '.join(map(str, _divisors(d, most=d // 2)))}")
             return OFTLinear(linear, d // c.r)
-        if d % c.block_size or c.block_size < 2:
-            raise UserError(f"method.block_size={c.block_size} must be at least 2 and divide in_features={d}; choose one of: {', '.join(map(str, _divisors(d, least=2)))}")
+        if d % c.block_size:
+            raise UserError(f"method.block_size={c.block_size} must divide in_features={d}; choose one of: {', '.join(map(str, _divisors(d, least=2)))}")
         return OFTLinear(linear, c.block_size)
 
     def after_optimizer_step(self, model, step, total_steps):

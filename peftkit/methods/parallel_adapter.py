@@ -20,8 +20,9 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from peftkit.methods import _checks
 from peftkit.methods.base import AdapterLinear, Method, register
-from peftkit.methods.pfeiffer import check_bottleneck
+from peftkit.methods.houlsby import check_bottleneck
 
 
 class ParallelAdapterLinear(AdapterLinear):
@@ -53,7 +54,10 @@ class ParallelAdapter(Method):
         activation: str = "relu"
         target_modules: list[str] | None = None
 
+        def __post_init__(self):
+            check_bottleneck(self.bottleneck, self.activation)
+            _checks.positive("scaling", self.scaling)  # 0: the adapter adds 0 · (…), and nothing in it gets a gradient
+
     def wrap(self, linear):
         c = self.cfg
-        check_bottleneck(c.bottleneck, c.activation)
         return ParallelAdapterLinear(linear, c.bottleneck, c.scaling, c.activation)

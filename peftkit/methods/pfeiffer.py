@@ -13,19 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from transformers.activations import ACT2FN
-
-from peftkit.errors import UserError
 from peftkit.methods.base import register
 from peftkit.methods.houlsby import Houlsby
-
-
-def check_bottleneck(bottleneck: int, activation: str) -> None:
-    """The options every bottleneck adapter shares, checked before any layer is built."""
-    if bottleneck < 1:
-        raise UserError(f"method.bottleneck must be at least 1, got {bottleneck}")
-    if activation not in ACT2FN:
-        raise UserError(f"unknown activation '{activation}'; choose one of: {', '.join(sorted(ACT2FN))}")
 
 
 @register
@@ -34,13 +23,6 @@ class Pfeiffer(Houlsby):
     default_roles = ("ffn_out", "pooler")
 
     @dataclasses.dataclass
-    class Config:
-        bottleneck: int = 64
+    class Config(Houlsby.Config):  # Houlsby's options and checks, other defaults
         activation: str = "relu"
-        init_std: float = 0.01
         train_layernorm: bool = False
-        target_modules: list[str] | None = None
-
-    def wrap(self, linear):
-        check_bottleneck(self.cfg.bottleneck, self.cfg.activation)
-        return super().wrap(linear)

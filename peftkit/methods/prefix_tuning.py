@@ -26,6 +26,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from peftkit.errors import UserError
+from peftkit.methods import _checks
 from peftkit.methods.base import Method, register
 
 
@@ -100,11 +101,12 @@ class PrefixTuning(Method):
         reparameterize: bool = False
         encoder_hidden_size: int = 512
 
+        def __post_init__(self):
+            _checks.at_least("num_virtual_tokens", self.num_virtual_tokens)
+            _checks.at_least("encoder_hidden_size", self.encoder_hidden_size)
+
     def apply(self, model, exclude):
         c, config = self.cfg, model.config
-        for key in ("num_virtual_tokens", "encoder_hidden_size"):
-            if getattr(c, key) < 1:
-                raise UserError(f"method.{key} must be at least 1, got {getattr(c, key)}")
         backbone = model.base_model
         cache_kwarg = next((k for k in ("cache", "past_key_values") if k in inspect.signature(backbone.forward).parameters), None)
         if cache_kwarg is None or config.is_encoder_decoder:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import UserError
+from peftkit.methods import _checks
 from peftkit.methods.base import Method, register
 
 INITS = ("random", "text")
@@ -119,14 +120,16 @@ class PromptTuning(Method):
         init: str = "random"
         init_text: str | None = None
 
+        def __post_init__(self):
+            # whether init_text has any tokens needs the tokenizer: text_init_ids
+            _checks.at_least("num_virtual_tokens", self.num_virtual_tokens)
+            _checks.one_of("prompt_tuning init", self.init, INITS)
+            if self.init == "text" and not self.init_text:
+                raise UserError("prompt_tuning init=text needs method.init_text (the words whose embeddings start "
+                                f"the prompt), got method.init_text={'null' if self.init_text is None else repr(self.init_text)}")
+
     def apply(self, model, exclude):
         c = self.cfg
-        if c.num_virtual_tokens < 1:
-            raise UserError(f"method.num_virtual_tokens must be at least 1, got {c.num_virtual_tokens}")
-        if c.init not in INITS:
-            raise UserError(f"unknown prompt_tuning init '{c.init}'; choose one of: {', '.join(INITS)}")
-        if c.init == "text" and not c.init_text:
-            raise UserError("prompt_tuning init=text needs method.init_text (the words whose embeddings start the prompt)")
         words = model.get_input_embeddings()
         w = words.weight
         if c.init == "text":

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.errors import UserError
+from peftkit.methods import _checks
 from peftkit.methods.base import AdapterLinear, Method, find_targets, register, replace_module
 
 
@@ -65,10 +65,12 @@ class TiedLoRA(Method):
         alpha: float = 16
         target_modules: list[str] | None = None
 
+        def __post_init__(self):
+            _checks.at_least("r", self.r)
+            _checks.positive("alpha", self.alpha)
+
     def apply(self, model, exclude):
         c = self.cfg
-        if c.r < 1:
-            raise UserError(f"method.r must be at least 1, got {c.r}")
         tied: dict[tuple[int, int], TiedFactors] = {}
         for name, linear in find_targets(model, c.target_modules, self.default_roles, exclude):
             shape = (linear.in_features, linear.out_features)

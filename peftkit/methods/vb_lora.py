@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.errors import UserError
+from peftkit.methods import _checks
 from peftkit.methods.base import AdapterLinear, Method, find_targets, register, replace_module
 
 
@@ -86,13 +87,16 @@ class VBLoRA(Method):
         init_logits_std: float = 0.1
         target_modules: list[str] | None = None
 
+        def __post_init__(self):
+            for key in ("r", "num_vectors", "vector_length"):
+                _checks.at_least(key, getattr(self, key))
+            if not 1 <= self.topk <= self.num_vectors:
+                raise UserError(f"method.topk must be between 1 and num_vectors ({self.num_vectors}), got {self.topk}")
+            _checks.positive("init_bank_bound", self.init_bank_bound)  # 0: a zero bank, and B A = 0 has no gradient
+            _checks.non_negative("init_logits_std", self.init_logits_std)
+
     def apply(self, model, exclude):
         c = self.cfg
-        for key in ("r", "num_vectors", "vector_length"):
-            if getattr(c, key) < 1:
-                raise UserError(f"method.{key} must be at least 1, got {getattr(c, key)}")
-        if not 1 <= c.topk <= c.num_vectors:
-            raise UserError(f"method.topk must be between 1 and num_vectors ({c.num_vectors}), got {c.topk}")
         targets = find_targets(model, c.target_modules, self.default_roles, exclude)
         bank = VectorBank(c.num_vectors, c.vector_length, c.init_bank_bound, like=targets[0][1].weight)
         for name, linear in targets:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.errors import UserError
+from peftkit.methods import _checks
 from peftkit.methods.base import AdapterLinear, Method, find_targets, register, replace_module
 
 
@@ -76,10 +77,15 @@ class VeRA(Method):
         d_initial: float = 0.1
         target_modules: list[str] | None = None
 
+        def __post_init__(self):
+            _checks.at_least("r", self.r)
+            if not -(2**63) <= self.projection_seed < 2**64:  # what torch.Generator.manual_seed takes
+                raise UserError(f"method.projection_seed must be between -2^63 and 2^64 - 1, got {self.projection_seed}")
+            if self.d_initial == 0:
+                raise UserError(f"method.d_initial must not be 0 (b starts at 0, so neither b nor d would get a gradient), got {self.d_initial}")
+
     def apply(self, model, exclude):
         c = self.cfg
-        if c.r < 1:
-            raise UserError(f"method.r must be at least 1, got {c.r}")
         targets = find_targets(model, c.target_modules, self.default_roles, exclude)
         in_max = max(linear.in_features for _, linear in targets)
         out_max = max(linear.out_features for _, linear in targets)

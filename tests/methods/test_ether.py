@@ -225,12 +225,17 @@ def test_functional_forms_agree_with_a_direct_computation():
 @pytest.mark.parametrize("name, cfg, message", [
     ("ether", {"n_blocks": 5}, "n_blocks=5 must split in_features=32 .* choose one of: 1, 2, 4, 8, 16"),
     ("ether", {"n_blocks": 32}, "blocks of 2 or more"),
-    ("ether", {"n_blocks": 0}, "choose one of"),
     ("ether_plus", {"n_blocks": 3}, "choose one of: 1, 2, 4, 8, 16"),
 ])
 def test_bad_block_counts_are_user_errors(tiny_bert, name, cfg, message):
     with pytest.raises(UserError, match=message):
         methods.prepare(hf_model(tiny_bert), methods.build({"name": name, **cfg}), head=["classifier"])
+
+
+@pytest.mark.parametrize("name", ["ether", "ether_plus"])
+def test_no_blocks_is_refused_before_any_model_loads(name):
+    with pytest.raises(UserError, match="method.n_blocks must be at least 1, got 0"):
+        methods.build({"name": name, "n_blocks": 0})
 
 
 def test_ether_plus_checks_the_output_side_too(tiny_llama):

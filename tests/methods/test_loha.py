@@ -194,9 +194,9 @@ def test_trainable_parameter_counts(tiny_bert):
 
 def test_bad_values_are_user_errors(tiny_bert):
     with pytest.raises(UserError, match="method.r must be at least 1"):
-        methods.prepare(hf_model(tiny_bert), methods.build({"name": "loha", "r": 0}), head=["classifier"])
+        methods.build({"name": "loha", "r": 0})
     with pytest.raises(UserError, match="method.r2 must be at least 1"):
-        methods.prepare(hf_model(tiny_bert), methods.build({"name": "abba", "r2": 0}), head=["classifier"])
+        methods.build({"name": "abba", "r2": 0})
     with pytest.raises(UserError, match=r"r1=40 exceeds .* min\(out, in\) = 32; choose 1..32"):
         methods.prepare(hf_model(tiny_bert), methods.build({"name": "abba", "r1": 40}), head=["classifier"])
     with pytest.raises(UserError, match="no option r; options: alpha, r1, r2, target_modules"):

@@ -196,12 +196,21 @@ def test_positions_are_recorded_per_forward(tiny_bert, batch):
 
 
 @pytest.mark.parametrize("cfg, message", [
-    ({"r": 0}, "between 1 and the hidden size 32"),
-    ({"layers": [2]}, "from 0 to 1"),
-    ({"layers": []}, "from 0 to 1"),
+    ({"r": 0}, "method.r must be at least 1, got 0"),
+    ({"layers": []}, "distinct layer indices"),
+    ({"layers": [0, 0]}, "distinct layer indices"),
     ({"prefix_positions": 0, "suffix_positions": 0}, "not both 0"),
 ])
-def test_bad_options_are_user_errors(tiny_bert, cfg, message):
+def test_bad_options_are_refused_before_any_model_loads(cfg, message):
+    with pytest.raises(UserError, match=message):
+        methods.build({"name": "loreft", **cfg})
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"r": 33}, "between 1 and the hidden size 32"),
+    ({"layers": [2]}, "from 0 to 1"),
+])
+def test_options_beyond_the_model_are_user_errors(tiny_bert, cfg, message):
     with pytest.raises(UserError, match=message):
         methods.prepare(hf_model(tiny_bert), methods.build({"name": "loreft", **cfg}), head=["classifier"])
 

@@ -214,14 +214,21 @@ def test_coft_keeps_trained_q_in_the_ball(tiny_bert, batch):
 
 
 @pytest.mark.parametrize("cfg, message", [
-    ({"block_size": 5}, "choose one of: 2, 4, 8, 16, 32"),
     ({"block_size": 1}, "at least 2"),
-    ({"block_size": 0, "r": 3}, "choose one of: 1, 2, 4, 8, 16"),
     ({"block_size": 8, "r": 4}, "exactly one of method.block_size and method.r"),
     ({"block_size": 0, "r": 0}, "exactly one of method.block_size and method.r"),
     ({"coft": True, "eps": 0.0}, "eps must be positive"),
 ])
-def test_bad_values_are_user_errors(tiny_bert, cfg, message):
+def test_bad_values_are_refused_before_any_model_loads(cfg, message):
+    with pytest.raises(UserError, match=message):
+        methods.build({"name": "oft", **cfg})
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"block_size": 5}, "choose one of: 2, 4, 8, 16, 32"),
+    ({"block_size": 0, "r": 3}, "choose one of: 1, 2, 4, 8, 16"),
+])
+def test_sizes_that_do_not_divide_the_layer_are_user_errors(tiny_bert, cfg, message):
     with pytest.raises(UserError, match=message):
         methods.prepare(hf_model(tiny_bert), methods.build({"name": "oft", **cfg}), head=["classifier"])
 

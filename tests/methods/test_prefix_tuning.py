@@ -225,9 +225,9 @@ def test_defaults_are_p_tuning_v2(tiny_bert):
 
 
 @pytest.mark.parametrize("key", ["num_virtual_tokens", "encoder_hidden_size"])
-def test_refuses_sizes_below_one(tiny_bert, key):
+def test_refuses_sizes_below_one(key):
     with pytest.raises(UserError, match=f"{key} must be at least 1"):
-        build(tiny_bert, {**MLP, key: 0})
+        methods.build({**MLP, key: 0})
 
 
 def test_refuses_a_backbone_without_a_kv_cache():
