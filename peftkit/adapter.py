@@ -38,6 +38,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict, weigh
     `weights`: the tensors' file name; a compressed adapter's differs (`merge.compress.WEIGHTS`).
     """
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+    refuse_nonfinite(tensors, path)
     meta = {"peftkit_version": __version__, **meta}
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / weights), metadata={"format": "pt", "peftkit": __version__})
@@ -109,15 +110,40 @@ def read_config(path: Path) -> dict:
         raise UserError(f"corrupt adapter config {f}: {e}") from None
 
 
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+
+
 def read_tensors(f: Path, what: str, fix: str) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors, or one line saying the `what` is missing or corrupt, and `fix`."""
+    """A safetensors file's tensors, or one line saying the `what` is missing, corrupt, of an
+    unexpected dtype or holding NaN / infinity, and `fix`."""
     f = Path(f)
     if not f.is_file():
         raise UserError(f"{what} {f} is missing; {fix}")
     try:
-        return load_file(str(f))
+        tensors = load_file(str(f))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"corrupt {what} {f}: {e}; {fix}") from None
+    odd = [f"{n} ({t.dtype})" for n, t in tensors.items() if t.dtype not in FLOATS + INTEGERS]
+    if odd:
+        raise UserError(f"{what} {f} holds tensors of an unexpected dtype: {', '.join(odd[:3])}; {fix}")
+    if bad := nonfinite(tensors):
+        raise UserError(f"{what} {f} holds NaN or infinity in {len(bad)} tensors (first: {bad[0]}); "
+                        f"it comes from a diverged run: retrain with a lower trainer.lr")
+    return tensors
+
+
+def refuse_nonfinite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Nothing that holds NaN or infinity is written as an adapter or a model."""
+    if bad := nonfinite(tensors):
+        raise UserError(f"not writing {path}: {len(bad)} tensors hold NaN or infinity (first: {bad[0]}); "
+                        f"the inputs or weights diverged")
+
+
+def nonfinite(tensors: dict[str, torch.Tensor], names: list[str] | None = None) -> list[str]:
+    """The names of the floating tensors that hold NaN or infinity."""
+    return [n for n in (tensors if names is None else names)
+            if tensors[n].is_floating_point() and not torch.isfinite(tensors[n]).all()]
 
 
 def load_weights(path: Path, model: torch.nn.Module, names: list[str]) -> None:
@@ -137,4 +163,6 @@ def load_weights(path: Path, model: torch.nn.Module, names: list[str]) -> None:
         for name, t in tensors.items():
             if params[name].shape != t.shape:
                 raise UserError(f"adapter {f}: {name} has shape {tuple(t.shape)}, the model {tuple(params[name].shape)}")
+            if t.is_floating_point() != params[name].is_floating_point():
+                raise UserError(f"adapter {f}: {name} is {t.dtype}, the model's {params[name].dtype}; was it written by another tool?")
             params[name].copy_(t)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -94,6 +95,45 @@ def resolve_path(cfg: DictConfig) -> str:
     return cfg.hub_id
 
 
+# position ids start after the padding index in these models: they hold max_position_embeddings − 2 tokens
+POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2}
+
+
+def check(cfg: DictConfig) -> None:
+    """Before anything loads: custom code runs only when asked for, and max_length fits the model.
+
+    Reads the folder's config.json when the backbone is local (a path or a PyPI package); a Hub
+    model is checked the same way by `load_model` once transformers has its config.
+    """
+    if not (cfg.get("path") or cfg.get("package")):
+        return
+    f = Path(resolve_path(cfg)) / "config.json"
+    try:
+        model_config = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"backbone {cfg.name}: cannot read {f}: {e}; point backbone.path at a Hugging Face model folder") from None
+    check_model_config(cfg, model_config, str(f.parent))
+
+
+def check_model_config(cfg: DictConfig, model_config: dict, where: str) -> None:
+    model_type = model_config.get("model_type")
+    if model_config.get("auto_map") and not cfg.get("trust_remote_code") and not _native(model_type):
+        raise UserError(f"{where} holds custom code (auto_map in config.json, model type '{model_type}' unknown to "
+                        f"transformers); peftkit runs a model's own code only when you ask: backbone.trust_remote_code=true")
+    limit = model_config.get("max_position_embeddings")
+    if isinstance(limit, int) and limit > 0:
+        limit -= POSITION_OFFSET.get(model_type, 0)
+        if cfg.max_length > limit:
+            raise UserError(f"backbone.max_length={cfg.max_length}: {cfg.name} ({model_type}) takes at most {limit} tokens; "
+                            f"set backbone.max_length={limit} or less")
+
+
+def _native(model_type) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
+
+
 def _hub_reachable(hub_id: str) -> bool:
     """True if the model is in the local HF cache or the Hub answers."""
     from huggingface_hub import try_to_load_from_cache
@@ -106,6 +146,7 @@ def _hub_reachable(hub_id: str) -> bool:
 def load_tokenizer(cfg: DictConfig):
     from transformers import AutoTokenizer
 
+    check(cfg)
     tok = AutoTokenizer.from_pretrained(resolve_path(cfg), trust_remote_code=bool(cfg.get("trust_remote_code")))
     if tok.pad_token is None:  # decoders: pad with EOS, as their classification heads expect
         tok.pad_token = tok.eos_token
@@ -125,7 +166,9 @@ def load_model(cfg: DictConfig, num_labels: int, problem_type: str, label_names:
     if label_names:
         kwargs["id2label"] = dict(enumerate(label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+    check(cfg)
     config = AutoConfig.from_pretrained(path, trust_remote_code=remote, **kwargs)
+    check_model_config(cfg, config.to_dict(), path)
     if config.pad_token_id is None:
         config.pad_token_id = getattr(config, "eos_token_id", None)
     model = AutoModelForSequenceClassification.from_pretrained(

@@ -8,9 +8,9 @@ import random
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from peftkit.files import atomic_dir
+from peftkit.files import atomic_dir, fault_point
 
 
 def save(path: Path, model: torch.nn.Module, names: list[str], method, optimizer, scheduler, state: dict) -> None:
@@ -33,12 +33,15 @@ def save(path: Path, model: torch.nn.Module, names: list[str], method, optimizer
     }
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
+        fault_point("checkpoint_write")
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
 
 
 def load(path: Path, model: torch.nn.Module, method, optimizer, scheduler) -> dict:
-    tensors = load_file(str(Path(path) / "state.safetensors"))
+    from peftkit.adapter import read_tensors
     from peftkit.methods.base import adapter_tensors
+
+    tensors = read_tensors(Path(path) / "state.safetensors", "checkpoint file", "resume another run, or start over without resume")
 
     meta = json.loads((Path(path) / "trainer_state.json").read_text())
     params = adapter_tensors(model)

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 from peftkit.errors import UserError
+from peftkit.files import write_error
 
-USAGE = """usage: peftkit [--recipes-dir DIR] [--traceback] COMMAND [ARGS]
+USAGE = """usage: peftkit [--version] [--recipes-dir DIR] [--traceback] COMMAND [ARGS]
 
 commands:
   train   train an adapter from a recipe:  peftkit train recipe=glue_lora dataset=glue/mrpc method.r=16
@@ -34,6 +35,7 @@ Train an adapter, write it with a GLUE-style report to outputs/<date>/<time>/.
   GROUP=OPTION       pick a config: backbone=, method=, dataset=, trainer= (see `peftkit ls`)
   KEY=VALUE          override any value: method.r=16 trainer.lr=3e-4 trainer.max_steps=50 seed=1
   resume=true        continue the newest unfinished run from its last checkpoint (or resume=DIR)
+  overwrite=true     replace the run already in hydra.run.dir (without it, peftkit refuses to)
   -m, --multirun     sweep comma-separated values: method=lora,ia3 seed=0,1,2
   --cfg job          print the composed config and exit (Hydra)
 
@@ -70,6 +72,7 @@ configs/merge/MODE.yaml (`peftkit ls merges`); a merge recipe fixes some of them
                    peftkit merge mode=to_peft adapter=RUN out=DIR
   from_peft        a peft LoRA/IA³ adapter as a peftkit adapter
                    peftkit merge mode=from_peft adapter=DIR out=OUT [backbone=NAME|backbone_path=DIR]
+  overwrite=true   replace an out= folder that already holds files (out= never overlaps an input)
 Lists take Hydra syntax: adapters=[outputs/a,outputs/b]. An adapter is an adapter folder or a run
 directory; adapters written by concat/svd/mwa/compress land in OUT/adapter with OUT/config.yaml,
 so `peftkit eval run=OUT` scores them.
@@ -100,8 +103,20 @@ def _kv(args: list[str], command: str) -> dict[str, str]:
         if "=" not in a:
             raise UserError(f"peftkit {command}: expected KEY=VALUE, got '{a}' (see peftkit {command} --help)")
         k, v = a.split("=", 1)
+        if k in out:
+            raise UserError(f"peftkit {command}: {k}= is given twice ({k}={out[k]} and {a}); give it once")
         out[k] = v
     return out
+
+
+def _flag(args: list[str], key: str, command: str) -> tuple[bool, list[str]]:
+    """Pull a command-level `key=true|false` out of the arguments (it is no config value)."""
+    values = [a.split("=", 1)[1] for a in args if a.startswith(key + "=")]
+    if len(values) > 1:
+        raise UserError(f"peftkit {command}: {key}= is given twice; give it once")
+    if values and values[0].lower() not in ("true", "false"):
+        raise UserError(f"{key}={values[0]}: expected true or false")
+    return bool(values) and values[0].lower() == "true", [a for a in args if not a.startswith(key + "=")]
 
 
 def cmd_train(args: list[str]) -> int:
@@ -121,10 +136,11 @@ def cmd_train(args: list[str]) -> int:
             overrides.append(a)
     if multirun and any(a in ("--cfg", "-c") for a in passthrough):
         raise UserError("--cfg prints one config; drop -m, or give one value per key")
+    overwrite, overrides = _flag(overrides, "overwrite", "train")
     recipe, overrides = config.split_recipe(overrides, default="quickstart")
-    cfg = config.check(recipe, overrides)
+    cfg = config.check(recipe, overrides, multirun)
     overrides = launch.resolve_resume(recipe, overrides, cfg)
-    return launch.hydra_train(recipe, overrides, multirun, passthrough)
+    return launch.hydra_train(recipe, overrides, multirun, passthrough, overwrite)
 
 
 def cmd_eval(args: list[str]) -> int:
@@ -149,13 +165,14 @@ def cmd_merge(args: list[str]) -> int:
     for a in args:
         if "=" not in a:
             raise UserError(f"peftkit merge: expected KEY=VALUE, got '{a}' (see peftkit merge --help)")
+    overwrite, args = _flag(args, "overwrite", "merge")
     args = [f"backbone_path={a.split('=', 1)[1]}" if a.startswith("backbone.path=") else a for a in args]
     picks = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in ("mode", "recipe")}
     if len(picks) == 2:
         raise UserError("peftkit merge takes mode= or recipe=, not both (a recipe names its mode)")
     name = next(iter(picks.values()), "into_base")
     rest = [a for a in args if a.split("=", 1)[0] not in ("mode", "recipe")]
-    merge.run(config.compose_merge(name, rest))
+    merge.run(config.compose_merge(name, rest), overwrite)
     return 0
 
 
@@ -185,6 +202,8 @@ def cmd_ls(args: list[str]) -> int:
         return 0
     from peftkit import listing
 
+    if len(args) > 1:
+        raise UserError(f"peftkit ls takes one word, got {' '.join(args)} (see peftkit ls --help)")
     what = args[0] if args else "all"
     listing.show(what)
     return 0
@@ -199,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while argv and argv[0].startswith("--") and argv[0] not in ("--help",):
             opt = argv.pop(0)
+            if opt == "--version":
+                from peftkit import __version__
+
+                print(f"peftkit {__version__}")
+                return 0
             if opt == "--traceback":
                 traceback = True
             elif opt.startswith("--recipes-dir"):
@@ -218,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         if traceback:
             raise
         print(f"peftkit: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine's doing (disk full, read-only): one line; a bug's error keeps its traceback
+        message = write_error(e)
+        if message is None or traceback:
+            raise
+        print(f"peftkit: error: {message}", file=sys.stderr)
         return 2
 
 

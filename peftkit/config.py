@@ -106,28 +106,12 @@ def hydra_overrides() -> list[str]:
     return [f"hydra.searchpath=[{dirs}]"]
 
 
-def check(recipe: str, overrides: list[str]) -> DictConfig:
-    """Compose every value a sweep names, so bad input fails before any run starts.
+def check(recipe: str, overrides: list[str], multirun: bool = False) -> DictConfig:
+    """Compose and validate every value a sweep names, so bad input fails before any run starts.
 
     Returns the config of the first combination. Errors become one-line `UserError`s.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as e:  # hydra's parse errors are multi-line
-        raise UserError(f"cannot parse overrides: {str(e).splitlines()[0]}") from None
-    choices: list[list[str]] = []
-    for o in parsed:
-        key = o.get_key_element().lstrip("+~")
-        if o.is_sweep_override() and not o.is_discrete_sweep():  # interval(): the optuna sweeper samples it
-            values = [str(o.value().start)]
-        else:
-            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
-        if key in GROUPS:
-            for v in values:
-                _check_choice(key, v, group_options(key))
-        choices.append([f"{o.get_key_element()}={v}" for v in values])
+    choices = _values(overrides, multirun)
     # One compose per distinct value (not the whole product): enough to catch a bad key or value.
     combos = [[c[0] for c in choices]]
     for i, c in enumerate(choices):
@@ -136,8 +120,65 @@ def check(recipe: str, overrides: list[str]) -> DictConfig:
     first = None
     for combo in itertools.islice(combos, 64):
         cfg = compose(recipe, combo)
+        validate(cfg)
         first = first if first is not None else cfg
     return first
+
+
+def _values(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """Each override as the list of `key=value` it stands for (one, or a sweep's several)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # hydra's parse errors are multi-line
+        raise UserError(f"cannot parse overrides: {str(e).splitlines()[0]}") from None
+    choices: list[list[str]] = []
+    for o, text in zip(parsed, overrides):
+        key = o.get_key_element().lstrip("+~")
+        if o.is_sweep_override() and not multirun:
+            raise UserError(f"{text} names several values: add -m to sweep over them, or give one value "
+                            f"(quote a value that holds a comma: {key}='a,b')")
+        if o.is_sweep_override() and not o.is_discrete_sweep():  # interval(): the optuna sweeper samples it
+            values = [str(o.value().start)]
+        else:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        if key in GROUPS:
+            for v in values:
+                _check_choice(key, v, group_options(key))
+        choices.append([f"{o.get_key_element()}={v}" for v in values])
+    return choices
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every value of a composed train/eval config against `schema`, in one line on the first bad one."""
+    from peftkit import backbone, schema
+
+    try:
+        values = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:
+        raise UserError(f"bad config: {' '.join(str(e).split())}") from None
+    schema.check_run(values)
+    backbone.check(cfg.backbone)
+
+
+def output_dir(recipe: str, overrides: list[str], key: str) -> str | None:
+    """Where Hydra would put the run (`hydra.run.dir`) or sweep (`hydra.sweep.dir`), resolved now; None
+    if it depends on what only a running job knows."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    first = [c[0] for c in _values(overrides, multirun=True)]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(recipes()[recipe].parent), version_base="1.3"):
+            cfg = hydra_compose(recipe, overrides=[*hydra_overrides(), *first], return_hydra_config=True)
+            return str(OmegaConf.select(cfg, key))
+    except Exception:
+        return None
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def compose(recipe: str, overrides: list[str] = ()) -> DictConfig:
@@ -154,8 +195,9 @@ def compose(recipe: str, overrides: list[str] = ()) -> DictConfig:
     except UserError:
         raise
     except Exception as e:
-        msg = " ".join(str(e).split())
-        raise UserError(f"bad config: {msg}{_unknown_key_hint(recipe, list(overrides), e)}") from None
+        hint = _unknown_key_hint(recipe, list(overrides), e)
+        msg = hint or f"bad config: {' '.join(str(e).split())}"
+        raise UserError(msg) from None
     finally:
         GlobalHydra.instance().clear()
 
@@ -192,6 +234,9 @@ def compose_merge(name: str, overrides: list[str]) -> DictConfig:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise UserError(f"peftkit merge {cfg.get('mode', name)} needs {', '.join(f'{k}=...' for k in missing)} (see peftkit merge --help)")
+    from peftkit import schema
+
+    schema.check_merge(OmegaConf.to_container(cfg, resolve=True))
     return cfg
 
 
@@ -213,4 +258,4 @@ def _unknown_key_hint(recipe: str, overrides: list[str], e: Exception) -> str:
     node = OmegaConf.select(node, parent) if parent else node
     if not isinstance(node, DictConfig):
         return ""
-    return f"; {parent or 'the config'} has no key '{key}', its keys are: {', '.join(str(k) for k in node)}"
+    return f"{cause.full_key}: unknown key; {parent or 'the config'} has no key '{key}', its keys are: {', '.join(str(k) for k in node)}"

@@ -13,11 +13,12 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from peftkit import data, model
+from peftkit import config, data, model, rundir
 from peftkit.data.batching import Encoded
 from peftkit.errors import UserError
 from peftkit.evaluation import report
 from peftkit.evaluation.scoring import predict, score
+from peftkit.files import newest_complete
 from peftkit.train import make_accelerator
 
 console = Console()
@@ -27,11 +28,19 @@ def load_run_config(run_dir: Path, overrides: dict[str, str]):
     f = run_dir / "config.yaml"
     if not f.is_file():
         raise UserError(f"{run_dir} is not a peftkit run directory (no config.yaml)")
-    cfg = OmegaConf.load(f)
     try:
-        cfg.merge_with(OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
+        cfg = OmegaConf.load(f)
     except Exception as e:
-        raise UserError(f"bad override: {' '.join(str(e).split())}") from None
+        raise UserError(f"corrupt run config {f}: {' '.join(str(e).split())}; restore it from the run's adapter/adapter_config.json or retrain") from None
+    OmegaConf.set_struct(cfg, True)  # an override names a key the run has: a typo is refused, not added
+    for key, value in overrides.items():
+        try:
+            cfg.merge_with(OmegaConf.from_dotlist([f"{key}={value}"]))
+        except Exception:
+            raise UserError(f"peftkit eval: {key}={value}: the run's config has no key {key} "
+                            f"(override keys it has, e.g. dataset.data_dir=DIR or backbone.path=DIR)") from None
+    OmegaConf.set_struct(cfg, False)
+    config.validate(cfg)
     return cfg
 
 
@@ -39,8 +48,17 @@ def run(run_dir: Path, split: str, overrides: dict[str, str]) -> dict:
     if split not in ("validation", "test"):
         raise UserError(f"split must be validation or test, got '{split}'")
     cfg = load_run_config(run_dir, overrides)
+    previous = read_report(run_dir)
+    with rundir.RunDir(run_dir) as owned:  # eval writes into the run folder: not while a run trains there
+        return score_run(owned.path, split, cfg, previous)
+
+
+def score_run(run_dir: Path, split: str, cfg, previous: dict | None) -> dict:
     task = data.load(cfg.dataset, splits=(split,))
-    a, adapter_cfg = model.from_adapter(run_dir / "adapter", cfg.backbone.get("path"))
+    found = newest_complete(run_dir / "adapter")
+    if found is None:
+        raise UserError(f"{run_dir} has no adapter/ (the run stopped before its first evaluation); train it again or resume it")
+    a, adapter_cfg = model.from_adapter(found, cfg.backbone.get("path"))
     if adapter_cfg["label_names"] != task.label_names:
         raise UserError(f"the adapter's labels {adapter_cfg['label_names']} differ from {cfg.dataset.name}'s {task.label_names}")
     accelerator = make_accelerator(cfg.trainer)
@@ -49,13 +67,21 @@ def run(run_dir: Path, split: str, overrides: dict[str, str]) -> dict:
     if split == "test":
         return write_submissions(accelerator, net, task, encoded, cfg, run_dir)
     result = score(accelerator, net, task, encoded, cfg.trainer.eval_batch_size)
-    old_path = run_dir / "eval" / "report.json"
-    previous = json.loads(old_path.read_text()) if old_path.is_file() else None
     new = {**(previous or first_report(cfg, task, adapter_cfg)), **result}
     if accelerator.is_main_process:
         report.write(run_dir, new)
         show(new, previous)
     return new
+
+
+def read_report(run_dir: Path) -> dict | None:
+    f = run_dir / "eval" / "report.json"
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except ValueError as e:
+        raise UserError(f"corrupt report {f}: {e}; move it away and run peftkit eval again to write a new one") from None
 
 
 def first_report(cfg, task, adapter_cfg: dict) -> dict:

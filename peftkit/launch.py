@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 import traceback
@@ -12,9 +11,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from peftkit import config
+from peftkit import config, rundir
+from peftkit.errors import Diverged, UserError
 from peftkit.evaluation import report
-from peftkit.errors import UserError
+from peftkit.files import newest_complete, write_error
 
 SAME_RUN_KEYS = ("backbone", "method", "dataset", "trainer", "seed")
 
@@ -36,8 +36,8 @@ def resolve_resume(recipe: str, overrides: list[str], cfg: DictConfig) -> list[s
     rest = [o for o in overrides if not o.startswith("resume=")]
     if value in ("true", "True"):
         want = _run_signature(cfg)
-        candidates = sorted(Path("outputs").glob("*/*/checkpoints/last"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for ckpt in candidates:
+        candidates = [c for run in Path("outputs").glob("*/*") if (c := newest_complete(run / "checkpoints" / "last"))]
+        for ckpt in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
             run = ckpt.parent.parent
             saved = run / "config.yaml"
             finished = (run / "eval" / "report.json").is_file()
@@ -45,7 +45,7 @@ def resolve_resume(recipe: str, overrides: list[str], cfg: DictConfig) -> list[s
                 return [*rest, "resume=true", f"hydra.run.dir={run}"]
         raise UserError("resume=true found no unfinished run with this config under outputs/; pass resume=DIR")
     run = Path(value)
-    if not (run / "checkpoints" / "last").is_dir():
+    if newest_complete(run / "checkpoints" / "last") is None:
         raise UserError(f"resume={value}: no checkpoint at {run}/checkpoints/last")
     return [*rest, "resume=true", f"hydra.run.dir={run}"]
 
@@ -55,24 +55,41 @@ def finished_report(run_dir: Path, cfg: DictConfig) -> dict | None:
     report_file, saved = run_dir / "eval" / "report.json", run_dir / "config.yaml"
     if not (report_file.is_file() and saved.is_file()):
         return None
-    done = json.loads(report_file.read_text())
-    same = _run_signature(OmegaConf.load(saved)) == _run_signature(cfg)
+    try:
+        done = json.loads(report_file.read_text())
+        same = _run_signature(OmegaConf.load(saved)) == _run_signature(cfg)
+    except Exception:  # an unreadable earlier run is not a finished one
+        return None
     return done if same and done.get("status", "ok") == "ok" else None
 
 
-def cleanup_failed_run(run_dir: Path) -> None:
-    """Remove what a run that failed on bad input wrote, and its date folder if now empty.
+def _same_config(run_dir: Path, cfg: DictConfig) -> bool:
+    try:
+        return _run_signature(OmegaConf.load(run_dir / "config.yaml")) == _run_signature(cfg)
+    except Exception:
+        return False
 
-    Under the working directory, every folder that is now empty goes, up to it (outputs/ too).
-    """
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cwd = Path.cwd().resolve()
-    parent = Path(run_dir).resolve().parent
-    while parent != cwd and parent.is_dir() and not any(parent.iterdir()):
-        parent.rmdir()
-        if cwd not in parent.parents:
-            break
-        parent = parent.parent
+
+def check_previous_run(owner: rundir.RunDir, cfg: DictConfig, multirun: bool, overwrite: bool) -> None:
+    """A run never silently replaces another: continue it (resume=true), replace it (overwrite=true),
+    or, in a sweep, re-run the same job of an earlier, unfinished sweep."""
+    previous = owner.previous_run()
+    if not previous or cfg.resume:
+        return
+    if overwrite or (multirun and _same_config(owner.path, cfg)):
+        owner.clear_previous_run()
+        return
+    what = ", ".join(previous)
+    go_on = (f"continue it with resume={owner.path}, " if newest_complete(owner.path / "checkpoints" / "last")
+             else f"score it with peftkit eval run={owner.path}, " if "eval" in previous else "")
+    raise UserError(
+        f"{owner.path} already holds a run ({what}); {go_on}replace it with overwrite=true, "
+        f"or choose another {'hydra.sweep.dir' if multirun else 'hydra.run.dir'}")
+
+
+def _quote(path: str) -> str:
+    """A path as a Hydra override value (quoted: paths may hold commas, spaces or '=')."""
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _shared_timestamp() -> str | None:
@@ -89,42 +106,95 @@ def _shared_timestamp() -> str | None:
     return stamp[0]
 
 
-def hydra_train(recipe: str, overrides: list[str], multirun: bool, passthrough: list[str]) -> int:
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def prepare_output_dir(recipe: str, overrides: list[str], multirun: bool) -> Path | None:
+    """Fix the run (or sweep) folder before Hydra starts and create it ourselves, noting which folders
+    are new: a failed run then removes only those, and an unwritable place is refused in one line.
+    None if only Hydra can resolve it (an interpolation of what a running job knows)."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    stamp = _shared_timestamp()
+    if stamp and not multirun and not any(o.startswith("hydra.run.dir=") for o in overrides):
+        path = f"outputs/{stamp}"
+    else:
+        path = config.output_dir(recipe, overrides, key)
+    if path is not None and _main_process():
+        rundir.prepare(Path(path), key)
+    return None if path is None else Path(path)
+
+
+def hydra_train(recipe: str, overrides: list[str], multirun: bool, passthrough: list[str], overwrite: bool = False) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
     from peftkit import train
 
-    extra = config.hydra_overrides()
-    stamp = _shared_timestamp()
-    if stamp and not multirun and not any(o.startswith("hydra.run.dir=") for o in overrides):
-        extra.append(f"hydra.run.dir=outputs/{stamp}")
+    # Hydra writes nothing into a run folder (no .hydra/, no log file): peftkit writes config.yaml itself,
+    # and the folder's owner is known before anything lands in it
+    extra = [*config.hydra_overrides(), "hydra.output_subdir=null", "hydra/job_logging=none"]
+    out = None
+    if not any(p in ("--cfg", "-c", "--info", "-i") for p in passthrough):
+        out = prepare_output_dir(recipe, overrides, multirun)
+        if out is not None:
+            key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+            overrides = [o for o in overrides if not o.startswith(key + "=")] + [f"{key}={_quote(str(out))}"]
     exit_code = {"code": 0}
+
+    def fail(message: str, code: int = 2) -> None:
+        print(f"peftkit: error: {message}", file=sys.stderr)
+        exit_code["code"] = max(exit_code["code"], code)
 
     def task(cfg: DictConfig):
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         if multirun and (done := finished_report(run_dir, cfg)):
             train.console.print(f"skip {run_dir}: finished earlier with this config (score {done['score']:.2f})")
             return done
+        owner = rundir.RunDir(run_dir)
+        try:
+            if _main_process():  # another live run's folder, or a run that is not ours to replace: hands off
+                owner.claim()
+                check_previous_run(owner, cfg, multirun, overwrite)
+        except (UserError, OSError) as e:
+            message = write_error(e) if isinstance(e, OSError) else str(e)
+            if message is None:
+                raise
+            owner.release()
+            fail(message)
+            return None
         try:
             result = train.run(cfg, run_dir)
-        except UserError as e:
-            print(f"peftkit: error: {e}", file=sys.stderr)
-            exit_code["code"] = 2
-            if not multirun:
-                if not cfg.resume:
-                    cleanup_failed_run(run_dir)
-                sys.exit(2)
-            report.write_failed(run_dir, cfg, str(e))
+        except Diverged as e:  # its adapter and checkpoint stay: the last finite ones
+            if owner.owned:
+                report.write(run_dir, e.report)
+            fail(str(e))
             return None
-        except Exception as e:  # in a sweep, one crash must not stop the other runs
+        except UserError as e:  # bad input: a single run leaves nothing behind, a sweep's run a failed report
+            fail(str(e))
+            if owner.owned and not multirun:
+                owner.remove_created()
+            elif owner.owned:
+                report.write_failed(run_dir, cfg, str(e))
+            return None
+        except Exception as e:  # the machine's doing (disk full, ...) is one line; in a sweep, a crash stops one run only
+            message = write_error(e) if isinstance(e, OSError) else None
+            if owner.owned:
+                try:
+                    report.write_failed(run_dir, cfg, message or f"{type(e).__name__}: {e}")
+                except OSError:  # where it can be written
+                    pass
+            if message:
+                fail(message)
+                return None
             if not multirun:
                 raise
             traceback.print_exc()
-            report.write_failed(run_dir, cfg, f"{type(e).__name__}: {e}")
-            exit_code["code"] = 1
+            exit_code["code"] = max(exit_code["code"], 1)
             return None
-        if int(os.environ.get("RANK", "0")) == 0:
+        finally:
+            owner.release()
+        if _main_process():
             from peftkit.evaluate import show
 
             show(result, None)
@@ -132,5 +202,11 @@ def hydra_train(recipe: str, overrides: list[str], multirun: bool, passthrough: 
         return result
 
     sys.argv = ["peftkit", *(["--multirun"] if multirun else []), *passthrough, *extra, *overrides]
-    hydra.main(config_path=str(config.recipes()[recipe].parent), config_name=recipe, version_base="1.3")(task)()
+    try:
+        hydra.main(config_path=str(config.recipes()[recipe].parent), config_name=recipe, version_base="1.3")(task)()
+    finally:  # a sweep that never started a job (or a run Hydra refused) leaves no empty folders behind
+        if out is not None and _main_process():
+            rundir.remove_if_empty(out)
+    if not multirun and exit_code["code"]:
+        sys.exit(exit_code["code"])
     return exit_code["code"]

@@ -24,10 +24,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from peftkit import adapter, checkpoint, data, model
 from peftkit.data.batching import Encoded, train_batches
-from peftkit.errors import UserError
+from peftkit.errors import Diverged, UserError
 from peftkit.evaluation import report
 from peftkit.evaluation.scoring import score
-from peftkit.files import atomic_write_text
+from peftkit.methods.base import adapter_tensors
+from peftkit.files import atomic_write_text, fault_point, json_text, newest_complete
 
 console = Console(stderr=True)
 
@@ -36,9 +37,9 @@ def make_accelerator(trainer: DictConfig):
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available() and trainer.device != "cpu"
-    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}.get(trainer.precision)
-    if precision is None:
-        raise UserError(f"unknown trainer.precision '{trainer.precision}'; choose one of: fp32, bf16, fp16")
+    if trainer.device == "cuda" and not cuda:
+        raise UserError("trainer.device=cuda: no GPU is visible here; use trainer.device=auto or cpu")
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[trainer.precision]
     if precision == "fp16" and not cuda:
         raise UserError("trainer.precision=fp16 needs a GPU; on CPU use trainer.precision=bf16")
     return Accelerator(cpu=not cuda, mixed_precision=precision, gradient_accumulation_steps=trainer.grad_accum)
@@ -73,8 +74,6 @@ def make_scheduler(opt, t: DictConfig, total_steps: int):
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
 
-    if t.scheduler not in ("linear", "cosine", "constant"):
-        raise UserError(f"unknown trainer.scheduler '{t.scheduler}'; choose one of: linear, cosine, constant")
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
@@ -117,8 +116,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     absolute_paths(cfg)
     t = cfg.trainer
     keep_snapshots = t.get("keep_checkpoints") or 0
-    if keep_snapshots < 0:
-        raise UserError(f"trainer.keep_checkpoints must be 0 (off) or the number of snapshots to keep, got {keep_snapshots}")
     if t.get("threads"):  # on a shared CPU, fewer threads than cores can be several times faster
         torch.set_num_threads(t.threads)
     accelerator = make_accelerator(t)
@@ -156,10 +153,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     ckpt_dir = run_dir / "checkpoints" / "last"
     state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "samples": 0, "train_time_s": 0.0, "eval_time_s": 0.0}
-    if cfg.resume and ckpt_dir.is_dir():
-        state = checkpoint.load(ckpt_dir, raw, a.method, optimizer, scheduler)
+    if cfg.resume and (found := newest_complete(ckpt_dir)):
+        state = checkpoint.load(found, raw, a.method, optimizer, scheduler)
         if main:
-            console.print(f"resumed from {ckpt_dir} at step {state['step']}")
+            console.print(f"resumed from {found} at step {state['step']}")
     elif cfg.resume and main:
         console.print(f"no checkpoint in {run_dir}; starting from step 0")
     log_path = run_dir / "train_log.jsonl"
@@ -182,11 +179,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     def log(record: dict) -> None:
         if main:
             with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json_text(record, indent=None) + "\n")
 
     meta = {**model.meta(a, cfg.backbone, task.label_names, cfg.dataset.name), "seed": cfg.seed}
 
     def evaluate_and_keep(step: int, train_loss: float) -> None:
+        if bad := adapter.nonfinite(adapter_tensors(raw), a.trainable):
+            diverged(step, f"{len(bad)} trained tensors hold NaN or infinity (first: {bad[0]})")
         result = score(accelerator, net, task, encoded, t.eval_batch_size)
         log({"step": step, "eval": result["metrics"], "score": result["score"]})
         best = state["best"]
@@ -202,6 +201,53 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             if main:
                 save_snapshot(run_dir, raw, a.trainable, {**meta, "step": step, "train_loss": train_loss,
                                                           "score": result["score"], "metrics": result["metrics"]}, keep_snapshots)
+
+    last_finite = {"step": state["step"], "loss": None}
+
+    def make_report(status: str, error: str | None = None) -> dict:
+        train_time = time.perf_counter() - t_start
+        best = state["best"] or {}
+        n, total = meta["trainable_params"], meta["total_params"]
+        scored = cfg.dataset.name.startswith("glue/") and "score" in best
+        return {
+            "status": status,
+            **({"error": error} if error else {}),
+            "dataset": cfg.dataset.name,
+            "task": task.task,
+            "method": cfg.method.name,
+            "backbone": cfg.backbone.name,
+            "recipe": cfg.get("recipe"),
+            "seed": cfg.seed,
+            "metrics": best.get("metrics", {}),
+            "score": best.get("score"),
+            "glue_average": best["score"] if scored else None,
+            "best_step": best.get("step"),
+            "total_steps": total_steps,
+            "trainable_params": n,
+            "total_params": total,
+            "trainable_pct": 100 * n / total,
+            "train_time_s": train_time,
+            "eval_time_s": state["eval_time_s"],
+            "samples_per_s": state["samples"] / max(1e-9, train_time - state["eval_time_s"]),  # training alone
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "precision": t.precision,
+            "processes": world,
+        }
+
+    def diverged(at: int, what: str) -> None:
+        """Stop: the last finite adapter and checkpoint stay, the report says `diverged`."""
+        log({"step": at, "diverged": True, "error": what})
+        best, kept = state["best"], []
+        if best:
+            kept.append(f"the adapter of step {best['step']}")
+        if t.checkpoint and state["step"]:
+            kept.append(f"the checkpoint of step {state['step']}")
+        last = (f"last finite loss {last_finite['loss']:.4g} at step {last_finite['step']}"
+                if last_finite["loss"] is not None else "no finite loss before")
+        message = (f"training diverged at step {at} of {total_steps}: {what} ({last}); "
+                   f"{'kept ' + ' and '.join(kept) if kept else 'nothing was kept'}; try a lower trainer.lr (now {t.lr:g})"
+                   + ("" if t.max_grad_norm else " or clip gradients with trainer.max_grad_norm=1.0"))
+        raise Diverged(message, make_report("diverged", message))
 
     step, epoch, start = state["step"], state["epoch"], state["batch"]
     window_loss, window_n, window_samples, window_t = 0.0, 0, 0, time.perf_counter()
@@ -224,6 +270,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                         a.method.after_optimizer_step(raw, step + 1, total_steps)
                     optimizer.zero_grad(set_to_none=True)
                 loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    diverged(step + 1, f"the loss is {loss_value}")
+                last_finite.update(step=step + 1, loss=loss_value)
+                fault_point("train_step")
                 window_loss += loss_value
                 window_n += 1
                 eval_loss_sum, eval_loss_n = eval_loss_sum + loss_value, eval_loss_n + 1
@@ -258,32 +308,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                     break
             epoch, start = epoch + 1, 0
 
-    train_time = time.perf_counter() - t_start
-    best = state["best"]
-    n, total = meta["trainable_params"], meta["total_params"]
-    result = {
-        "status": "ok",
-        "dataset": cfg.dataset.name,
-        "task": task.task,
-        "method": cfg.method.name,
-        "backbone": cfg.backbone.name,
-        "recipe": cfg.get("recipe"),
-        "seed": cfg.seed,
-        "metrics": best["metrics"],
-        "score": best["score"],
-        "glue_average": best["score"] if cfg.dataset.name.startswith("glue/") else None,
-        "best_step": best["step"],
-        "total_steps": total_steps,
-        "trainable_params": n,
-        "total_params": total,
-        "trainable_pct": 100 * n / total,
-        "train_time_s": train_time,
-        "eval_time_s": state["eval_time_s"],
-        "samples_per_s": state["samples"] / (train_time - state["eval_time_s"]),  # training alone
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "precision": t.precision,
-        "processes": world,
-    }
+    result = make_report("ok")
     if main:
         report.write(run_dir, result)
         if not t.keep_last_checkpoint:

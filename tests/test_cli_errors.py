@@ -149,33 +149,6 @@ def test_eval_on_a_directory_that_is_not_a_run(tmp_path):
     assert_user_error(res, tmp_path, "notarun", "not a peftkit run directory", before={"notarun"})
 
 
-def test_cleanup_of_a_failed_run_removes_empty_folders_up_to_the_working_dir(tmp_path, monkeypatch):
-    from peftkit.launch import cleanup_failed_run
-
-    cwd = tmp_path / "work"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    run = cwd / "outputs" / "2026-01-01" / "12-00-00"
-    (run / ".hydra").mkdir(parents=True)
-    (run / "config.yaml").write_text("x")
-    cleanup_failed_run(run)
-    assert list(cwd.iterdir()) == []
-
-    # other runs stay, and so do the folders that hold them
-    keep = cwd / "outputs" / "2026-01-01" / "11-00-00" / "adapter"
-    keep.mkdir(parents=True)
-    (cwd / "outputs" / "2026-01-01" / "12-00-00").mkdir()
-    cleanup_failed_run(cwd / "outputs" / "2026-01-01" / "12-00-00")
-    assert keep.is_dir() and not (cwd / "outputs" / "2026-01-01" / "12-00-00").exists()
-
-    # a run dir outside the working directory: only its own (now empty) parent goes
-    outside = tmp_path / "elsewhere" / "runs" / "r1"
-    outside.mkdir(parents=True)
-    cleanup_failed_run(outside)
-    assert not (tmp_path / "elsewhere" / "runs").exists() and (tmp_path / "elsewhere").is_dir()
-    assert cwd.is_dir()
-
-
 # ---- a finished run, then bad adapters -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

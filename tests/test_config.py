@@ -45,9 +45,13 @@ def test_learning_rate_defaults_to_the_methods_own():
 
 def test_check_composes_every_sweep_value():
     with pytest.raises(UserError, match="unknown method 'nope'"):
-        config.check("glue_lora", ["method=lora,nope"])
+        config.check("glue_lora", ["method=lora,nope"], multirun=True)
     with pytest.raises(UserError, match="trainer.lrr"):
-        config.check("glue_lora", ["method=lora,ia3", "trainer.lrr=1,2"])
+        config.check("glue_lora", ["method=lora,ia3", "trainer.lrr=1,2"], multirun=True)
+    with pytest.raises(UserError, match="trainer.lr=abc"):
+        config.check("glue_lora", ["trainer.lr=1e-3,abc"], multirun=True)
+    with pytest.raises(UserError, match="add -m to sweep"):
+        config.check("glue_lora", ["method=lora,ia3"])
 
 
 @pytest.fixture

@@ -268,8 +268,10 @@ def test_buffers_are_stored_as_they_are(tiny_bert, tmp_path):
 
 # ---------------------------------------------------------------- refusals
 
-@pytest.mark.parametrize("knob, needle", [("density=0", "density must be in (0, 1]"), ("density=1.5", "density must be in (0, 1]"),
-                                          ("alpha=0", "alpha must be positive"), ("scale=median", "scale must be one of: mean, std")])
+@pytest.mark.parametrize("knob, needle", [("density=0", "density=0: expected a fraction in (0, 1]"),
+                                          ("density=1.5", "density=1.5: expected a fraction in (0, 1]"),
+                                          ("alpha=0", "alpha=0: expected a number > 0"),
+                                          ("scale=median", "scale=median: expected one of 'mean' or 'std'")])
 def test_bad_knobs_are_refused(runs, tmp_path, knob, needle):
     _, _, trained, _ = runs
     r = cli("merge", "mode=compress", f"adapter={trained}", knob, f"out={tmp_path / 'c'}", cwd=tmp_path)

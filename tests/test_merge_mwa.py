@@ -49,8 +49,11 @@ def snapshot_meta(run, step):
 
 
 def merge(run, out, **knobs):
-    return checkpoints.run(OmegaConf.create({"mode": "mwa", "run": str(run), "weighting": "loss", "penalty": 1.0,
-                                             "last": None, "out": str(out), **knobs}))
+    """`peftkit merge mode=mwa` with these knobs (through `merge.run`, which checks `out`)."""
+    import peftkit.merge
+
+    return peftkit.merge.run(OmegaConf.create({"mode": "mwa", "run": str(run), "weighting": "loss", "penalty": 1.0,
+                                               "last": None, "out": str(out), **knobs}))
 
 
 # ---- the trainer ------------------------------------------------------------------------------------------
@@ -71,7 +74,7 @@ def test_trainer_keeps_the_last_k_snapshots(mwa_run):
 
 def test_resumed_run_keeps_its_snapshots_and_ends_as_the_straight_one(mwa_run, tiny_bert, tmp_path):
     """Killed while taking step 6 (checkpoint and snapshots at 2 and 4), then resumed: snapshots 4 and 6, as unbroken."""
-    interrupted(tmp_path, *args(tiny_bert, tmp_path / "run"), die_after=5)
+    interrupted(tmp_path, *args(tiny_bert, tmp_path / "run"), fault="train_step@6")
     assert sorted(p.name for p in (tmp_path / "run" / "snapshots").iterdir()) == ["step-000002", "step-000004"]
     train(tmp_path, *args(tiny_bert, tmp_path / "run", f"resume={tmp_path / 'run'}"))
     assert sorted(p.name for p in (tmp_path / "run" / "snapshots").iterdir()) == ["step-000004", "step-000006"]
@@ -82,7 +85,7 @@ def test_resumed_run_keeps_its_snapshots_and_ends_as_the_straight_one(mwa_run, t
 
 def test_a_new_run_in_the_folder_drops_the_old_snapshots(mwa_run, tiny_bert, tmp_path):
     run = shutil.copytree(mwa_run, tmp_path / "run")
-    train(tmp_path, *args(tiny_bert, run, "trainer.max_steps=2"))
+    train(tmp_path, *args(tiny_bert, run, "trainer.max_steps=2"), "overwrite=true")
     assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["step-000002"]
 
 
@@ -174,10 +177,12 @@ def test_masks_and_frozen_tensors_come_from_the_newest_snapshot(tmp_path):
 
 
 def test_merge_refuses_to_overwrite_its_run(mwa_run):
-    with pytest.raises(UserError, match="would replace the run"):
+    with pytest.raises(UserError, match="overlaps the input"):
         merge(mwa_run, mwa_run)
-    with pytest.raises(UserError, match="would replace the run"):
+    with pytest.raises(UserError, match="overlaps the input"):
         merge(mwa_run, mwa_run.parent)
+    with pytest.raises(UserError, match="overlaps the input"):
+        merge(mwa_run, mwa_run / "snapshots" / "mwa")
 
 
 # ---- end to end -------------------------------------------------------------------------------------------
@@ -212,9 +217,9 @@ def test_cli_refusals(mwa_run, tmp_path):
     assert_refused(cli("merge", "mode=mwa", f"run={bare}", f"out={tmp_path / 'o1'}", cwd=tmp_path),
                    "no checkpoint snapshots", "trainer.keep_checkpoints=K")
     assert_refused(cli("merge", "mode=mwa", f"run={mwa_run}", "weighting=best", f"out={tmp_path / 'o2'}", cwd=tmp_path),
-                   "unknown weighting 'best'", "loss, step, uniform, last")
+                   "weighting=best", "'loss', 'step', 'uniform' or 'last'")
     assert_refused(cli("merge", "mode=mwa", f"run={mwa_run}", "penalty=-1", f"out={tmp_path / 'o3'}", cwd=tmp_path),
-                   "penalty must be", "≥ 0")
+                   "penalty=-1", "≥ 0")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare"]  # nothing written
 
 

@@ -12,50 +12,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from _train_helpers import THREADS, adapter_tensors, assert_same_tensors, read_log, reference_run, report, tiny, train
-
-# Runs `peftkit ARGS`, exiting the process abruptly when the scheduler is about to take step N+1.
-DIE_AFTER = """
-import os, sys
-from peftkit import train
-
-make_scheduler, die_after = train.make_scheduler, int(os.environ["DIE_AFTER_STEP"])
-
-def dying(*args, **kwargs):
-    sched = make_scheduler(*args, **kwargs)
-
-    class Dying(type(sched)):  # a class, not an instance attribute: that would land in state_dict()
-        def step(self, *a, **k):
-            if self.last_epoch >= die_after:
-                os._exit(3)
-            return super().step(*a, **k)
-
-    sched.__class__ = Dying
-    return sched
-
-train.make_scheduler = dying
-from peftkit.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
+from _train_helpers import adapter_tensors, cli, assert_same_tensors, read_log, reference_run, report, tiny, train
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_bert):
     return reference_run(tmp_path_factory, tiny_bert)
 
 
-def interrupted(cwd, *args, die_after: int = 7) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **THREADS, "DIE_AFTER_STEP": str(die_after)}
-    proc = subprocess.run([sys.executable, "-c", DIE_AFTER, "train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 3, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+def interrupted(cwd, *args, fault: str = "train_step@8") -> None:
+    """`peftkit train ARGS`, killed with SIGKILL at the named point (`files.fault_point`): by default
+    while taking step 8, after its optimizer step and before the scheduler's."""
+    proc = cli("train", *args, cwd=cwd, env={"PEFTKIT_FAULT": fault})
+    assert proc.returncode == -9, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
 def assert_interrupted_at_step_7(run) -> None:
@@ -146,3 +119,64 @@ def test_adalora_resumes_with_its_importance_scores(tmp_path, tiny_bert):
     assert any(k.startswith("method.") and ".importance." in k for k in checkpoint_tensors(run))
     train(tmp_path, *args, f"resume={run}")
     assert_same_as_reference(run, ref)
+
+
+def no_leftovers(run) -> None:
+    """After a resumed run: the checkpoint and adapter in place, no copy or temporary folder beside them."""
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last"]
+    assert not [p for p in run.rglob(".*") if p.name != ".peftkit.lock"], "leftovers of the killed saves"
+    assert not (run / ".peftkit.lock").exists()
+
+
+@pytest.mark.parametrize("step", __import__("random").Random(11).sample(range(5, 9), 2))
+def test_a_kill_at_a_random_step_resumes_bitwise(tmp_path, tiny_bert, reference, step):
+    ref, _ = reference
+    run = tmp_path / "run"
+    interrupted(tmp_path, *tiny(tiny_bert, f"hydra.run.dir={run}"), fault=f"train_step@{step}")
+    train(tmp_path, *tiny(tiny_bert), f"resume={run}")
+    assert_same_as_reference(run, ref)
+    no_leftovers(run)
+
+
+@pytest.mark.parametrize("save", [1, 2])
+def test_a_kill_between_the_renames_of_a_checkpoint_save_resumes_bitwise(tmp_path, tiny_bert, reference, save):
+    """Killed after the new checkpoint is complete (`.last.new`) and the old one moved aside
+    (`.last.old`), before the new one takes its place: resume finds the new one."""
+    ref, _ = reference
+    run = tmp_path / "run"
+    interrupted(tmp_path, *tiny(tiny_bert, f"hydra.run.dir={run}"), fault=f"between_renames:last@{save}")
+    ckpts = run / "checkpoints"
+    assert not (ckpts / "last").exists() and (ckpts / ".last.new").is_dir()
+    assert (ckpts / ".last.old").is_dir() == (save == 2)
+    train(tmp_path, *tiny(tiny_bert), f"resume={run}")
+    assert_same_as_reference(run, ref)
+    no_leftovers(run)
+
+
+def test_a_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, tiny_bert, reference):
+    ref, _ = reference
+    run = tmp_path / "run"
+    interrupted(tmp_path, *tiny(tiny_bert, f"hydra.run.dir={run}"), fault="checkpoint_write@2")
+    assert [p.name.split("-")[0] for p in (run / "checkpoints").iterdir() if p.name != "last"] == [".last.tmp"]
+    proc = train(tmp_path, *tiny(tiny_bert), f"resume={run}")
+    assert "at step 4" in proc.stdout + proc.stderr
+    assert_same_as_reference(run, ref)
+    no_leftovers(run)
+
+
+def test_a_kill_between_the_renames_of_an_adapter_save(tmp_path, tiny_bert):
+    """adapter/ is missing for a moment; eval reads the complete copy beside it, resume puts it in place.
+    (keep_best=false: the adapter is saved at every eval, so the second save is the step-8 one.)"""
+    args = tiny(tiny_bert, "trainer.keep_best=false")
+    ref = tmp_path / "ref"
+    train(tmp_path, *args, f"hydra.run.dir={ref}")
+    run = tmp_path / "run"
+    interrupted(tmp_path, *args, f"hydra.run.dir={run}", fault="between_renames:adapter@2")
+    assert not (run / "adapter").exists() and (run / ".adapter.new").is_dir() and (run / ".adapter.old").is_dir()
+    scored = shutil.copytree(run, tmp_path / "copy")
+    proc = cli("eval", f"run={scored}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert report(scored)["metrics"] == report(ref)["metrics"]  # the step-8 adapter, not the step-4 one
+    train(tmp_path, *args, f"resume={run}")
+    assert_same_as_reference(run, ref)
+    no_leftovers(run)

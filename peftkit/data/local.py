@@ -62,10 +62,11 @@ def _missing(v) -> bool:
 
 def _clean(df, cfg: DictConfig, where: str):
     """Check the columns, refuse multi-label rows, drop rows with an empty text or label (with a warning)."""
-    cols = [*cfg.text_fields, cfg.label_field]
+    cols = [*cfg.text_fields, cfg.label_field, *([cfg.id_field] if cfg.get("id_field") else [])]
     missing = [c for c in cols if c not in df.columns]
     if missing:
-        raise UserError(f"{where}: missing column(s) {missing}; columns are {list(df.columns)} (set dataset.text_fields / dataset.label_field)")
+        raise UserError(f"{where}: missing column(s) {missing}; columns are {list(df.columns)} "
+                        f"(set dataset.text_fields / dataset.label_field / dataset.id_field)")
     labels = df[cfg.label_field]
     for i, v in labels.items():
         if isinstance(v, (list, tuple, dict, np.ndarray)):

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +35,8 @@ class Run:
 
     @property
     def failed(self) -> bool:
-        return self.report.get("status") == "failed"
+        """Failed, diverged, or unreadable: listed apart, never averaged."""
+        return self.report.get("status", "ok") != "ok" or not isinstance(self.report.get("score"), (int, float))
 
     @property
     def task(self) -> str:
@@ -76,12 +78,23 @@ def find_runs(dirs: list[Path]) -> list[Run]:
 
 
 def read_run(run_dir: Path) -> Run:
-    """A run as the leaderboard needs it; an unreadable report counts as a failed run, not a crash."""
+    """A run as the leaderboard needs it; an unreadable report or config counts as a failed run (with a
+    one-line warning), not a crash: one damaged folder must not hide a sweep's leaderboard."""
     try:
         report = json.loads((run_dir / "eval" / "report.json").read_text())
-    except ValueError as e:
-        report = {"status": "failed", "error": f"unreadable eval/report.json: {e}"}
-    config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
+        if not isinstance(report, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, OSError) as e:
+        report = {"status": "failed", "error": f"unreadable eval/report.json: {' '.join(str(e).split())}"}
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
+        if not isinstance(config, dict):
+            raise ValueError("not a mapping")
+    except Exception as e:
+        config = {}
+        report = {**report, "status": "failed", "error": f"unreadable config.yaml: {' '.join(str(e).split())}"}
+    if report.get("error", "").startswith("unreadable"):
+        print(f"peftkit: warning: {run_dir}: {report['error']}; listed as failed", file=sys.stderr)
     adapter = run_dir / "adapter"
     size = sum(p.stat().st_size for p in adapter.rglob("*") if p.is_file()) if adapter.is_dir() else 0
     return Run(run_dir, report, config, size)
@@ -203,8 +216,8 @@ def collect(dirs: list[Path]) -> dict:
         "tasks": tasks,
         "rows": [row_record(row, tasks) for row in rows],
         "best": best_runs(runs),
-        "failed": [{"dir": str(r.dir), "label": r.label, "task": r.task, "error": r.report.get("error", "")}
-                   for r in runs if r.failed],
+        "failed": [{"dir": str(r.dir), "label": r.label, "task": r.task, "error": r.report.get("error", ""),
+                    "status": r.report.get("status", "failed")} for r in runs if r.failed],
         "_rows": rows,  # for the loss plot; dropped before writing JSON
     }
 
@@ -251,7 +264,7 @@ def to_markdown(board: dict) -> str:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     if board["failed"]:
-        lines += ["", "## Failed runs", ""] + [f"- `{f['dir']}` ({f['label']}): failed: {f['error']}" for f in board["failed"]]
+        lines += ["", "## Failed runs", ""] + [f"- `{f['dir']}` ({f['label']}): {f['status']}: {f['error']}" for f in board["failed"]]
     return "\n".join(lines) + "\n"
 
 
@@ -302,7 +315,7 @@ def to_html(board: dict, images: dict[str, bytes]) -> str:
                    f"<td>{escape(b['dir'])}</td></tr>" for t, b in board["best"].items())
     imgs = "".join(f'<h2>{escape(name)}</h2><img alt="{escape(name)}" src="data:image/png;base64,'
                    f'{base64.b64encode(png).decode()}">' for name, png in images.items())
-    failed = "".join(f'<li class="failed">{escape(f["dir"])}: failed: {escape(str(f["error"]))}</li>'
+    failed = "".join(f'<li class="failed">{escape(f["dir"])}: {escape(f["status"])}: {escape(str(f["error"]))}</li>'
                      for f in board["failed"])
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>peftkit leaderboard</title>"
             f"<style>{CSS}</style></head><body><h1>Leaderboard</h1><p>Task scores: mean ± std over seeds.</p>"
@@ -422,7 +435,7 @@ def print_table(board: dict) -> None:
     console = Console()
     console.print(t)
     for f in board["failed"]:
-        console.print(f"[red]failed[/red] {escape(f['dir'])}: {escape(str(f['error']))}", highlight=False)
+        console.print(f"[red]{f['status']}[/red] {escape(f['dir'])}: {escape(str(f['error']))}", highlight=False)
 
 
 def run(dirs: list[Path], out: Path | None = None, submission: bool = False, data_dir: str | None = None) -> Path:

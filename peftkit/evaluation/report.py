@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from peftkit.files import atomic_write_text
+from peftkit.files import atomic_write_json, atomic_write_text
 
 
 
 def write(run_dir: Path, report: dict) -> None:
     out = Path(run_dir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", to_markdown(report))
 
 
@@ -26,27 +24,33 @@ def write_failed(run_dir: Path, cfg, error: str) -> None:
     r = {"status": "failed", "error": error, "dataset": cfg.dataset.name, "method": cfg.method.name,
          "backbone": cfg.backbone.name, "recipe": cfg.get("recipe"), "seed": cfg.seed}
     out = run_dir / "eval"
-    atomic_write_text(out / "report.json", json.dumps(r, indent=2) + "\n")
+    atomic_write_json(out / "report.json", r)
     atomic_write_text(out / "report.md", f"# {r['dataset']} · {r['method']} on {r['backbone']}\n\n**failed**: {error}\n")
+
+
+def _num(v) -> str:
+    return "–" if v is None else f"{v:.2f}"
 
 
 def to_markdown(r: dict) -> str:
     metric_rows = [
-        f"| {split} | {name} | {value:.2f} |" for split, ms in r["metrics"].items() for name, value in ms.items()
+        f"| {split} | {name} | {_num(value)} |" for split, ms in r["metrics"].items() for name, value in ms.items()
     ]
+    status = [] if r.get("status", "ok") == "ok" else [f"**{r['status']}**: {r.get('error', '')}", ""]
     lines = [
         f"# {r['dataset']} · {r['method']} on {r['backbone']}",
         "",
+        *status,
         "| split | metric | score |",
         "|---|---|---|",
         *metric_rows,
         "",
-        f"**{r['task']} score: {r['score']:.2f}** (mean of its metrics) · GLUE average over tasks present: "
-        f"{r['glue_average']:.2f}" if r.get("glue_average") is not None else f"**score: {r['score']:.2f}**",
+        f"**{r['task']} score: {_num(r['score'])}** (mean of its metrics) · GLUE average over tasks present: "
+        f"{_num(r['glue_average'])}" if r.get("glue_average") is not None else f"**score: {_num(r.get('score'))}**",
         "",
         "| trainable params | % of total | best step | train time | peak RSS |",
         "|---|---|---|---|---|",
-        f"| {r['trainable_params']:,} | {r['trainable_pct']:.3f}% | {r.get('best_step', '')} | "
+        f"| {r['trainable_params']:,} | {r['trainable_pct']:.3f}% | {'–' if r.get('best_step') is None else r['best_step']} | "
         f"{r.get('train_time_s', 0):.0f} s | {r.get('peak_rss_mb', 0):.0f} MB |",
         "",
     ]

@@ -98,19 +98,7 @@ def read_snapshots(run: Path, last: int | None) -> list[Snapshot]:
 
 
 def check_knobs(cfg: DictConfig) -> tuple[str, float, int | None]:
-    weighting = str(cfg.weighting)
-    if weighting not in WEIGHTINGS:
-        raise UserError(f"unknown weighting '{weighting}'; choose one of: {', '.join(WEIGHTINGS)}")
-    try:
-        penalty = float(cfg.penalty)
-    except (TypeError, ValueError):
-        raise UserError(f"penalty must be a number ≥ 0, got '{cfg.penalty}'") from None
-    if not (math.isfinite(penalty) and penalty >= 0):
-        raise UserError(f"penalty must be a finite number ≥ 0 (0 = the uniform average), got {cfg.penalty}")
-    last = cfg.get("last")
-    if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 1):
-        raise UserError(f"last must be null (every snapshot) or a number of newest snapshots ≥ 1, got '{last}'")
-    return weighting, penalty, last
+    return str(cfg.weighting), float(cfg.penalty), cfg.get("last")  # `schema` checked them
 
 
 def check_losses(snaps: list[Snapshot]) -> list[float]:
@@ -128,8 +116,6 @@ def check_losses(snaps: list[Snapshot]) -> list[float]:
 def run(cfg: DictConfig) -> dict:
     weighting, penalty, last = check_knobs(cfg)
     run_dir, out = Path(cfg.run).resolve(), Path(cfg.out).resolve()
-    if out == run_dir or out in run_dir.parents:
-        raise UserError(f"out={cfg.out} would replace the run it reads; pick a new folder")
     snaps = read_snapshots(run_dir, last)
     steps = [s.step for s in snaps]
     losses = check_losses(snaps) if weighting == "loss" else [s.meta.get("train_loss") for s in snaps]

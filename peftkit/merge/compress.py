@@ -172,14 +172,7 @@ def load_weights(path: Path, net: torch.nn.Module, names: list[str]) -> None:
 
 
 def check_knobs(cfg: DictConfig) -> tuple[float, float, str]:
-    density, alpha, scale = float(cfg.density), float(cfg.alpha), str(cfg.scale)
-    if not 0 < density <= 1:
-        raise UserError(f"density must be in (0, 1], got {cfg.density}")
-    if not alpha > 0:
-        raise UserError(f"alpha must be positive, got {cfg.alpha}")
-    if scale not in SCALES:
-        raise UserError(f"scale must be one of: {', '.join(SCALES)}; got '{scale}'")
-    return density, alpha, scale
+    return float(cfg.density), float(cfg.alpha), str(cfg.scale)  # `schema` checked them
 
 
 def nbytes(tensors: dict[str, torch.Tensor]) -> int:

@@ -90,8 +90,6 @@ def concat(cfg: DictConfig, paths: list[str], weights: list[float]):
 
 def svd(cfg: DictConfig, paths: list[str], weights: list[float]):
     rank = int(cfg.rank)
-    if rank < 1:
-        raise UserError(f"rank must be at least 1, got {rank}")
     vectors, base, _ = task_vectors(paths, cfg.get("backbone_path"))
     linears = {n for n, m in base.named_modules() if isinstance(m, nn.Linear)}
     names = sorted({n for v in vectors for n in v.delta})

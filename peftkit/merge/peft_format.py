@@ -105,6 +105,7 @@ def to_peft(cfg: DictConfig) -> dict:
     if name != "ia3" and a.method.cfg.init == "pissa":
         info["note"] = f"PiSSA exported as a plain rank-{peft_config['r']} LoRA on the original base"
     out = Path(cfg.out)
+    adapter.refuse_nonfinite(tensors, out)
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")

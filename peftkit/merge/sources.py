@@ -16,15 +16,16 @@ from rich.console import Console
 
 from peftkit import adapter, model
 from peftkit.errors import UserError
-from peftkit.files import atomic_dir
+from peftkit.files import atomic_dir, newest_complete
 
 console = Console()
 
 
 def adapter_dir(path: str | Path) -> Path:
     path = Path(path)
-    if (path / "adapter" / adapter.CONFIG).is_file():
-        return path / "adapter"
+    inner = newest_complete(path / "adapter")  # a kill mid-save leaves the complete copy beside adapter/
+    if inner is not None and (inner / adapter.CONFIG).is_file():
+        return inner
     if (path / adapter.CONFIG).is_file():
         return path
     raise UserError(f"{path} is neither an adapter folder nor a run directory holding adapter/ (no {adapter.CONFIG})")
@@ -53,6 +54,7 @@ def check_same_base(paths: list, configs: list[dict]) -> None:
 
 def write_model(out: Path, net: torch.nn.Module, tokenizer, meta: dict) -> None:
     """A plain transformers folder (config, weights, tokenizer), its model card and merge.json."""
+    adapter.refuse_nonfinite(dict(net.state_dict()), out)
     with atomic_dir(Path(out)) as tmp:
         net.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -11,6 +11,7 @@ from torch import nn
 
 from peftkit.backbone import linear_names, role_patterns
 from peftkit.errors import UserError
+from peftkit.schema import check_fields
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -44,7 +45,8 @@ class Method:
         unknown = sorted(set(cfg) - fields)
         if unknown:
             raise UserError(f"method '{self.name}' has no option {', '.join(unknown)}; options: {', '.join(sorted(fields))}")
-        self.cfg = self.Config(**cfg)
+        check_fields(self.Config, cfg, "method")
+        self.cfg = self.Config(**cfg)  # its __post_init__ checks the values that need no model
 
     def apply(self, model: nn.Module, exclude: list[str]) -> None:
         for name, linear in find_targets(model, self.cfg.target_modules, self.default_roles, exclude):

@@ -1,0 +1,297 @@
+"""What every value a user can set may be: typed schemas, checked before anything loads or writes.
+
+`train`, `eval` and `merge` validate their composed config here; a bad value becomes one line
+that names the key, the value and what is allowed. Methods declare their options as dataclasses
+(`Method.Config`), checked field by field with the same rules (`check_fields`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from peftkit.errors import UserError
+
+RULES = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+
+
+class Section(BaseModel):
+    model_config = RULES
+
+
+def _whole(least: int, what: str = ""):
+    return Field(ge=least, description=what or f"a whole number ≥ {least}")
+
+
+Count = Annotated[int, _whole(1)]
+OptionalCount = Annotated[Count | None, Field(description="a whole number ≥ 1, or null")]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class Trainer(Section):
+    lr: float = Field(ge=0, description="a number ≥ 0 (the learning rate), e.g. 1e-3")
+    weight_decay: float = Field(ge=0, description="a number ≥ 0")
+    betas: list[Fraction] = Field(min_length=2, max_length=2, description="two numbers in [0, 1), e.g. [0.9,0.999]")
+    eps: float = Field(gt=0, description="a number > 0, e.g. 1e-8")
+    epochs: Count
+    max_steps: OptionalCount = Field(description="a whole number ≥ 1, or null to train trainer.epochs")
+    batch_size: Count
+    eval_batch_size: Count
+    grad_accum: Count
+    max_grad_norm: Annotated[float, Field(ge=0)] | None = Field(description="a number > 0 to clip gradients at, or 0 / null for no clipping")
+    scheduler: Literal["linear", "cosine", "constant"]
+    warmup: float = Field(ge=0, description="a fraction of the steps in [0, 1) or a number of steps ≥ 1")
+    precision: Literal["fp32", "bf16", "fp16"]
+    device: Literal["auto", "cpu", "cuda"]
+    threads: OptionalCount = Field(description="a whole number ≥ 1, or null for torch's default")
+    group_by_length: bool
+    eval_every: OptionalCount = Field(description="a whole number of steps ≥ 1, or null for once per epoch")
+    log_every: Count
+    keep_best: bool
+    checkpoint: bool
+    keep_last_checkpoint: bool
+    keep_checkpoints: int = _whole(0, "a whole number ≥ 0 (0: off)")
+
+
+class Backbone(Section):
+    name: str
+    package: str | None = None
+    path: str | None = None
+    hub_id: str | None = None
+    max_length: int = _whole(2, "a whole number of tokens ≥ 2 (and at most the model's maximum)")
+    head: list[str]
+    trust_remote_code: bool
+
+
+class _Data(Section):
+    name: str
+    max_train_samples: OptionalCount = Field(description="a whole number ≥ 1, or null for all rows")
+    max_eval_samples: OptionalCount = Field(description="a whole number ≥ 1, or null for all rows")
+
+
+class GlueData(_Data):
+    data_dir: str | None = None
+
+
+class QuickstartData(_Data):
+    dev_size: Count
+    split_seed: int
+
+
+class LocalData(_Data):
+    train_file: str | None = Field(description="the path of a csv, tsv, json, jsonl or parquet file")
+    dev_file: str | None = None
+    dev_fraction: float = Field(gt=0, lt=1, description="a fraction in (0, 1), e.g. 0.1")
+    split_seed: int
+    text_fields: list[str] = Field(min_length=1, max_length=2, description="a list of one or two column names, e.g. [text] or [question,passage]")
+    label_field: str
+    label_names: list[str | int] | None = None
+    regression: bool
+    id_field: str | None = None
+    metrics: list[Literal["accuracy", "f1", "matthews"]] = Field(min_length=1, description="a list of accuracy, f1, matthews")
+
+
+class Run(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
+    recipe: str | None = None
+    seed: int = Field(description="a whole number")
+    resume: bool | str = False
+    backbone: Backbone
+    dataset: dict
+    trainer: Trainer
+    method: dict
+
+
+DATASETS = {"glue": GlueData, "local": LocalData, "quickstart": QuickstartData}
+
+
+def check_run(cfg: dict) -> None:
+    """A composed `train` / `eval` config (resolved, as a plain dict)."""
+    validate(Run, cfg)
+    kind = str(cfg["dataset"].get("name", "")).split("/")[0]
+    if kind not in DATASETS:
+        raise UserError(f"dataset.name={cfg['dataset'].get('name')}: unknown dataset kind; choose one of: {', '.join(DATASETS)}")
+    validate(DATASETS[kind], cfg["dataset"], "dataset")
+    from peftkit import methods
+
+    methods.build(cfg["method"])
+
+
+# ---- merge -------------------------------------------------------------------------------------------
+
+Weights = Annotated[Literal["average"] | list[float] | None,
+                    Field(description="one number per adapter, e.g. [0.5,0.5]; average; or null for 1.0 each")]
+Head = Annotated[Literal["mean"] | Annotated[int, Field(ge=0)], Field(description="mean, or the index of the adapter whose head to keep")]
+Density = Annotated[float, Field(gt=0, le=1, description="a fraction in (0, 1]")]
+
+
+class _Merge(Section):
+    mode: str
+    out: str
+    backbone_path: str | None = None
+
+
+class _Combine(_Merge):
+    adapters: list[str] = Field(min_length=1, description="a list of run or adapter folders, e.g. [outputs/a,outputs/b]")
+    weights: Weights = None
+    head: Head = "mean"
+
+
+class _One(_Merge):
+    adapter: str
+
+
+class TaskArithmetic(_Combine):
+    pass
+
+
+class Ties(_Combine):
+    density: Density = 0.2
+
+
+class Dare(_Combine):
+    density: Density = 0.5
+    elect_sign: bool = False
+    seed: int = Field(0, description="a whole number")
+
+
+class Concat(_Combine):
+    pass
+
+
+class Svd(_Combine):
+    rank: Count = 8
+
+
+class IntoBase(_One):
+    pass
+
+
+class Compress(_One):
+    density: Density = 0.1
+    alpha: float = Field(1.0, gt=0, description="a number > 0")
+    scale: Literal["mean", "std"] = "mean"
+
+
+class ToPeft(_One):
+    pass
+
+
+class FromPeft(_One):
+    backbone: str | None = None
+    labels: list[str | int] | None = None
+
+
+class Mwa(Section):
+    mode: str
+    run: str
+    out: str
+    weighting: Literal["loss", "step", "uniform", "last"] = "loss"
+    penalty: float = Field(1.0, ge=0, description="a number ≥ 0")
+    last: OptionalCount = None
+
+
+MERGES = {"task_arithmetic": TaskArithmetic, "ties": Ties, "dare": Dare, "concat": Concat, "svd": Svd,
+          "into_base": IntoBase, "compress": Compress, "to_peft": ToPeft, "from_peft": FromPeft, "mwa": Mwa}
+
+
+def check_merge(cfg: dict) -> None:
+    mode = cfg.get("mode")
+    if mode not in MERGES:
+        raise UserError(f"mode={mode}: unknown merge mode; choose one of: {', '.join(MERGES)}")
+    validate(MERGES[mode], cfg)
+
+
+# ---- checking and the one-line message ---------------------------------------------------------------
+
+def validate(schema: type[BaseModel], values: dict, prefix: str = "") -> None:
+    try:
+        schema.model_validate(values)
+    except ValidationError as e:
+        raise UserError(_message(e.errors()[0], schema, values, prefix)) from None
+
+
+def check_fields(config_class, values: dict, prefix: str) -> None:
+    """Each option of a dataclass config (`Method.Config`) against its type, with the same rules."""
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        if f.name not in values:
+            continue
+        try:
+            TypeAdapter(hints[f.name], config=ConfigDict(strict=True, allow_inf_nan=False)).validate_python(values[f.name])
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = f"{prefix}.{f.name}"
+            raise UserError(f"{key}={_show(values[f.name])}: expected {_expected(err, hints[f.name])}") from None
+
+
+def _message(err: dict, schema: type[BaseModel], values: dict, prefix: str) -> str:
+    path, info = _field_path(schema, err["loc"])
+    key = ".".join(filter(None, [prefix, *path]))
+    if err["type"] == "extra_forbidden":
+        extra = str(err["loc"][len(path)])
+        known = ", ".join((info.annotation if info else schema).model_fields)
+        return f"{key + '.' if key else ''}{extra}: unknown key; {key or 'the config'} has: {known}"
+    allowed = (info.description if info is not None and info.description else None) or _expected(err, None)
+    if err["type"] == "missing":
+        return f"{key} is missing: expected {allowed}; set {key}=..."
+    return f"{key}={_show(_lookup(values, path))}: expected {allowed}"
+
+
+def _field_path(schema, loc) -> tuple[list[str], Any]:
+    """The config keys an error location names (it goes on into list items and union members)."""
+    node, info, path = schema, None, []
+    for part in loc:
+        fields = getattr(node, "model_fields", None)
+        if not isinstance(part, str) or not fields or part not in fields:
+            break
+        info = fields[part]
+        path.append(part)
+        node = info.annotation
+    return path, info
+
+
+def _lookup(values: dict, path: list[str]) -> Any:
+    for name in path:
+        if not isinstance(values, dict) or name not in values:
+            return None
+        values = values[name]
+    return values
+
+
+def _expected(err: dict, annotation) -> str:
+    ctx = err.get("ctx") or {}
+    kind = err["type"]
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return "a whole number"
+    if kind in ("float_type", "float_parsing"):
+        return "a number"
+    if kind == "finite_number":
+        return "a finite number"
+    if kind in ("bool_type", "bool_parsing"):
+        return "true or false"
+    if kind == "string_type":
+        return "a string"
+    if kind == "list_type":
+        return "a list, e.g. [a,b]"
+    if kind == "literal_error":
+        return f"one of {ctx.get('expected')}"
+    for k, sign in (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤")):
+        if k in ctx:
+            return f"a number {sign} {ctx[k]}"
+    return err["msg"][0].lower() + err["msg"][1:]
+
+
+def _show(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    if isinstance(value, str) and value == "":
+        return "''"
+    return str(value)
