@@ -12,7 +12,7 @@ quickstart: $(VENV)/.installed
 	$(BIN)/peftkit train recipe=quickstart
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 install: $(VENV)/.installed
 

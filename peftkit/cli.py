@@ -138,9 +138,9 @@ def cmd_train(args: list[str]) -> int:
         raise UserError("--cfg prints one config; drop -m, or give one value per key")
     overwrite, overrides = _flag(overrides, "overwrite", "train")
     recipe, overrides = config.split_recipe(overrides, default="quickstart")
-    cfg = config.check(recipe, overrides, multirun)
-    overrides = launch.resolve_resume(recipe, overrides, cfg)
-    return launch.hydra_train(recipe, overrides, multirun, passthrough, overwrite)
+    cfg, out = config.check(recipe, overrides, multirun)
+    overrides, resumed = launch.resolve_resume(recipe, overrides, cfg)
+    return launch.hydra_train(recipe, overrides, multirun, passthrough, overwrite, resumed or out)
 
 
 def cmd_eval(args: list[str]) -> int:
@@ -215,6 +215,9 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "report": 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     traceback = os.environ.get("PEFTKIT_TRACEBACK", "0") not in ("0", "")
+    from peftkit import config
+
+    config.clear_user_dirs()  # --recipes-dir holds for this command only
     try:
         while argv and argv[0].startswith("--") and argv[0] not in ("--help",):
             opt = argv.pop(0)

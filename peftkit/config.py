@@ -12,7 +12,7 @@ import itertools
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from peftkit.errors import UserError
 
@@ -35,6 +35,10 @@ def add_user_dir(path: str | os.PathLike) -> None:
     if not p.is_dir():
         raise UserError(f"recipes dir {path} does not exist")
     _extra_dirs.append(p)
+
+
+def clear_user_dirs() -> None:
+    _extra_dirs.clear()
 
 
 def user_dirs() -> list[Path]:
@@ -106,10 +110,12 @@ def hydra_overrides() -> list[str]:
     return [f"hydra.searchpath=[{dirs}]"]
 
 
-def check(recipe: str, overrides: list[str], multirun: bool = False) -> DictConfig:
+def check(recipe: str, overrides: list[str], multirun: bool = False) -> tuple[DictConfig, str | None]:
     """Compose and validate every value a sweep names, so bad input fails before any run starts.
 
-    Returns the config of the first combination. Errors become one-line `UserError`s.
+    Returns the config of the first combination and where Hydra would write it (`hydra.run.dir`, or
+    `hydra.sweep.dir` for a sweep), resolved now; None if only a running job could resolve it.
+    Errors become one-line `UserError`s.
     """
     choices = _values(overrides, multirun)
     # One compose per distinct value (not the whole product): enough to catch a bad key or value.
@@ -117,12 +123,19 @@ def check(recipe: str, overrides: list[str], multirun: bool = False) -> DictConf
     for i, c in enumerate(choices):
         for v in c[1:]:
             combos.append([*combos[0][:i], v, *combos[0][i + 1 :]])
-    first = None
+    first, out = None, None
     for combo in itertools.islice(combos, 64):
-        cfg = compose(recipe, combo)
+        cfg = compose(recipe, combo, with_hydra=first is None)
+        if first is None:
+            try:
+                out = str(OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir"))
+            except Exception:
+                out = None
+            with open_dict(cfg):
+                del cfg["hydra"]
+            first = cfg
         validate(cfg)
-        first = first if first is not None else cfg
-    return first
+    return first, out
 
 
 def _values(overrides: list[str], multirun: bool) -> list[list[str]]:
@@ -162,27 +175,9 @@ def validate(cfg: DictConfig) -> None:
     backbone.check(cfg.backbone)
 
 
-def output_dir(recipe: str, overrides: list[str], key: str) -> str | None:
-    """Where Hydra would put the run (`hydra.run.dir`) or sweep (`hydra.sweep.dir`), resolved now; None
-    if it depends on what only a running job knows."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    first = [c[0] for c in _values(overrides, multirun=True)]
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(recipes()[recipe].parent), version_base="1.3"):
-            cfg = hydra_compose(recipe, overrides=[*hydra_overrides(), *first], return_hydra_config=True)
-            return str(OmegaConf.select(cfg, key))
-    except Exception:
-        return None
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def compose(recipe: str, overrides: list[str] = ()) -> DictConfig:
-    """The composed config of a recipe plus overrides, without starting a run."""
+def compose(recipe: str, overrides: list[str] = (), with_hydra: bool = False) -> DictConfig:
+    """The composed config of a recipe plus overrides, without starting a run (`with_hydra`: with
+    Hydra's own `hydra:` node, which says where the run would go)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -191,7 +186,7 @@ def compose(recipe: str, overrides: list[str] = ()) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(recipes()[recipe].parent), version_base="1.3"):
-            return hydra_compose(recipe, overrides=[*hydra_overrides(), *overrides])
+            return hydra_compose(recipe, overrides=[*hydra_overrides(), *overrides], return_hydra_config=with_hydra)
     except UserError:
         raise
     except Exception as e:

@@ -28,11 +28,12 @@ def _run_signature(cfg: DictConfig) -> dict:
     return {k: c.get(k) for k in SAME_RUN_KEYS}
 
 
-def resolve_resume(recipe: str, overrides: list[str], cfg: DictConfig) -> list[str]:
-    """`resume=true`: the newest unfinished run under outputs/ with the same config; `resume=DIR`: that run."""
+def resolve_resume(recipe: str, overrides: list[str], cfg: DictConfig) -> tuple[list[str], Path | None]:
+    """`resume=true`: the newest unfinished run under outputs/ with the same config; `resume=DIR`: that
+    run. Returns the overrides that continue it in its folder, and the folder (None: no resume)."""
     value = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
     if value in (None, "false", "False"):
-        return overrides
+        return overrides, None
     rest = [o for o in overrides if not o.startswith("resume=")]
     if value in ("true", "True"):
         want = _run_signature(cfg)
@@ -42,12 +43,12 @@ def resolve_resume(recipe: str, overrides: list[str], cfg: DictConfig) -> list[s
             saved = run / "config.yaml"
             finished = (run / "eval" / "report.json").is_file()
             if not finished and saved.is_file() and _run_signature(OmegaConf.load(saved)) == want:
-                return [*rest, "resume=true", f"hydra.run.dir={run}"]
+                return [*rest, "resume=true", f"hydra.run.dir={_quote(run)}"], run
         raise UserError("resume=true found no unfinished run with this config under outputs/; pass resume=DIR")
     run = Path(value)
     if newest_complete(run / "checkpoints" / "last") is None:
         raise UserError(f"resume={value}: no checkpoint at {run}/checkpoints/last")
-    return [*rest, "resume=true", f"hydra.run.dir={run}"]
+    return [*rest, "resume=true", f"hydra.run.dir={_quote(run)}"], run
 
 
 def finished_report(run_dir: Path, cfg: DictConfig) -> dict | None:
@@ -110,22 +111,22 @@ def _main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def prepare_output_dir(recipe: str, overrides: list[str], multirun: bool) -> Path | None:
+def prepare_output_dir(path: str | Path | None, overrides: list[str], multirun: bool) -> Path | None:
     """Fix the run (or sweep) folder before Hydra starts and create it ourselves, noting which folders
     are new: a failed run then removes only those, and an unwritable place is refused in one line.
-    None if only Hydra can resolve it (an interpolation of what a running job knows)."""
+    `path`: where Hydra would write (`config.check`); None if only a running job can resolve it."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     stamp = _shared_timestamp()
     if stamp and not multirun and not any(o.startswith("hydra.run.dir=") for o in overrides):
         path = f"outputs/{stamp}"
-    else:
-        path = config.output_dir(recipe, overrides, key)
     if path is not None and _main_process():
         rundir.prepare(Path(path), key)
     return None if path is None else Path(path)
 
 
-def hydra_train(recipe: str, overrides: list[str], multirun: bool, passthrough: list[str], overwrite: bool = False) -> int:
+def hydra_train(recipe: str, overrides: list[str], multirun: bool, passthrough: list[str], overwrite: bool = False,
+                out: str | Path | None = None) -> int:
+    """Run `train` (or a sweep) under Hydra; `out`: the run or sweep folder, resolved (`config.check`)."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
@@ -134,9 +135,10 @@ def hydra_train(recipe: str, overrides: list[str], multirun: bool, passthrough: 
     # Hydra writes nothing into a run folder (no .hydra/, no log file): peftkit writes config.yaml itself,
     # and the folder's owner is known before anything lands in it
     extra = [*config.hydra_overrides(), "hydra.output_subdir=null", "hydra/job_logging=none"]
-    out = None
-    if not any(p in ("--cfg", "-c", "--info", "-i") for p in passthrough):
-        out = prepare_output_dir(recipe, overrides, multirun)
+    if any(p in ("--cfg", "-c", "--info", "-i") for p in passthrough):
+        out = None
+    else:
+        out = prepare_output_dir(out, overrides, multirun)
         if out is not None:
             key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
             overrides = [o for o in overrides if not o.startswith(key + "=")] + [f"{key}={_quote(str(out))}"]

@@ -32,6 +32,7 @@ def prepare(path: Path, key: str) -> None:
     check_writable(path, "output folder", key)
     missing = [p for p in [path, *path.parents] if not p.exists()]
     path.mkdir(parents=True, exist_ok=True)
+    _missing.pop(path, None)
     if missing:
         _missing[path] = missing[-1]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import resource
 import shutil
@@ -34,7 +35,11 @@ console = Console(stderr=True)
 
 
 def make_accelerator(trainer: DictConfig):
+    """One per run. A sweep runs its jobs one after another in one process, each with its own
+    precision: accelerate's process-wide state is reset between them (one process only: under
+    torchrun or accelerate launch the state holds the process group)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     cuda = torch.cuda.is_available() and trainer.device != "cpu"
     if trainer.device == "cuda" and not cuda:
@@ -42,6 +47,8 @@ def make_accelerator(trainer: DictConfig):
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[trainer.precision]
     if precision == "fp16" and not cuda:
         raise UserError("trainer.precision=fp16 needs a GPU; on CPU use trainer.precision=bf16")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(cpu=not cuda, mixed_precision=precision, gradient_accumulation_steps=trainer.grad_accum)
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub: every test is offline
+
 ROOT = Path(__file__).resolve().parents[1]
 GLUE_DIR = ROOT.parent / "shared" / "glue"
 
@@ -85,8 +87,52 @@ def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), seed=0)
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`peftkit ARGS` in a fresh process, as a user would type it."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "peftkit.cli", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+# Settings an in-process run honours as a fresh process would; any other env var needs a fresh process
+# (read at import, like HF_HUB_OFFLINE=0, or meant for one process, like PEFTKIT_FAULT).
+IN_PROCESS_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600,
+            fresh_process: bool = False) -> subprocess.CompletedProcess:
+    """`peftkit ARGS` as a user would type it, in `cwd`: stdout, stderr and the exit code.
+
+    It runs `peftkit.cli.main` in this process (a fresh interpreter costs ~5 s of imports per call),
+    on one thread, with the working directory, argv and environment restored afterwards. Tests of
+    process death, signals, fault injection or import-time settings pass `fresh_process=True`."""
+    env = env or {}
+    if fresh_process or any(IN_PROCESS_ENV.get(k) != v for k, v in env.items()):
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
+        return subprocess.run([sys.executable, "-m", "peftkit.cli", *args], cwd=cwd, env=full_env,
+                              capture_output=True, text=True, timeout=timeout)
+    return _in_process(list(args), cwd)
+
+
+def _in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    import contextlib
+    import gc
+    import io
+    import traceback
+
+    import torch
+
+    from peftkit import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_cwd, saved_argv, saved_threads = os.getcwd(), sys.argv[:], torch.get_num_threads()
+    os.chdir(cwd)
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(args)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # what an uncaught exception does to a real process
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        torch.set_num_threads(saved_threads)
+        gc.collect()
+    return subprocess.CompletedProcess(["peftkit", *args], code, out.getvalue(), err.getvalue())

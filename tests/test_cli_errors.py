@@ -1,6 +1,6 @@
 """Bad input at the command line: one line on stderr that names the fix, exit code 2, nothing left behind.
 
-Every case runs `python -m peftkit.cli` in a subprocess in an empty working directory, as a user would.
+Every case runs `peftkit` (conftest.run_cli) in an empty working directory, as a user would.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from peftkit.data import Split
 
@@ -41,23 +42,53 @@ def _key(split: Split, tokenizer, max_length: int) -> str:
     return h.hexdigest()[:24]
 
 
-def tokenize(split: Split, tokenizer, max_length: int) -> dict[str, list]:
-    """input_ids (and token_type_ids where the model has them) per example, cached by content."""
-    import datasets
+FEATURES = ("input_ids", "token_type_ids")
 
-    datasets.disable_progress_bars()
-    columns = {"a": split.text_a} | ({"b": split.text_b} if split.text_b is not None else {})
-    ds = datasets.Dataset.from_dict(columns)
 
-    def encode(batch):
-        args = (batch["a"], batch["b"]) if "b" in batch else (batch["a"],)
-        return tokenizer(*args, truncation=True, max_length=max_length)
+def tokenize(split: Split, tokenizer, max_length: int) -> dict[str, list[list[int]]]:
+    """input_ids (and token_type_ids where the model has them) per example, cached on disk by
+    content: one safetensors file per split, each feature flat with the examples' offsets."""
+    path = cache_dir() / f"{_key(split, tokenizer, max_length)}.safetensors"
+    if path.is_file():
+        try:
+            return _unflatten(load_file(str(path)))
+        except Exception:  # an unreadable cache entry is tokenized again
+            pass
+    features: dict[str, list] = {"input_ids": []}
+    for i in range(0, len(split), 2000):
+        args = (split.text_a[i : i + 2000],) + ((split.text_b[i : i + 2000],) if split.text_b is not None else ())
+        out = tokenizer(*args, truncation=True, max_length=max_length)
+        for name in FEATURES:
+            if name in out:
+                features.setdefault(name, []).extend(out[name])
+    try:
+        _write_cache(path, features)
+    except Exception:  # a cache that cannot be written (full disk, read-only) only costs time
+        for tmp in path.parent.glob(f".{path.name}.tmp-{os.getpid()}"):
+            tmp.unlink(missing_ok=True)
+    return features
 
-    path = cache_dir() / f"{_key(split, tokenizer, max_length)}.arrow"
+
+def _write_cache(path: Path, features: dict[str, list]) -> None:
+    from safetensors.torch import save_file
+
+    lengths = [len(x) for x in features["input_ids"]]
+    tensors = {"offsets": torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int64)}
+    for name, rows in features.items():
+        tensors[name] = torch.tensor([t for row in rows for t in row], dtype=torch.int32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds = ds.map(encode, batched=True, batch_size=2000, remove_columns=list(columns), cache_file_name=str(path))
-    keep = [c for c in ("input_ids", "token_type_ids") if c in ds.column_names]
-    return {c: ds[c][:] for c in keep}  # plain lists: indexing an Arrow column per example is slow
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def _unflatten(tensors: dict[str, torch.Tensor]) -> dict[str, list[list[int]]]:
+    offsets = tensors.pop("offsets").tolist()
+    out = {}
+    for name, flat in tensors.items():
+        values = flat.tolist()
+        out[name] = [values[a:b] for a, b in zip(offsets, offsets[1:])]
+    return out
 
 
 def train_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:

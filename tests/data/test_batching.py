@@ -170,7 +170,7 @@ def test_tokenize_caches_on_disk(tokenizer, monkeypatch, tmp_path):
     monkeypatch.setenv(batching.CACHE_ENV, str(tmp_path / "cache"))
     split = pairs(40)
     first = batching.tokenize(split, tokenizer, 64)
-    files = sorted((tmp_path / "cache" / "tokenized").glob("*.arrow"))
+    files = sorted((tmp_path / "cache" / "tokenized").glob("*.safetensors"))
     assert len(files) == 1
     expected = tokenizer(split.text_a, split.text_b, truncation=True, max_length=64)
     assert list(first["input_ids"]) == expected["input_ids"]
@@ -184,12 +184,12 @@ def test_tokenize_caches_on_disk(tokenizer, monkeypatch, tmp_path):
         second = batching.tokenize(split, tokenizer, 64)
     assert list(second["input_ids"]) == list(first["input_ids"])
     assert list(second["token_type_ids"]) == list(first["token_type_ids"])
-    assert sorted((tmp_path / "cache" / "tokenized").glob("*.arrow")) == files
+    assert sorted((tmp_path / "cache" / "tokenized").glob("*.safetensors")) == files
 
     # another max length or other text is another cache entry
     batching.tokenize(split, tokenizer, 16)
     batching.tokenize(Split(split.text_a, None, split.labels, split.ids), tokenizer, 64)
-    assert len(list((tmp_path / "cache" / "tokenized").glob("*.arrow"))) == 3
+    assert len(list((tmp_path / "cache" / "tokenized").glob("*.safetensors"))) == 3
 
 
 @needs_minilm
