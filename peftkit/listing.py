@@ -49,7 +49,7 @@ def method_param_counts(entries: dict) -> dict[str, str]:
 
     bb = OmegaConf.load(config.group_options("backbone")["minilm"])
     try:
-        base = backbone.load_model(bb, 2, "single_label_classification")
+        base = backbone.load_model(bb, 2, "single_label_classification")  # the classification head of a 2-label task
     except (UserError, OSError):
         return {}
     head = backbone.head_module_names(base, list(bb.head))

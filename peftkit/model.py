@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from peftkit import adapter, backbone, methods
+from peftkit import adapter, backbone, methods, tasks
 from peftkit.errors import UserError
 from peftkit.methods.base import count_params
 
@@ -28,13 +28,12 @@ class Adapted:
         return f"trainable params: {n:,} ({100 * n / total:.2f}% of {total:,})"
 
 
-def build(backbone_cfg: DictConfig, method_cfg, label_names: list[str] | None) -> Adapted:
-    """Load the backbone with a fresh head for the task and apply the method."""
+def build(backbone_cfg: DictConfig, method_cfg, label_names: list[str] | None, task: str | None = None) -> Adapted:
+    """Load the backbone as the task type needs it (`tasks`: a fresh classification head, or the
+    causal LM as pretrained) and apply the method."""
     method = methods.build(OmegaConf.to_container(method_cfg, resolve=True) if isinstance(method_cfg, DictConfig) else method_cfg)
     tokenizer = backbone.load_tokenizer(backbone_cfg)
-    num_labels = 1 if label_names is None else len(label_names)
-    problem = "regression" if label_names is None else "single_label_classification"
-    model = backbone.load_model(backbone_cfg, num_labels, problem, label_names)
+    model = tasks.get(task).load_model(backbone_cfg, label_names)
     head = backbone.head_module_names(model, list(backbone_cfg.head))
     base_names = [n for n, _ in model.named_parameters() if not any(n.startswith(h + ".") for h in head)]
     fp = backbone.fingerprint(model, base_names)
@@ -42,11 +41,12 @@ def build(backbone_cfg: DictConfig, method_cfg, label_names: list[str] | None) -
     return Adapted(model, tokenizer, method, trainable, head, fp)
 
 
-def meta(a: Adapted, backbone_cfg: DictConfig, label_names, dataset: str) -> dict:
-    """adapter_config.json: the method's options as applied (default targets resolved to names), the
-    backbone, the base's fingerprint, labels and head, sizes."""
+def meta(a: Adapted, backbone_cfg: DictConfig, label_names, dataset: str, task: str | None = None) -> dict:
+    """adapter_config.json: the task type, the method's options as applied (default targets resolved
+    to names), the backbone, the base's fingerprint, labels and head, sizes."""
     n, total = count_params(a.model)
     return {
+        "task_type": task or tasks.DEFAULT,
         "method": {"name": a.method.name, **dataclasses.asdict(a.method.cfg)},
         "backbone": OmegaConf.to_container(backbone_cfg, resolve=True),
         "base_fingerprint": a.fingerprint,
@@ -74,7 +74,7 @@ def from_adapter(path: str | Path, backbone_path: str | None = None) -> tuple[Ad
     bb = OmegaConf.create(cfg["backbone"])
     if backbone_path:
         bb.path = backbone_path
-    a = build(bb, cfg["method"], cfg["label_names"])
+    a = build(bb, cfg["method"], cfg["label_names"], cfg.get("task_type"))
     if a.fingerprint != cfg["base_fingerprint"]:
         raise UserError(
             f"adapter {path} was trained on backbone '{cfg['backbone']['name']}' (fingerprint "

@@ -54,11 +54,13 @@ class Trainer(Section):
     checkpoint: bool
     keep_last_checkpoint: bool
     keep_checkpoints: int = _whole(0, "a whole number ≥ 0 (0: off)")
+    eval_before: bool = False
 
 
 class Backbone(Section):
     name: str
     package: str | None = None
+    gguf: str | None = None
     path: str | None = None
     hub_id: str | None = None
     max_length: int = _whole(2, "a whole number of tokens ≥ 2 (and at most the model's maximum)")
@@ -68,6 +70,7 @@ class Backbone(Section):
 
 class _Data(Section):
     name: str
+    task: Literal["classification"] = "classification"
     max_train_samples: OptionalCount = Field(description="a whole number ≥ 1, or null for all rows")
     max_eval_samples: OptionalCount = Field(description="a whole number ≥ 1, or null for all rows")
 
@@ -94,6 +97,47 @@ class LocalData(_Data):
     metrics: list[Literal["accuracy", "f1", "matthews"]] = Field(min_length=1, description="a list of accuracy, f1, matthews")
 
 
+class Fields(Section):
+    instruction: str
+    input: str | None = None
+    output: str
+    answer: str | None = None
+    messages: str | None = None
+
+
+class _LMData(_Data):
+    task: Literal["causal_lm"]
+    template: Literal["chat", "alpaca"]
+    packing: bool
+    metrics: list[Literal["exact_match", "numeric", "answer_format", "choice", "rougeL"]] = Field(
+        description="a list of exact_match, numeric, answer_format, choice, rougeL (or [] for the loss alone)")
+    max_new_tokens: Count
+    generate_samples: OptionalCount = Field(description="a whole number ≥ 1, or null for every dev example")
+
+
+class _Carved(_LMData):
+    dev_fraction: float = Field(gt=0, lt=1, description="a fraction in (0, 1), e.g. 0.05")
+    dev_size: OptionalCount = Field(description="a whole number ≥ 1, or null to use dev_fraction")
+    split_seed: int
+    fields: Fields
+    system: str | None = None
+
+
+class InstructData(_Carved):
+    train_file: str | None = Field(description="the path of a .json, .jsonl or .parquet file")
+    dev_file: str | None = None
+
+
+class MathData(_Carved):
+    data_dir: str | None = Field(description="a folder in the LLM-Adapters layout")
+    train_file: str
+    eval_sets: list[str] = Field(min_length=1, description="a list of test-set folders, e.g. [AddSub,gsm8k]")
+
+
+class QuickstartLMData(_LMData):
+    prompt: str
+
+
 class Run(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
     recipe: str | None = None
@@ -105,7 +149,8 @@ class Run(BaseModel):
     method: dict
 
 
-DATASETS = {"glue": GlueData, "local": LocalData, "quickstart": QuickstartData}
+DATASETS = {"glue": GlueData, "local": LocalData, "quickstart": QuickstartData,
+            "instruct": InstructData, "math": MathData, "quickstart_lm": QuickstartLMData}
 
 
 def check_run(cfg: dict) -> None:

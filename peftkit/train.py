@@ -23,11 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from peftkit import adapter, checkpoint, data, model
-from peftkit.data.batching import Encoded, train_batches
+from peftkit import adapter, checkpoint, model, tasks
+from peftkit.data.batching import train_batches
 from peftkit.errors import Diverged, UserError
 from peftkit.evaluation import report
-from peftkit.evaluation.scoring import score
 from peftkit.methods.base import adapter_tensors
 from peftkit.files import atomic_write_text, fault_point, json_text, newest_complete
 
@@ -129,15 +128,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     main = accelerator.is_main_process
     seed_everything(cfg.seed)
 
-    task = data.load(cfg.dataset)
+    kind = tasks.of(cfg.dataset)
+    task = kind.load_data(cfg.dataset)
     seed_everything(cfg.seed)  # the initial adapter and head depend on the seed alone (merge mode=compress rebuilds them)
-    a = model.build(cfg.backbone, cfg.method, task.label_names)
+    a = model.build(cfg.backbone, cfg.method, task.label_names, kind.NAME)
     if main:
         console.print(f"{cfg.method.name} on {cfg.backbone.name}, {cfg.dataset.name}: {a.summary()}")
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    encoded = {s: Encoded(split, a.tokenizer, cfg.backbone.max_length) for s, split in task.splits.items()}
+    encoded = kind.encode(task, a.tokenizer, cfg)
     train = encoded["train"]
-    regression = task.label_names is None
     world, rank = accelerator.num_processes, accelerator.process_index
 
     def epoch_batches(epoch: int) -> list[list[int]]:
@@ -188,12 +187,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             with open(log_path, "a") as f:
                 f.write(json_text(record, indent=None) + "\n")
 
-    meta = {**model.meta(a, cfg.backbone, task.label_names, cfg.dataset.name), "seed": cfg.seed}
+    meta = {**model.meta(a, cfg.backbone, task.label_names, cfg.dataset.name, kind.NAME), "seed": cfg.seed}
 
     def evaluate_and_keep(step: int, train_loss: float) -> None:
         if bad := adapter.nonfinite(adapter_tensors(raw), a.trainable):
             diverged(step, f"{len(bad)} trained tensors hold NaN or infinity (first: {bad[0]})")
-        result = score(accelerator, net, task, encoded, t.eval_batch_size)
+        result = kind.evaluate(accelerator, net, task, encoded, t.eval_batch_size)
         log({"step": step, "eval": result["metrics"], "score": result["score"]})
         best = state["best"]
         if main:
@@ -227,6 +226,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "seed": cfg.seed,
             "metrics": best.get("metrics", {}),
             "score": best.get("score"),
+            **({"samples": best["samples"]} if best.get("samples") else {}),
+            **({"truncated": task.truncated} if getattr(task, "truncated", None) else {}),
             "glue_average": best["score"] if scored else None,
             "best_step": best.get("step"),
             "total_steps": total_steps,
@@ -260,13 +261,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     window_loss, window_n, window_samples, window_t = 0.0, 0, 0, time.perf_counter()
     eval_loss_sum, eval_loss_n = 0.0, 0  # training loss since the last evaluation (snapshots record it)
     t_start = time.perf_counter() - state["train_time_s"]
+    if t.get("eval_before") and step == 0:  # the base model as the run starts: the "before" of a before/after
+        before = kind.evaluate(accelerator, net, task, encoded, t.eval_batch_size)
+        log({"step": 0, "eval": before["metrics"], "score": before["score"]})
+        if main:
+            console.print(f"before training: {task.task} score {before['score']:.2f}")
     net.train()
     with progress_bar(main) as bar:
         job = bar.add_task("train", total=total_steps, completed=step, loss="-", lr="-", speed="-")
         while step < total_steps:
             batches = epoch_batches(epoch)
             for bi in range(start, len(batches)):
-                batch = {k: v.to(accelerator.device) for k, v in train.batch(batches[bi], regression).items()}
+                batch = {k: v.to(accelerator.device) for k, v in train.batch(batches[bi]).items()}
                 with accelerator.accumulate(net):
                     loss = net(**batch).loss
                     accelerator.backward(loss)

@@ -12,6 +12,17 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub: every test is offline
 
+try:  # rouge-score logs through absl, whose handler closes the stream it was made with (unless it is the
+    # current sys.stderr) when Hydra reconfigures logging: in-process runs redirect stderr, so it would
+    # close pytest's capture. Closing a handler must not close a stream it does not own.
+    import logging
+
+    import absl.logging
+
+    absl.logging.PythonHandler.close = logging.Handler.close
+except ImportError:
+    pass
+
 ROOT = Path(__file__).resolve().parents[1]
 GLUE_DIR = ROOT.parent / "shared" / "glue"
 
@@ -136,3 +147,33 @@ def _in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         torch.set_num_threads(saved_threads)
         gc.collect()
     return subprocess.CompletedProcess(["peftkit", *args], code, out.getvalue(), err.getvalue())
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def make_tiny_causal_lm(out: Path, seed: int, arch: str = "llama") -> Path:
+    """A 2-layer, hidden-32 decoder LM (Llama, Qwen2 or Mistral) with random weights, its LM head
+    saved too, and MiniLM's tokenizer with a ChatML chat template (its [SEP] as end of sequence)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+               "mistral": (MistralConfig, MistralForCausalLM)}
+    config_class, model_class = classes[arch]
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    torch.manual_seed(seed)
+    cfg = config_class(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=64, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                       eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id, tie_word_embeddings=False)
+    model_class(cfg).save_pretrained(out)
+    tok.chat_template = CHATML
+    tok.eos_token = tok.sep_token
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("tiny_lm"), seed=0)

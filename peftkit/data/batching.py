@@ -139,8 +139,9 @@ def collate(features: dict[str, list], idx: list[int], pad_id: int, labels=None,
 class Encoded:
     """A tokenized split: features per example, lengths for batching, labels and ids."""
 
-    def __init__(self, split: Split, tokenizer, max_length: int):
+    def __init__(self, split: Split, tokenizer, max_length: int, float_labels: bool = False):
         self.features = tokenize(split, tokenizer, max_length)
+        self.float_labels = float_labels  # regression
         self.lengths = [len(x) for x in self.features["input_ids"]]
         self.labels = split.labels
         self.ids = split.ids
@@ -149,5 +150,5 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def batch(self, idx: list[int], float_labels: bool) -> dict[str, torch.Tensor]:
-        return collate(self.features, idx, self.pad_id, self.labels, float_labels)
+    def batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        return collate(self.features, idx, self.pad_id, self.labels, self.float_labels)

@@ -22,7 +22,7 @@ def predict(accelerator, net: torch.nn.Module, enc: Encoded, batch_size: int, re
     batches = eval_batches(enc.lengths, batch_size)[accelerator.process_index :: accelerator.num_processes]
     idx, out = [], []
     for b in batches:
-        batch = {k: v.to(accelerator.device) for k, v in enc.batch(b, regression).items() if k != "labels"}
+        batch = {k: v.to(accelerator.device) for k, v in enc.batch(b).items() if k != "labels"}
         with accelerator.autocast():
             logits = inner(**batch).logits.float()
         out.append(logits.squeeze(-1) if regression else logits.argmax(-1))

@@ -200,7 +200,7 @@ def test_encoded_truncates_and_batches(tokenizer, monkeypatch, tmp_path):
     assert len(enc) == 3
     assert enc.lengths[1] == 32 and enc.lengths[0] == 3  # [CLS] short [SEP]
     assert enc.ids == ["x", "y", "z"] and enc.pad_id == tokenizer.pad_token_id
-    batch = enc.batch([0, 2], float_labels=False)
+    batch = enc.batch([0, 2])
     assert batch["input_ids"].shape == (2, enc.lengths[2])
     assert batch["attention_mask"].sum(1).tolist() == [enc.lengths[0], enc.lengths[2]]
     assert batch["input_ids"][0, enc.lengths[0]:].eq(tokenizer.pad_token_id).all()

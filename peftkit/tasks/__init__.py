@@ -1,0 +1,33 @@
+"""Task types: what a run learns decides how its model loads, how its data is encoded and batched,
+its loss and its evaluation. The trainer, checkpoints, reports, sweeps and merges see only this
+interface, one module per task type:
+
+    load_data(dataset_cfg, splits)              -> data: .splits, .eval_splits, .label_names, .task
+    load_model(backbone_cfg, label_names)       -> a transformers model with the task's head
+    encode(data, tokenizer, cfg)                -> {split: Encoded}: len(), .lengths, .batch(idx)
+    evaluate(accelerator, net, data, encoded, batch_size) -> {"metrics": {split: {..}}, "score": float}
+
+A dataset's YAML names its task type (`task: causal_lm`); classification (and regression) is the default.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from peftkit.errors import UserError
+
+KINDS = ("classification", "causal_lm")
+DEFAULT = "classification"
+
+
+def get(kind: str | None) -> ModuleType:
+    kind = kind or DEFAULT
+    if kind not in KINDS:
+        raise UserError(f"dataset.task={kind}: unknown task type; choose one of: {', '.join(KINDS)}")
+    return importlib.import_module(f"{__name__}.{kind}")
+
+
+def of(dataset_cfg) -> ModuleType:
+    """The task type a dataset config names."""
+    return get(dataset_cfg.get("task"))

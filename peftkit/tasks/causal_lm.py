@@ -1,0 +1,243 @@
+"""Causal-LM supervised fine-tuning: the pretrained `*ForCausalLM`, next-token loss on the
+assistant's tokens only (never the prompt), packed rows, and evaluation by dev loss / perplexity
+and by scoring greedy replies (evaluation.generation).
+
+Prompts are formatted by the tokenizer's chat template (`template: chat`) or the Alpaca prompt
+(`template: alpaca`). Packing puts several examples in one row of up to `backbone.max_length`
+tokens with positions restarting per example; with no attention mask, transformers builds a
+block-diagonal causal mask from those positions, so no token attends across an example boundary
+(the packed loss equals the unpacked one: tests/tasks/test_causal_lm.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.markup import escape
+
+from peftkit import backbone
+from peftkit.data import instruct
+from peftkit.data.batching import eval_batches
+from peftkit.data.instruct import Conversation, LMData
+from peftkit.errors import UserError
+from peftkit.evaluation import generation
+
+NAME = "causal_lm"
+IGNORE = -100
+ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+          "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+console = Console(stderr=True)
+
+
+def load_data(dataset_cfg: DictConfig, splits: tuple[str, ...] = ("train", "validation")) -> LMData:
+    return instruct.load(dataset_cfg, splits)
+
+
+def load_model(backbone_cfg: DictConfig, label_names=None):
+    model = backbone.load_causal_lm(backbone_cfg)
+    model.config.use_cache = False  # training: no cache, so packed positions give the block mask
+    return model
+
+
+# ---- prompts and response-only labels -----------------------------------------------------------------------
+
+def render(conv: Conversation, tokenizer, template: str) -> tuple[list[int], list[int]]:
+    """Token ids of the whole conversation and its labels: the assistant turns' tokens, -100 elsewhere."""
+    if template == "alpaca":
+        ids, labels = [], []
+        for user, reply in _turns(conv.messages):
+            prompt = _encode(tokenizer, ALPACA.format(instruction=user), first=not ids)
+            answer = tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids += prompt + answer
+            labels += [IGNORE] * len(prompt) + answer
+        return ids, labels
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("this tokenizer has no chat template; set dataset.template=alpaca")
+    ids: list[int] = []
+    labels: list[int] = []
+    for k, m in enumerate(conv.messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = _chat_ids(tokenizer, conv.messages[:k], generation_prompt=True)
+        full = _chat_ids(tokenizer, conv.messages[: k + 1], generation_prompt=False)
+        if full[: len(prompt)] != prompt or prompt[: len(ids)] != ids:
+            raise UserError("the chat template does not render a conversation as a prefix of its continuation; "
+                            "set dataset.template=alpaca")
+        labels += [IGNORE] * (len(prompt) - len(ids)) + full[len(prompt) :]
+        ids = full
+    return ids, labels
+
+
+def prompt_ids(conv: Conversation, tokenizer, template: str) -> list[int]:
+    """What generation starts from: everything up to the last assistant turn, and its header."""
+    if template == "alpaca":
+        ids, labels = render(Conversation(conv.messages[:-1] + [{"role": "assistant", "content": ""}]), tokenizer, template)
+        return ids[: len(ids) - 1]  # without the empty reply's end-of-sequence
+    return _chat_ids(tokenizer, conv.prompt, generation_prompt=True)
+
+
+def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def _encode(tokenizer, text: str, first: bool) -> list[int]:
+    """The prompt's ids, with the tokenizer's start token if it adds one, never an end token."""
+    ids = tokenizer(text, add_special_tokens=first)["input_ids"]
+    ends = {tokenizer.eos_token_id, getattr(tokenizer, "sep_token_id", None)} - {None}
+    return ids[:-1] if ids and ids[-1] in ends else ids
+
+
+def _turns(messages: list[dict]) -> list[tuple[str, str]]:
+    """(user, assistant) pairs; a system turn is not part of the Alpaca prompt."""
+    pairs, user = [], ""
+    for m in messages:
+        if m["role"] == "user":
+            user = m["content"] if not user else f"{user}\n\n{m['content']}"
+        elif m["role"] == "assistant":
+            pairs.append((user, m["content"]))
+            user = ""
+    return pairs
+
+
+# ---- encoded splits -------------------------------------------------------------------------------------------
+
+class EncodedLM:
+    """Tokenized conversations as training rows: packed (several examples per row) or one per row.
+
+    `lengths` and `batch(idx)` are per row, so the trainer's batching (length grouping, resumable
+    order) works on rows as it does on classification examples."""
+
+    def __init__(self, examples: list[tuple[list[int], list[int]]], pad_id: int, packed: bool, max_length: int):
+        self.examples = examples
+        self.pad_id = pad_id
+        self.packed = packed
+        self.rows = pack([len(ids) for ids, _ in examples], max_length) if packed else [[i] for i in range(len(examples))]
+        self.lengths = [sum(len(examples[i][0]) for i in row) for row in self.rows]
+        self.tokens = sum(self.lengths)  # real tokens, no padding
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        width = max(self.lengths[i] for i in idx)
+        input_ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(idx), width), IGNORE, dtype=torch.long)
+        if not self.packed:
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids, lab = self.examples[self.rows[i][0]]
+                input_ids[r, : len(ids)], labels[r, : len(ids)], mask[r, : len(ids)] = torch.tensor(ids), torch.tensor(lab), 1
+            return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        positions = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            at = 0
+            for e in self.rows[i]:
+                ids, lab = self.examples[e]
+                input_ids[r, at : at + len(ids)], labels[r, at : at + len(ids)] = torch.tensor(ids), torch.tensor(lab)
+                positions[r, at : at + len(ids)] = torch.arange(len(ids))
+                at += len(ids)
+            positions[r, at:] = torch.arange(width - at)  # the padding is a sequence of its own
+        return {"input_ids": input_ids, "position_ids": positions, "labels": labels}
+
+
+def pack(lengths: list[int], max_length: int) -> list[list[int]]:
+    """First-fit decreasing: example indices per row, each row at most `max_length` tokens."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    room = np.zeros(0, dtype=np.int64)
+    rows: list[list[int]] = []
+    for i in order:
+        fits = np.flatnonzero(room >= lengths[i])
+        if len(fits):
+            rows[fits[0]].append(int(i))
+            room[fits[0]] -= lengths[i]
+        else:
+            rows.append([int(i)])
+            room = np.append(room, max_length - lengths[i])
+    return rows
+
+
+def encode(data: LMData, tokenizer, cfg: DictConfig) -> dict[str, EncodedLM]:
+    """Every split rendered and truncated to `backbone.max_length`; train packed if `dataset.packing`.
+    Truncated examples are counted (`data.truncated`) and reported; an example whose response is
+    cut off entirely is dropped."""
+    d, max_length = cfg.dataset, cfg.backbone.max_length
+    out = {}
+    for split, convs in data.splits.items():
+        examples, cut = [], 0
+        for conv in convs:
+            ids, labels = render(conv, tokenizer, d.template)
+            if len(ids) > max_length:
+                cut += 1
+                ids, labels = ids[:max_length], labels[:max_length]
+            if split == "train" and all(x == IGNORE for x in labels):
+                continue
+            examples.append((ids, labels))
+        if not examples:
+            raise UserError(f"no {split} example has response tokens within backbone.max_length={max_length}; raise it")
+        data.truncated[split] = cut
+        if cut:
+            console.print(f"[yellow]peftkit: warning:[/] {cut} of {len(convs)} {split} examples are longer than "
+                          f"backbone.max_length={max_length} tokens and were cut")
+        out[split] = EncodedLM(examples, tokenizer.pad_token_id, bool(d.packing) and split == "train", max_length)
+        out[split].prompts = [prompt_ids(c, tokenizer, d.template)[-max_length:] for c in convs]
+        out[split].golds = [c.gold for c in convs]
+        out[split].tokenizer = tokenizer
+    return out
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def response_loss(accelerator, net, enc: EncodedLM, batch_size: int) -> tuple[float, int]:
+    """(sum of the response tokens' cross-entropy, their count) over a split, across processes."""
+    inner = accelerator.unwrap_model(net)
+    was_training = inner.training
+    inner.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for b in eval_batches(enc.lengths, batch_size)[accelerator.process_index :: accelerator.num_processes]:
+        batch = {k: v.to(accelerator.device) for k, v in enc.batch(b).items()}
+        labels = batch.pop("labels")
+        with accelerator.autocast():
+            logits = inner(**batch).logits.float()
+        shift, target = logits[:, :-1], labels[:, 1:]
+        total[0] += torch.nn.functional.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1),
+                                                      ignore_index=IGNORE, reduction="sum").double()
+        total[1] += (target != IGNORE).sum()
+    inner.train(was_training)
+    if accelerator.num_processes > 1:
+        total = accelerator.reduce(total, "sum")
+    return total[0].item(), int(total[1].item())
+
+
+def evaluate(accelerator, net, data: LMData, encoded: dict[str, EncodedLM], batch_size: int, show: int = 3) -> dict:
+    """Per eval split: mean response-token loss and perplexity; with `dataset.metrics`, greedy replies
+    to up to `generate_samples` prompts, scored. The score is the mean of the reply metrics, or −loss
+    when there are none (higher is better, as for every task)."""
+    d = data.cfg
+    per_split, samples = {}, {}
+    for s in data.eval_splits:
+        enc = encoded[s]
+        loss_sum, n = response_loss(accelerator, net, enc, batch_size)
+        loss = loss_sum / max(1, n)
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        if data.metrics:
+            k = len(enc.prompts) if d.get("generate_samples") is None else min(len(enc.prompts), d.generate_samples)
+            replies = generation.generate(accelerator.unwrap_model(net), enc.tokenizer, enc.prompts[:k],
+                                          d.max_new_tokens, batch_size, accelerator.device) if k else []
+            metrics.update(generation.score_replies(data.metrics, replies, enc.golds[:k]))
+            samples[s] = [{"prompt": enc.tokenizer.decode(p[-300:]), "reply": r, "gold": g}
+                          for p, r, g in zip(enc.prompts[:show], replies[:show], enc.golds[:show])]
+            if accelerator.is_main_process:
+                for x in samples[s]:
+                    console.print(f"  [dim]{escape(x['prompt'][-80:])!r}[/] → {escape(x['reply'])!r} (gold {escape(str(x['gold']))!r})",
+                                  highlight=False)
+        per_split[s] = metrics
+    reply_scores = [v for m in per_split.values() for k, v in m.items() if k in generation.METRICS]
+    score = float(np.mean(reply_scores)) if reply_scores else -float(np.mean([m["loss"] for m in per_split.values()]))
+    return {"metrics": per_split, "score": score, "samples": samples}
+

@@ -1,0 +1,183 @@
+"""The causal-LM task: response-only labels, packing without attention across examples, the
+reply metrics, batched greedy decoding, and a whole run from the command line on a tiny decoder."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import ROOT, run_cli
+from peftkit.data.instruct import Conversation
+from peftkit.evaluation import generation
+from peftkit.tasks import causal_lm
+from peftkit.tasks.causal_lm import IGNORE, EncodedLM, pack, render
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_lm):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_lm)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_lm):
+    from peftkit.tasks.causal_lm import load_model
+
+    return load_model(OmegaConf.create({"name": "tiny", "path": str(tiny_lm), "max_length": 64, "trust_remote_code": False})).eval()
+
+
+def chat(*turns: str, system: str | None = None) -> Conversation:
+    roles = ["user", "assistant"] * len(turns)
+    msgs = [{"role": r, "content": t} for r, t in zip(roles, turns)]
+    return Conversation(([{"role": "system", "content": system}] if system else []) + msgs)
+
+
+def learned(ids, labels, tokenizer) -> list[str]:
+    """The learned spans, decoded: runs of labelled tokens."""
+    spans, cur = [], []
+    for i, lab in zip(ids, labels):
+        if lab == IGNORE:
+            if cur:
+                spans.append(tokenizer.decode(cur))
+            cur = []
+        else:
+            assert lab == i
+            cur.append(i)
+    return spans + ([tokenizer.decode(cur)] if cur else [])
+
+
+def test_chat_template_labels_only_the_assistant_turns(tokenizer):
+    ids, labels = render(chat("is it good?", "fresh", "and this one?", "rotten", system="be brief"), tokenizer, "chat")
+    assert len(ids) == len(labels)
+    spans = learned(ids, labels, tokenizer)
+    assert [s.split("<")[0].strip() for s in spans] == ["fresh", "rotten"]  # the reply, then its end marker
+    assert all("im _ end" in s for s in spans) and not any("good" in s or "brief" in s for s in spans)
+    full = tokenizer.apply_chat_template(chat("is it good?", "fresh", "and this one?", "rotten", system="be brief").messages,
+                                         tokenize=True)["input_ids"]
+    assert ids == list(full)  # the ids are the template's own rendering
+
+
+def test_alpaca_template_labels_the_response_and_its_end(tokenizer):
+    ids, labels = render(chat("add 2 and 3", "The answer is 5."), tokenizer, "alpaca")
+    text = tokenizer.decode(ids)
+    assert "# # # instruction : add 2 and 3 # # # response :" in text  # the Alpaca prompt, as this tokenizer spells it
+    assert learned(ids, labels, tokenizer) == [tokenizer.decode(tokenizer("The answer is 5.", add_special_tokens=False)["input_ids"]
+                                                                + [tokenizer.eos_token_id])]
+    prompt = causal_lm.prompt_ids(chat("add 2 and 3", "The answer is 5."), tokenizer, "alpaca")
+    assert ids[: len(prompt)] == prompt and labels[len(prompt)] != IGNORE  # generation starts where the learned part does
+
+
+def test_pack_fills_rows_and_keeps_every_example_once():
+    lengths = [5, 9, 3, 7, 2, 8, 1, 10]
+    rows = pack(lengths, max_length=12)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 12 for row in rows)
+    assert len(rows) == math.ceil(sum(lengths) / 12)  # first-fit decreasing is tight here
+
+
+def test_packed_loss_equals_unpacked_loss_and_no_attention_crosses_examples(tokenizer, lm):
+    convs = [chat("good?", "fresh"), chat("the plot was a mess and the acting wooden", "rotten"), chat("fine", "fresh fresh")]
+    examples = [render(c, tokenizer, "chat") for c in convs]
+    packed = EncodedLM(examples, tokenizer.pad_token_id, packed=True, max_length=200)
+    padded = EncodedLM(examples, tokenizer.pad_token_id, packed=False, max_length=200)
+    assert len(packed) == 1 and len(padded) == 3
+    with torch.no_grad():
+        loss_packed = lm(**packed.batch([0])).loss
+        loss_padded = lm(**padded.batch([0, 1, 2])).loss
+    assert loss_packed.item() == pytest.approx(loss_padded.item(), abs=1e-5)
+
+    # changing the first example changes no logit of the others in the packed row
+    batch = packed.batch([0])
+    first = packed.rows[0][0]
+    n_first = len(examples[first][0])
+    other = dict(batch, input_ids=batch["input_ids"].clone())
+    other["input_ids"][0, 1 : n_first - 1] = 1000
+    with torch.no_grad():
+        a, b = lm(**batch).logits, lm(**other).logits
+    assert torch.equal(a[0, n_first:], b[0, n_first:])
+    assert not torch.equal(a[0, 1:n_first], b[0, 1:n_first])
+
+
+def test_batched_greedy_generation_equals_one_prompt_at_a_time(tokenizer, lm):
+    prompts = [causal_lm.prompt_ids(c, tokenizer, "chat") for c in
+               [chat("good?", "x"), chat("a much longer question about the movie and its plot", "x"), chat("ok", "x")]]
+    batched = generation.generate(lm, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    alone = [generation.generate(lm, tokenizer, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert batched == alone
+    # and the KV cache changes nothing: a full recompute, token by token
+    ids = torch.tensor([prompts[1]])
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = lm(input_ids=ids, use_cache=False).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    assert tokenizer.decode(ids[0, len(prompts[1]):], skip_special_tokens=True).strip() == alone[1]
+
+
+@pytest.mark.parametrize("metric, reply, gold, want", [
+    ("numeric", "5 + 3 = 8, so The answer is 1,008.", "1008", 1.0),
+    ("numeric", "The answer is 7.0005", "7", 1.0),
+    ("numeric", "The answer is 7.01", "7", 0.0),
+    ("numeric", "no number here", "7", 0.0),
+    ("numeric", "It is -3.", "-3.0", 1.0),
+    ("exact_match", "  Fresh. ", "fresh", 1.0),
+    ("exact_match", "The fresh one", "fresh", 0.0),
+    ("exact_match", "The answer", "answer", 1.0),
+    ("answer_format", "so the answer is 12", "12", 1.0),
+    ("answer_format", "12", "12", 0.0),
+    ("choice", "I think (B) because", "B", 1.0),
+    ("choice", "answer: c", "C", 0.0),
+    ("rougeL", "the cat sat", "the cat sat", 1.0),
+])
+def test_reply_metrics(metric, reply, gold, want):
+    assert generation.METRICS[metric](reply, gold) == pytest.approx(want)
+
+
+def test_rouge_l_is_the_lcs_f1():
+    # LCS("the cat sat on the mat", "the cat lay on a mat") = the cat on mat: 4 words; P = 4/6, R = 4/6
+    assert generation.METRICS["rougeL"]("the cat sat on the mat", "the cat lay on a mat") == pytest.approx(4 / 6)
+
+
+def test_truncation_is_counted_and_an_example_without_response_tokens_dropped(tokenizer):
+    from peftkit.data.instruct import LMData
+
+    short, long, mid = chat("short", "yes"), chat("word " * 40, "no"), chat("mid " * 4, "ok")
+    limit = len(render(mid, tokenizer, "chat")[0])
+    cfg = OmegaConf.create({"backbone": {"max_length": limit}, "dataset": {"template": "chat", "packing": True}})
+    data = LMData("instruct", "x", {"train": [short, long, mid], "validation": [short]})
+    enc = causal_lm.encode(data, tokenizer, cfg)
+    assert data.truncated == {"train": 1, "validation": 0}
+    assert len(enc["train"].examples) == 2  # the long one lost its whole response
+    assert max(enc["train"].lengths) <= limit
+
+
+# ---- a whole run --------------------------------------------------------------------------------------------
+
+ROWS = [{"instruction": f"Is review {i} fresh or rotten? {'great fun' if i % 2 else 'dull mess'}",
+         "input": "", "output": "fresh" if i % 2 else "rotten"} for i in range(48)]
+
+
+def test_train_eval_reload_on_a_tiny_decoder(tmp_path, tiny_lm):
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    run = tmp_path / "run"
+    args = ["train", "dataset=instruct", f"dataset.train_file={tmp_path / 'train.jsonl'}", "dataset.dev_size=8",
+            "dataset.metrics=[exact_match]", "dataset.max_new_tokens=3", f"backbone.path={tiny_lm}",
+            "backbone.max_length=64", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.batch_size=4",
+            "trainer.eval_before=true", f"hydra.run.dir={run}"]
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((run / "eval" / "report.json").read_text())
+    m = report["metrics"]["validation"]
+    assert set(m) == {"loss", "perplexity", "exact_match"} and m["perplexity"] == pytest.approx(math.exp(m["loss"]))
+    assert report["score"] == m["exact_match"] and len(report["samples"]["validation"]) == 3
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 0 and "eval" in log[0]  # the before
+    assert [r["step"] for r in log if "eval" in r] == [0, 3, 6]
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["task_type"] == "causal_lm"
+    again = run_cli("eval", f"run={run}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run / "eval" / "report.json").read_text())["metrics"] == report["metrics"]  # exactly
