@@ -35,6 +35,7 @@ class Method:
     name: ClassVar[str]
     mergeable: ClassVar[bool] = False
     default_roles: ClassVar[tuple[str, ...]] = ()  # see backbone.ROLES
+    packs: ClassVar[bool] = True  # trains on packed rows (several examples per row) of a causal LM
 
     @dataclasses.dataclass
     class Config:

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+from peftkit.errors import UserError
 from peftkit.methods.base import Method, register
 
 
@@ -15,4 +16,7 @@ class Head(Method):
         pass
 
     def apply(self, model, exclude):
-        pass  # `prepare` unfreezes the head for every method
+        if not exclude:
+            raise UserError("method=head trains only a new task head, and a causal LM has none (its LM head is "
+                            "pretrained); choose a method that adapts the model, e.g. method=lora")
+        # `prepare` unfreezes the head for every method

@@ -92,6 +92,7 @@ def transformer_layers(model: nn.Module) -> nn.ModuleList:
 
 @register
 class LoReFT(Method):
+    packs = False  # it edits the first and last tokens of each sequence: a packed row is one sequence to it
     name = "loreft"
 
     @dataclasses.dataclass

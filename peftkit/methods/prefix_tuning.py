@@ -28,6 +28,7 @@ from transformers import DynamicCache
 from peftkit.errors import UserError
 from peftkit.methods import _checks
 from peftkit.methods.base import Method, register
+from peftkit.methods.prompt_tuning import after_cached, cached_keys
 
 
 class Prefixes(nn.Module):
@@ -47,6 +48,8 @@ class Prefixes(nn.Module):
         return flat.view(self.shape).permute(1, 2, 3, 0, 4)
 
     def prepend(self, backbone, args, kwargs):
+        if cached_keys(kwargs):  # generation past its first step: the prefixes are in the cache already
+            return args, after_cached(kwargs, self.shape[0])
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
             tokens = kwargs["inputs_embeds"]
@@ -55,10 +58,16 @@ class Prefixes(nn.Module):
         if mask is None:
             mask = torch.ones(batch, length, dtype=torch.long, device=tokens.device)
         kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, self.shape[0]), mask], dim=1)
+        if kwargs.get("position_ids") is not None:  # generation's first step: real tokens come after the prefixes
+            kwargs["position_ids"] = kwargs["position_ids"] + self.shape[0]
         prefixes = self()
         if torch.is_autocast_enabled(prefixes.device.type):  # the layers' own keys come out in autocast's dtype
             prefixes = prefixes.to(torch.get_autocast_dtype(prefixes.device.type))
-        kwargs[self.cache_kwarg] = DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefixes])
+        given = kwargs.get(self.cache_kwarg)
+        cache = given if given is not None else DynamicCache()  # generation keeps the cache object it passed
+        for layer, (k, v) in enumerate(prefixes):
+            cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), layer)
+        kwargs[self.cache_kwarg] = cache
         return args, kwargs
 
 
@@ -94,6 +103,7 @@ class PrefixMLP(Prefixes):
 @register
 class PrefixTuning(Method):
     name = "prefix_tuning"
+    packs = False  # the prefixes come as a KV cache, and transformers builds the packed-rows mask only without one
 
     @dataclasses.dataclass
     class Config:

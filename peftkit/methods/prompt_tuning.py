@@ -35,6 +35,23 @@ def columns_before(t: torch.Tensor, n: int, value) -> torch.Tensor:
     return torch.cat([t.new_full((t.shape[0], n), value), t], dim=1)
 
 
+def cached_keys(kwargs: dict) -> int:
+    """How many positions the call's KV cache already holds: 0 in training and at generation's first step."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+
+
+def after_cached(kwargs: dict, n: int) -> dict:
+    """A decoding step after the first: the n extra positions are in the cache already, so the mask
+    covers them too and the new tokens' positions come after them."""
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.ndim == 2:
+        kwargs["attention_mask"] = columns_before(mask, n, 1)
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = kwargs["position_ids"] + n
+    return kwargs
+
+
 class SoftPrompt(nn.Module):
     """The virtual-token embeddings and the two hooks that put them in front of every input.
 
@@ -55,6 +72,8 @@ class SoftPrompt(nn.Module):
     def prepend(self, model: nn.Module, args: tuple, kwargs: dict):
         kwargs = as_kwargs(model.forward, args, kwargs)
         n = self.num_tokens
+        if cached_keys(kwargs):  # generation past its first step: the prompt is in the cache
+            return (), after_cached(kwargs, n)
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         inputs = ids if ids is not None else embeds
         if inputs is None:
@@ -77,6 +96,8 @@ class SoftPrompt(nn.Module):
             kwargs["attention_mask"] = columns_before(mask, n, 1)
         if kwargs.get("token_type_ids") is not None:
             kwargs["token_type_ids"] = columns_before(kwargs["token_type_ids"], n, 0)
+        if kwargs.get("labels") is not None and kwargs["labels"].ndim == 2:  # a causal LM's labels: none on the prompt
+            kwargs["labels"] = columns_before(kwargs["labels"], n, -100)
         if kwargs.get("position_ids") is not None:
             pos = kwargs["position_ids"]
             kwargs["position_ids"] = torch.cat([torch.arange(n, device=pos.device).expand(pos.shape[0], n), pos + n], dim=1)
@@ -113,6 +134,7 @@ def text_init_ids(model: nn.Module, text: str, n: int) -> list[int]:
 @register
 class PromptTuning(Method):
     name = "prompt_tuning"
+    packs = False  # the prompt comes once per row: packed examples after the first would not see it
 
     @dataclasses.dataclass
     class Config:
@@ -130,6 +152,8 @@ class PromptTuning(Method):
 
     def apply(self, model, exclude):
         c = self.cfg
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise UserError(f"prompt_tuning prepends to one input sequence; '{model.config.model_type}' is an encoder-decoder")
         words = model.get_input_embeddings()
         w = words.weight
         if c.init == "text":

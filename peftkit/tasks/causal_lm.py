@@ -25,6 +25,7 @@ from peftkit.data.batching import eval_batches
 from peftkit.data.instruct import Conversation, LMData
 from peftkit.errors import UserError
 from peftkit.evaluation import generation
+from peftkit.methods import METHODS
 
 NAME = "causal_lm"
 IGNORE = -100
@@ -166,6 +167,11 @@ def encode(data: LMData, tokenizer, cfg: DictConfig) -> dict[str, EncodedLM]:
     Truncated examples are counted (`data.truncated`) and reported; an example whose response is
     cut off entirely is dropped."""
     d, max_length = cfg.dataset, cfg.backbone.max_length
+    packing = bool(d.packing)
+    method = cfg.get("method", {}).get("name")
+    if packing and method in METHODS and not METHODS[method].packs:
+        console.print(f"peftkit: notice: {method} trains on padded batches, not packed rows (dataset.packing is ignored)")
+        packing = False
     out = {}
     for split, convs in data.splits.items():
         examples, cut = [], 0
@@ -183,7 +189,7 @@ def encode(data: LMData, tokenizer, cfg: DictConfig) -> dict[str, EncodedLM]:
         if cut:
             console.print(f"[yellow]peftkit: warning:[/] {cut} of {len(convs)} {split} examples are longer than "
                           f"backbone.max_length={max_length} tokens and were cut")
-        out[split] = EncodedLM(examples, tokenizer.pad_token_id, bool(d.packing) and split == "train", max_length)
+        out[split] = EncodedLM(examples, tokenizer.pad_token_id, packing and split == "train", max_length)
         out[split].prompts = [prompt_ids(c, tokenizer, d.template)[-max_length:] for c in convs]
         out[split].golds = [c.gold for c in convs]
         out[split].tokenizer = tokenizer

@@ -19,6 +19,8 @@ from ._helpers import LABELS, ROOT, backbone_cfg
 # it is not str(value)
 BAD = [
     ("lora", {"r": 0}, "r", 0),
+    ("llama_adapter", {"adapter_len": 0}, "adapter_len", 0),
+    ("llama_adapter", {"adapter_layers": 0}, "adapter_layers", 0),
     ("lora", {"init": "xavier"}, "init", "xavier"),
     ("lora", {"alpha": 0}, "alpha", 0),
     ("lora", {"alpha": -16.0}, "alpha", -16.0),
