@@ -80,19 +80,21 @@ def find_runs(dirs: list[Path]) -> list[Run]:
 def read_run(run_dir: Path) -> Run:
     """A run as the leaderboard needs it; an unreadable report or config counts as a failed run (with a
     one-line warning), not a crash: one damaged folder must not hide a sweep's leaderboard."""
+    from peftkit import schema
+
     try:
-        report = json.loads((run_dir / "eval" / "report.json").read_text())
-        if not isinstance(report, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, OSError) as e:
-        report = {"status": "failed", "error": f"unreadable eval/report.json: {' '.join(str(e).split())}"}
+        report = json.loads((run_dir / "eval" / "report.json").read_text(encoding="utf-8"))
+        schema.check_file(schema.ReportFile, report, "", "", "")
+    except (ValueError, OSError, UserError) as e:
+        why = str(e).split(": ", 1)[-1].rsplit(";", 1)[0] if isinstance(e, UserError) else " ".join(str(e).split())
+        report = {"status": "failed", "error": f"unreadable eval/report.json: {why}"}
     try:
         config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
-        if not isinstance(config, dict):
-            raise ValueError("not a mapping")
+        schema.check_file(schema.RunConfigFile, config, "", "", "")
     except Exception as e:
+        why = str(e).split(": ", 1)[-1].rsplit(";", 1)[0] if isinstance(e, UserError) else " ".join(str(e).split())
         config = {}
-        report = {**report, "status": "failed", "error": f"unreadable config.yaml: {' '.join(str(e).split())}"}
+        report = {**report, "status": "failed", "error": f"unreadable config.yaml: {why}"}
     if report.get("error", "").startswith("unreadable"):
         print(f"peftkit: warning: {run_dir}: {report['error']}; listed as failed", file=sys.stderr)
     adapter = run_dir / "adapter"
@@ -171,6 +173,13 @@ def _mean_of(runs: list[Run], key: str) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
+def lm_dev_loss(run: Run) -> float | None:
+    """A causal-LM run's mean response-token loss over its dev splits (its report has perplexities)."""
+    splits = [m for m in (run.report.get("metrics") or {}).values() if isinstance(m, dict) and "perplexity" in m]
+    losses = [m["loss"] for m in splits if isinstance(m.get("loss"), (int, float))]
+    return statistics.fmean(losses) if losses else None
+
+
 def row_record(row: Row, tasks: list[str]) -> dict:
     """All numbers of one row, plus the run dirs behind each cell so any value can be traced."""
     cells = {}
@@ -180,6 +189,9 @@ def row_record(row: Row, tasks: list[str]) -> dict:
             continue
         m, s = mean_std([float(r.report["score"]) for r in runs])
         cells[task] = {"mean": m, "std": s, "n": len(runs), "runs": [str(r.dir) for r in runs]}
+        losses = [x for x in map(lm_dev_loss, runs) if x is not None]
+        if losses:  # a causal LM's reply scores sit at the floor long before its loss stops falling
+            cells[task]["loss"] = statistics.fmean(losses)
     everything = row.all_runs()
     first = everything[0].report
     return {
@@ -238,7 +250,8 @@ def human_bytes(n: float | None) -> str:
 def fmt_cell(cell: dict | None) -> str:
     if not cell:
         return "–"
-    return f"{cell['mean']:.2f}" + (f" ± {cell['std']:.2f}" if cell["std"] is not None else "")
+    text = f"{cell['mean']:.2f}" + (f" ± {cell['std']:.2f}" if cell["std"] is not None else "")
+    return text + (f" (loss {cell['loss']:.3f})" if "loss" in cell else "")
 
 
 def _num(v, spec: str, suffix: str = "") -> str:
@@ -260,7 +273,8 @@ def table(board: dict) -> tuple[list[str], list[list[str]]]:
 
 def to_markdown(board: dict) -> str:
     header, body = table(board)
-    lines = ["# Leaderboard", "", "Task scores: mean ± std over seeds (sample std).", "",
+    lines = ["# Leaderboard", "", "Task scores: mean ± std over seeds (sample std). Causal-LM tasks: the mean reply "
+             "metric (exact match, answer accuracy, ...), with the mean dev response-token loss in brackets.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     if board["failed"]:
@@ -278,7 +292,7 @@ def to_csv(board: dict) -> str:
     """Plain numbers, one column per statistic, for spreadsheets and pandas."""
     header = ["method", "label"]
     for t in board["tasks"]:
-        header += [f"{t}_mean", f"{t}_std", f"{t}_n"]
+        header += [f"{t}_mean", f"{t}_std", f"{t}_n", f"{t}_loss"]
     header += ["average", "trainable_params", "trainable_pct", "adapter_bytes", "train_time_s", "peak_rss_mb"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -287,7 +301,7 @@ def to_csv(board: dict) -> str:
         line = [r["method"], r["label"]]
         for t in board["tasks"]:
             c = r["scores"].get(t) or {}
-            line += [c.get("mean", ""), "" if c.get("std") is None else c["std"], c.get("n", 0)]
+            line += [c.get("mean", ""), "" if c.get("std") is None else c["std"], c.get("n", 0), c.get("loss", "")]
         line += [r[k] if r[k] is not None else "" for k in
                  ("average", "trainable_params", "trainable_pct", "adapter_bytes", "train_time_s", "peak_rss_mb")]
         w.writerow(line)
@@ -361,8 +375,14 @@ def read_losses(run_dir: Path) -> tuple[list[int], list[float]]:
     """(steps, losses) from train_log.jsonl, skipping eval records and lines cut short."""
     steps, losses = [], []
     path = Path(run_dir) / "train_log.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
+    try:
+        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    except (OSError, ValueError) as e:  # not text: no curve for this run, and a word why
+        print(f"peftkit: warning: {run_dir}: unreadable train_log.jsonl ({' '.join(str(e).split())}); its loss curve is left out",
+              file=sys.stderr)
+        text = ""
+    if text:
+        for line in text.splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from peftkit import backbone
+from peftkit import tasks
 from peftkit.errors import UserError
 from peftkit.merge import sources
 from peftkit.merge.into_base import refuse_unmergeable
@@ -54,9 +54,7 @@ def task_vectors(paths: list[str], backbone_path: str | None = None):
             bb = OmegaConf.create(meta["backbone"])
             if backbone_path:
                 bb.path = backbone_path
-            labels = meta["label_names"]
-            base = backbone.load_model(bb, 1 if labels is None else len(labels),
-                                       "regression" if labels is None else "single_label_classification", labels)
+            base = base_model(meta, backbone_path, meta["label_names"])
             base_state = base.state_dict()
             tokenizer = a.tokenizer
         head = {n: t.clone() for n, t in folded.state_dict().items() if any(n.startswith(h + ".") for h in meta["head"])}
@@ -70,6 +68,14 @@ def task_vectors(paths: list[str], backbone_path: str | None = None):
         vectors.append(TaskVector(str(path), meta, delta, head))
         del a, folded
     return vectors, base, tokenizer
+
+
+def base_model(meta: dict, backbone_path: str | None, labels: list[str] | None) -> torch.nn.Module:
+    """The plain base an adapter was trained on, loaded as its task type loads it (a fresh head for `labels`)."""
+    bb = OmegaConf.create(meta["backbone"])
+    if backbone_path:
+        bb.path = backbone_path
+    return tasks.get(meta.get("task_type")).load_model(bb, labels)
 
 
 def trim(t: torch.Tensor, density: float) -> torch.Tensor:
@@ -163,11 +169,7 @@ def run(cfg: DictConfig) -> dict:
     deltas = combined_deltas(vectors, weights, cfg)
     head, labels = combine_heads(vectors, weights, cfg.head)
     if labels != vectors[0].meta["label_names"]:  # the base was loaded with the first adapter's labels
-        bb = OmegaConf.create(vectors[0].meta["backbone"])
-        if cfg.get("backbone_path"):
-            bb.path = cfg.backbone_path
-        base = backbone.load_model(bb, 1 if labels is None else len(labels),
-                                   "regression" if labels is None else "single_label_classification", labels)
+        base = base_model(vectors[0].meta, cfg.get("backbone_path"), labels)
     state = base.state_dict()
     for n, d in deltas.items():
         state[n] += d.to(state[n].dtype)

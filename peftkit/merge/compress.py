@@ -128,7 +128,7 @@ def initial_tensors(meta: dict, where, backbone_path: str | None) -> dict[str, t
     bb = OmegaConf.create(meta["backbone"])
     if backbone_path:
         bb.path = backbone_path
-    a = model.build(bb, meta["method"], meta["label_names"])
+    a = model.build(bb, meta["method"], meta["label_names"], meta.get("task_type"))
     params = adapter_tensors(a.model)
     return {n: params[n].detach().clone() for n in compressed_names(a.model, a.trainable)}
 

@@ -46,14 +46,14 @@ def lora_factors(a: model.Adapted, weight: float) -> dict[str, list[tuple[torch.
 
 
 def lora_adapter(bb: dict, labels, rank: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                 head: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+                 head: dict[str, torch.Tensor], task: str | None) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and meta of a `lora` adapter (alpha = r: scaling 1) holding B, A per module, plus the head.
 
     Built and loaded into a real model first, so what is written is known to load.
     """
     method = {"name": "lora", "r": rank, "alpha": float(rank), "dropout": 0.0, "rslora": False, "init": "kaiming",
               "target_modules": sorted(factors)}
-    a = model.build(OmegaConf.create(bb), method, labels)
+    a = model.build(OmegaConf.create(bb), method, labels, task)
     tensors = adapter_tensors(a.model)
     out = {}
     for name, (b, a_) in factors.items():
@@ -66,7 +66,7 @@ def lora_adapter(bb: dict, labels, rank: int, factors: dict[str, tuple[torch.Ten
     with torch.no_grad():
         for n in a.trainable:
             tensors[n].copy_(out[n])
-    return {n: out[n] for n in a.trainable}, model.meta(a, OmegaConf.create(bb), labels, None)
+    return {n: out[n] for n in a.trainable}, model.meta(a, OmegaConf.create(bb), labels, None, task)
 
 
 def concat(cfg: DictConfig, paths: list[str], weights: list[float]):
@@ -133,7 +133,7 @@ def run(cfg: DictConfig) -> dict:
     bb = dict(head_source.meta["backbone"])
     if cfg.get("backbone_path"):
         bb["path"] = cfg.backbone_path
-    tensors, meta = lora_adapter(bb, labels, rank, factors, head)
+    tensors, meta = lora_adapter(bb, labels, rank, factors, head, head_source.meta.get("task_type"))
     info = {"mode": cfg.mode, "head": str(cfg.head), "adapters": describe(vectors, weights), **info}
     meta = {**meta, "backbone": head_source.meta["backbone"], "dataset": head_source.meta.get("dataset"),
             "seed": head_source.meta.get("seed"), "merge": info}

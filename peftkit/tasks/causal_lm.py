@@ -239,8 +239,9 @@ def evaluate(accelerator, net, data: LMData, encoded: dict[str, EncodedLM], batc
             samples[s] = [{"prompt": enc.tokenizer.decode(p[-300:]), "reply": r, "gold": g}
                           for p, r, g in zip(enc.prompts[:show], replies[:show], enc.golds[:show])]
             if accelerator.is_main_process:
-                for x in samples[s]:
-                    console.print(f"  [dim]{escape(x['prompt'][-80:])!r}[/] → {escape(x['reply'])!r} (gold {escape(str(x['gold']))!r})",
+                for x, conv in zip(samples[s], data.splits[s]):
+                    asked = " ".join(next(m["content"] for m in reversed(conv.prompt) if m["role"] == "user").split())
+                    console.print(f"  [dim]{escape(asked[-70:])!r}[/] → {escape(x['reply'])!r} (gold {escape(str(x['gold']))!r})",
                                   highlight=False)
         per_split[s] = metrics
     reply_scores = [v for m in per_split.values() for k, v in m.items() if k in generation.METRICS]
