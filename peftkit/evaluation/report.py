@@ -53,8 +53,36 @@ def to_markdown(r: dict) -> str:
         f"| {r['trainable_params']:,} | {r['trainable_pct']:.3f}% | {'–' if r.get('best_step') is None else r['best_step']} | "
         f"{r.get('train_time_s', 0):.0f} s | {r.get('peak_rss_mb', 0):.0f} MB |",
         "",
+        *samples_markdown(r.get("samples")),
     ]
     return "\n".join(lines)
+
+
+def _cell(text) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def samples_markdown(samples: dict | None) -> list[str]:
+    """A causal LM's sample generations: the end of the prompt, the reply, the gold answer."""
+    if not samples:
+        return []
+    lines = ["## Sample generations", "", "| split | prompt (its end) | reply | gold |", "|---|---|---|---|"]
+    for split, xs in samples.items():
+        lines += [f"| {split} | …{_cell(x['prompt'][-120:])} | {_cell(x['reply'])} | {_cell(x['gold'])} |" for x in xs]
+    return lines + [""]
+
+
+def write_test(run_dir: Path, r: dict) -> None:
+    """`peftkit eval split=test` on a causal LM: the test sets' scores beside (never over) the dev report."""
+    out = Path(run_dir) / "eval"
+    atomic_write_json(out / "test_report.json", r)
+    names = sorted({k for ms in r["metrics"].values() for k in ms})
+    lines = [f"# {r['dataset']} · {r['method']} on {r['backbone']} · test sets", "",
+             "| set | examples | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    lines += [f"| {split.removeprefix('test_')} | {r['examples'][split]} | " + " | ".join(_num(ms.get(n)) for n in names) + " |"
+              for split, ms in r["metrics"].items()]
+    lines += ["", f"**score: {_num(r.get('score'))}** (the first metric, averaged over the sets)", "", *samples_markdown(r.get("samples"))]
+    atomic_write_text(out / "test_report.md", "\n".join(lines))
 
 
 def write_submission(out_dir: Path, file_name: str, ids: list, predictions: list, label_names, as_names: bool) -> Path:

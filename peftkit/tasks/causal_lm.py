@@ -222,8 +222,8 @@ def response_loss(accelerator, net, enc: EncodedLM, batch_size: int) -> tuple[fl
 
 def evaluate(accelerator, net, data: LMData, encoded: dict[str, EncodedLM], batch_size: int, show: int = 3) -> dict:
     """Per eval split: mean response-token loss and perplexity; with `dataset.metrics`, greedy replies
-    to up to `generate_samples` prompts, scored. The score is the mean of the reply metrics, or −loss
-    when there are none (higher is better, as for every task)."""
+    to up to `generate_samples` prompts, scored. The score is the first of `dataset.metrics` (the others
+    are reported beside it), or −loss when there are none (higher is better, as for every task)."""
     d = data.cfg
     per_split, samples = {}, {}
     for s in data.eval_splits:
@@ -244,7 +244,7 @@ def evaluate(accelerator, net, data: LMData, encoded: dict[str, EncodedLM], batc
                     console.print(f"  [dim]{escape(asked[-70:])!r}[/] → {escape(x['reply'])!r} (gold {escape(str(x['gold']))!r})",
                                   highlight=False)
         per_split[s] = metrics
-    reply_scores = [v for m in per_split.values() for k, v in m.items() if k in generation.METRICS]
-    score = float(np.mean(reply_scores)) if reply_scores else -float(np.mean([m["loss"] for m in per_split.values()]))
+    first = data.metrics[0] if data.metrics else None  # the score: the first metric listed, over the eval splits
+    score = float(np.mean([m[first] for m in per_split.values()])) if first else -float(np.mean([m["loss"] for m in per_split.values()]))
     return {"metrics": per_split, "score": score, "samples": samples}
 

@@ -69,6 +69,31 @@ def test_report_shows_lm_scores_and_losses(sweep):
     assert "(loss " in (tmp / "sweep" / "leaderboard" / "leaderboard.md").read_text()
 
 
+def test_eval_scores_the_math_test_sets_beside_the_dev_report(sweep):
+    """`peftkit eval run=RUN dataset=math dataset.data_dir=DIR split=test`: one table row per test set, samples,
+    eval/test_report.{json,md}; the dev report stays as it was."""
+    tmp, runs = sweep
+    data = tmp / "math"
+    for name, n in [("AddSub", 5), ("SingleEq", 3)]:
+        (data / name).mkdir(parents=True)
+        rows = [{"instruction": f"What is {i} plus {i}?", "input": "", "output": f"The answer is {2 * i}.", "answer": str(2 * i)}
+                for i in range(n)]
+        (data / name / "test.json").write_text(json.dumps(rows))
+    (data / "gsm8k_train.json").write_text("[]")
+    run = runs["lora1"]
+    dev_report = (run / "eval" / "report.json").read_bytes()
+    ok(run_cli("eval", f"run={run}", "dataset=math", f"dataset.data_dir={data}", "dataset.eval_sets=[AddSub,SingleEq]",
+               "dataset.max_new_tokens=8", "split=test", cwd=tmp))
+    r = json.loads((run / "eval" / "test_report.json").read_text())
+    assert r["examples"] == {"test_AddSub": 5, "test_SingleEq": 3}
+    for m in r["metrics"].values():
+        assert set(m) == {"loss", "perplexity", "numeric", "answer_format"}
+    assert r["score"] == pytest.approx((r["metrics"]["test_AddSub"]["numeric"] + r["metrics"]["test_SingleEq"]["numeric"]) / 2)
+    md = (run / "eval" / "test_report.md").read_text()
+    assert "| AddSub | 5 |" in md and "## Sample generations" in md
+    assert (run / "eval" / "report.json").read_bytes() == dev_report
+
+
 def test_into_base_is_a_plain_causal_lm_with_the_same_logits(sweep):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
