@@ -105,9 +105,15 @@ def read_config(path: Path) -> dict:
     if not f.is_file():
         raise UserError(f"{path} is not a peftkit adapter folder (no {CONFIG})")
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise UserError(f"corrupt adapter config {f}: {e}") from None
+    if isinstance(data, dict) and "peft_type" in data:
+        raise UserError(f"{path} is already a peft adapter (Hugging Face peft's format), not a peftkit one; import it with "
+                        f"peftkit merge mode=from_peft adapter={path} out=DIR")
+    from peftkit import schema
+
+    return schema.check_file(schema.AdapterFile, data, f, "adapter config", "retrain or restore it")
 
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -144,11 +144,12 @@ def gguf_folder(gguf: Path, name: str, convert: bool = True) -> str | None:
 POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2}
 
 
-def check(cfg: DictConfig) -> None:
+def check(cfg: DictConfig, trust_key: str = "backbone.trust_remote_code") -> None:
     """Before anything loads: custom code runs only when asked for, and max_length fits the model.
 
     Reads the folder's config.json when the backbone is local (a path or a PyPI package); a Hub
-    model is checked the same way by `load_model` once transformers has its config.
+    model is checked the same way by `load_model` once transformers has its config. `trust_key`: the
+    setting that asks for custom code, as the command takes it.
     """
     if not (cfg.get("path") or cfg.get("package")):
         return
@@ -160,14 +161,14 @@ def check(cfg: DictConfig) -> None:
         model_config = json.loads(f.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"backbone {cfg.name}: cannot read {f}: {e}; point backbone.path at a Hugging Face model folder") from None
-    check_model_config(cfg, model_config, str(f.parent))
+    check_model_config(cfg, model_config, str(f.parent), trust_key)
 
 
-def check_model_config(cfg: DictConfig, model_config: dict, where: str) -> None:
+def check_model_config(cfg: DictConfig, model_config: dict, where: str, trust_key: str = "backbone.trust_remote_code") -> None:
     model_type = model_config.get("model_type")
     if model_config.get("auto_map") and not cfg.get("trust_remote_code") and not _native(model_type):
         raise UserError(f"{where} holds custom code (auto_map in config.json, model type '{model_type}' unknown to "
-                        f"transformers); peftkit runs a model's own code only when you ask: backbone.trust_remote_code=true")
+                        f"transformers); peftkit runs a model's own code only when you ask: {trust_key}=true")
     limit = model_config.get("max_position_embeddings")
     if isinstance(limit, int) and limit > 0:
         limit -= POSITION_OFFSET.get(model_type, 0)

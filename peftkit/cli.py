@@ -8,11 +8,12 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
-from peftkit.errors import UserError
-from peftkit.files import write_error
+from peftkit.errors import Interrupted, UserError
+from peftkit.files import user_path, write_error
 
 USAGE = """usage: peftkit [--version] [--recipes-dir DIR] [--traceback] COMMAND [ARGS]
 
@@ -124,6 +125,64 @@ def _kv(args: list[str], command: str) -> dict[str, str]:
     return out
 
 
+def _quote_home(args: list[str]) -> list[str]:
+    """`out=~/x` as `out='~/x'`: Hydra's override grammar takes no bare `~` in a value, and every path
+    then goes through `files.user_path`, which expands it (quoted or not, the same way everywhere)."""
+    out = []
+    for a in args:
+        key, eq, value = a.partition("=")
+        out.append(f"{key}='{value}'" if eq and re.fullmatch(r"~[\w.@+-]*(/[^'\"\\,\[\]{}()=]*)?", value) else a)
+    return out
+
+
+def _once(args: list[str], command: str) -> None:
+    """A key given twice is refused: which one wins (Hydra takes the last) is nothing to guess at."""
+    seen: dict[str, str] = {}
+    for a in args:
+        if "=" not in a:
+            continue
+        key = a.split("=", 1)[0].lstrip("+~")
+        if key in seen:
+            raise UserError(f"peftkit {command}: {key}= is given twice ({seen[key]} and {a}); give it once")
+        seen[key] = a
+
+
+# Hydra's own options that `peftkit train` passes on (None: any value; a tuple: the values it takes)
+TRAIN_OPTIONS = {"--cfg": ("job", "hydra", "all"), "-c": ("job", "hydra", "all"), "--package": None, "-p": None,
+                 "--resolve": False, "--hydra-help": False}
+
+
+def _train_args(args: list[str]) -> tuple[bool, list[str], list[str]]:
+    """(multirun, Hydra options, overrides); an option peftkit does not pass on is one line."""
+    multirun, passthrough, overrides = False, [], []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("-m", "--multirun"):
+            multirun = True
+        elif a.startswith("-"):
+            name, eq, value = a.partition("=")
+            if name not in TRAIN_OPTIONS:
+                raise UserError(f"peftkit train: unknown option {a}; it takes -m, --cfg job|hydra|all, --resolve, "
+                                f"--package PKG and KEY=VALUE overrides (see peftkit train --help)")
+            allowed = TRAIN_OPTIONS[name]
+            if allowed is False:
+                passthrough.append(a)
+            else:
+                if not eq:
+                    if i + 1 >= len(args):
+                        raise UserError(f"peftkit train: {name} needs a value" + (f": one of {', '.join(allowed)}" if allowed else ""))
+                    i += 1
+                    value = args[i]
+                if allowed and value not in allowed:
+                    raise UserError(f"peftkit train: {name} {value}: expected one of {', '.join(allowed)}")
+                passthrough += [name, value]
+        else:
+            overrides.append(a)
+        i += 1
+    return multirun, passthrough, overrides
+
+
 def _flag(args: list[str], key: str, command: str) -> tuple[bool, list[str]]:
     """Pull a command-level `key=true|false` out of the arguments (it is no config value)."""
     values = [a.split("=", 1)[1] for a in args if a.startswith(key + "=")]
@@ -140,15 +199,9 @@ def cmd_train(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(TRAIN_HELP)
         return 0
-    multirun = any(a in ("-m", "--multirun") for a in args)
-    passthrough, overrides = [], []
-    for i, a in enumerate(args):
-        if a.startswith("-") and a not in ("-m", "--multirun"):
-            passthrough.append(a)
-        elif i and args[i - 1] in ("--cfg", "-c", "--package", "-p"):  # the flag's value: --cfg job
-            passthrough.append(a)
-        elif not a.startswith("-"):
-            overrides.append(a)
+    multirun, passthrough, overrides = _train_args(args)
+    overrides = _quote_home(overrides)
+    _once(overrides, "train")
     if multirun and any(a in ("--cfg", "-c") for a in passthrough):
         raise UserError("--cfg prints one config; drop -m, or give one value per key")
     overwrite, overrides = _flag(overrides, "overwrite", "train")
@@ -167,7 +220,7 @@ def cmd_eval(args: list[str]) -> int:
     kv = _kv(args, "eval")
     if "run" not in kv:
         raise UserError("peftkit eval needs run=DIR (a directory written by peftkit train)")
-    evaluate.run(Path(kv.pop("run")), kv.pop("split", "validation"), kv)
+    evaluate.run(user_path(kv.pop("run"), "run"), kv.pop("split", "validation"), kv)
     return 0
 
 
@@ -181,7 +234,8 @@ def cmd_merge(args: list[str]) -> int:
         if "=" not in a:
             raise UserError(f"peftkit merge: expected KEY=VALUE, got '{a}' (see peftkit merge --help)")
     overwrite, args = _flag(args, "overwrite", "merge")
-    args = [f"backbone_path={a.split('=', 1)[1]}" if a.startswith("backbone.path=") else a for a in args]
+    args = _quote_home([f"backbone_path={a.split('=', 1)[1]}" if a.startswith("backbone.path=") else a for a in args])
+    _once(args, "merge")
     picks = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in ("mode", "recipe")}
     if len(picks) == 2:
         raise UserError("peftkit merge takes mode= or recipe=, not both (a recipe names its mode)")
@@ -201,7 +255,7 @@ def _lm_command(args: list[str], command: str, allowed: set[str]) -> tuple[Path,
         assert n >= 1
     except (ValueError, AssertionError):
         raise UserError(f"max_new_tokens={kv.get('max_new_tokens')}: expected a whole number ≥ 1") from None
-    return Path(kv.pop("run")), n, own, kv
+    return user_path(kv.pop("run"), "run"), n, own, kv
 
 
 def cmd_generate(args: list[str]) -> int:
@@ -214,7 +268,7 @@ def cmd_generate(args: list[str]) -> int:
     if ("prompt" in own) == ("prompts" in own):
         raise UserError("peftkit generate takes prompt=TEXT or prompts=FILE (one prompt per line)")
     if "prompts" in own:
-        f = Path(own["prompts"])
+        f = user_path(own["prompts"], "prompts")
         if not f.is_file():
             raise UserError(f"prompts={f}: no such file; give a text file with one prompt per line")
         prompts = [line for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -241,7 +295,10 @@ def cmd_report(args: list[str]) -> int:
         return 0
     from peftkit.evaluation import leaderboard
 
-    dirs = [Path(a) for a in args if "=" not in a]
+    flags = [a for a in args if a.startswith("-")]
+    if flags:
+        raise UserError(f"peftkit report: unknown option {flags[0]}; it takes DIR... and KEY=VALUE (out=DIR), see peftkit report --help")
+    dirs = [user_path(a, "DIR") for a in args if "=" not in a]
     kv = _kv([a for a in args if "=" in a], "report")
     unknown = set(kv) - {"out", "submission", "data_dir"}
     if unknown:
@@ -251,7 +308,7 @@ def cmd_report(args: list[str]) -> int:
     submission = kv.get("submission", "false").lower()
     if submission not in ("true", "false"):
         raise UserError(f"submission must be true or false, got '{kv['submission']}'")
-    leaderboard.run(dirs, Path(kv["out"]) if "out" in kv else None, submission == "true", kv.get("data_dir"))
+    leaderboard.run(dirs, user_path(kv["out"], "out") if "out" in kv else None, submission == "true", kv.get("data_dir"))
     return 0
 
 
@@ -268,16 +325,20 @@ def cmd_ls(args: list[str]) -> int:
     return 0
 
 
+INTERRUPTED = {"train": " before training started; nothing was kept", "eval": "; the run's adapter and checkpoints are untouched",
+               "merge": "; nothing was written to out=", "report": "; no leaderboard was written"}
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "report": cmd_report, "generate": cmd_generate,
             "chat": cmd_chat, "ls": cmd_ls}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    traceback = os.environ.get("PEFTKIT_TRACEBACK", "0") not in ("0", "")
+    traceback = os.environ.get("PEFTKIT_TRACEBACK", "").strip().lower() in ("1", "true", "yes", "on")
     from peftkit import config
 
     config.clear_user_dirs()  # --recipes-dir holds for this command only
+    command = None
     try:
         while argv and argv[0].startswith("--") and argv[0] not in ("--help",):
             opt = argv.pop(0)
@@ -291,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             elif opt.startswith("--recipes-dir"):
                 from peftkit import config
 
+                if "=" not in opt and not argv:
+                    raise UserError("--recipes-dir needs a folder: peftkit --recipes-dir DIR COMMAND ...")
                 config.add_user_dir(opt.split("=", 1)[1] if "=" in opt else argv.pop(0))
             else:
                 raise UserError(f"unknown option {opt}; see peftkit --help")
@@ -306,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"peftkit: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: one line that says what was kept (a run says it itself), exit 130
+        if traceback:
+            raise
+        message = str(e) if isinstance(e, Interrupted) and str(e) else f"interrupted (Ctrl-C){INTERRUPTED.get(command, '')}"
+        print(f"peftkit: error: {message}", file=sys.stderr)
+        return 130
     except OSError as e:  # the machine's doing (disk full, read-only): one line; a bug's error keeps its traceback
         message = write_error(e)
         if message is None or traceback:

@@ -31,9 +31,13 @@ def _shipped(name: str) -> Path:
 
 
 def add_user_dir(path: str | os.PathLike) -> None:
-    p = Path(path).expanduser().resolve()
+    if not str(path).strip():
+        raise UserError("--recipes-dir needs a folder: peftkit --recipes-dir DIR COMMAND ...")
+    from peftkit.files import resolved
+
+    p = resolved(Path(path).expanduser(), "--recipes-dir")
     if not p.is_dir():
-        raise UserError(f"recipes dir {path} does not exist")
+        raise UserError(f"recipes dir {path} does not exist" if not p.exists() else f"--recipes-dir {path} is a file, not a folder")
     _extra_dirs.append(p)
 
 
@@ -79,7 +83,11 @@ def recipes() -> dict[str, Path]:
 
 def describe(path: Path) -> str:
     """The first comment line of a YAML file: its one-line description for `peftkit ls`."""
-    for line in path.read_text().splitlines():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:  # a binary or unreadable file in a user's recipes dir: say so, list the rest
+        return f"(unreadable: {' '.join(str(e).split())[:80]})"
+    for line in text.splitlines():
         s = line.strip()
         if s.startswith("#") and not s.startswith("# @package"):
             return s.lstrip("# ").strip()
@@ -127,15 +135,28 @@ def check(recipe: str, overrides: list[str], multirun: bool = False) -> tuple[Di
     for combo in itertools.islice(combos, 64):
         cfg = compose(recipe, combo, with_hydra=first is None)
         if first is None:
-            try:
-                out = str(OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir"))
-            except Exception:
-                out = None
+            out = output_dir(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
             with open_dict(cfg):
                 del cfg["hydra"]
             first = cfg
         validate(cfg)
     return first, out
+
+
+def output_dir(cfg: DictConfig, key: str) -> str | None:
+    """Where Hydra would write, resolved now (`~` expanded); None if only a running job can resolve it
+    (`${hydra:...}`). An empty value, or one that cannot resolve (`${oc.env:UNSET}`), is one line."""
+    from peftkit.files import user_path
+
+    parent, _, leaf = key.rpartition(".")
+    text = OmegaConf.to_container(OmegaConf.select(cfg, parent), resolve=False).get(leaf)  # as written
+    try:
+        value = OmegaConf.select(cfg, key)
+    except Exception as e:
+        if "${hydra:" in str(text):
+            return None
+        raise UserError(f"{key}={text}: cannot resolve it ({str(e).splitlines()[0]}); give a folder") from None
+    return str(user_path(value, key))
 
 
 def _values(overrides: list[str], multirun: bool) -> list[list[str]]:
@@ -156,6 +177,8 @@ def _values(overrides: list[str], multirun: bool) -> list[list[str]]:
             values = [str(o.value().start)]
         else:
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        if not values:
+            raise UserError(f"{text} names no value (an empty sweep); give at least one")
         if key in GROUPS:
             for v in values:
                 _check_choice(key, v, group_options(key))
@@ -190,7 +213,7 @@ def compose(recipe: str, overrides: list[str] = (), with_hydra: bool = False) ->
     except UserError:
         raise
     except Exception as e:
-        hint = _unknown_key_hint(recipe, list(overrides), e)
+        hint = _unknown_key_hint(recipe, list(overrides), e) or _unreadable_yaml(e)
         msg = hint or f"bad config: {' '.join(str(e).split())}"
         raise UserError(msg) from None
     finally:
@@ -226,13 +249,40 @@ def compose_merge(name: str, overrides: list[str]) -> DictConfig:
         raise UserError(f"bad merge config: {msg}") from None
     finally:
         GlobalHydra.instance().clear()
+    from peftkit import schema
+    from peftkit.files import user_path
+
+    try:
+        values = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:  # ${oc.env:UNSET} and the like
+        key = getattr(e, "full_key", None)
+        raise UserError(f"{key + ': ' if key else ''}cannot resolve it ({str(e).splitlines()[0]})") from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise UserError(f"peftkit merge {cfg.get('mode', name)} needs {', '.join(f'{k}=...' for k in missing)} (see peftkit merge --help)")
-    from peftkit import schema
+    schema.check_merge(values)
+    for key in MERGE_PATH_KEYS:  # `~` expanded the same way everywhere, quoted or not
+        if isinstance(values.get(key), str):
+            values[key] = str(user_path(values[key], key))
+        elif isinstance(values.get(key), list):
+            values[key] = [str(user_path(v, key)) for v in values[key]]
+    return OmegaConf.create(values)
 
-    schema.check_merge(OmegaConf.to_container(cfg, resolve=True))
-    return cfg
+
+MERGE_PATH_KEYS = ("out", "adapter", "adapters", "run", "backbone_path")
+
+
+def _unreadable_yaml(e: Exception) -> str:
+    """For a recipe or config file that is not UTF-8 text: which file (Hydra's error does not say)."""
+    if not any(isinstance(x, UnicodeDecodeError) for x in (e, e.__cause__, e.__context__)) and "codec can't decode" not in str(e):
+        return ""
+    for root in search_path():
+        for f in sorted(root.rglob("*.yaml")):
+            try:
+                f.read_text(encoding="utf-8")
+            except (OSError, ValueError) as err:
+                return f"{f} is not a text YAML file ({' '.join(str(err).split())}); fix it or move it out of {root}"
+    return ""
 
 
 def _unknown_key_hint(recipe: str, overrides: list[str], e: Exception) -> str:

@@ -11,3 +11,8 @@ class Diverged(UserError):
     def __init__(self, message: str, report: dict):
         super().__init__(message)
         self.report = report
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a command: the message says what was kept. A KeyboardInterrupt, so that it stops a
+    sweep and passes through Hydra, which turns any Exception of a job into a traceback."""

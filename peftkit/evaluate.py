@@ -7,13 +7,14 @@ training-time report exactly. `split=test` writes GLUE-server submission files i
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from peftkit import config, model, rundir, tasks
+from peftkit import config, model, rundir, schema, tasks
 from peftkit.errors import UserError
 from peftkit.evaluation import report
 from peftkit.evaluation.scoring import predict
@@ -27,10 +28,13 @@ def load_run_config(run_dir: Path, overrides: dict[str, str]):
     f = run_dir / "config.yaml"
     if not f.is_file():
         raise UserError(f"{run_dir} is not a peftkit run directory (no config.yaml)")
+    fix = "restore it from the run's adapter/adapter_config.json or retrain"
     try:
         cfg = OmegaConf.load(f)
     except Exception as e:
-        raise UserError(f"corrupt run config {f}: {' '.join(str(e).split())}; restore it from the run's adapter/adapter_config.json or retrain") from None
+        raise UserError(f"corrupt run config {f}: {' '.join(str(e).split())}; {fix}") from None
+    schema.check_file(schema.RunConfigFile, OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else
+                      (None if cfg is None else list(cfg)), f, "run config", fix)
     OmegaConf.set_struct(cfg, True)  # an override names a key the run has: a typo is refused, not added
     for key, value in overrides.items():
         try:
@@ -52,6 +56,24 @@ def run(run_dir: Path, split: str, overrides: dict[str, str]) -> dict:
         return score_run(owned.path, split, cfg, previous)
 
 
+def unfinished(run_dir: Path, previous: dict | None) -> str | None:
+    """Why a run is unfinished (stopped mid-way by a kill or Ctrl-C: a checkpoint and no final report),
+    or None. Its report then says so: a plain `ok` report would mark it finished, and `resume=true`
+    would no longer find it."""
+    ckpt = newest_complete(run_dir / "checkpoints" / "last")
+    if ckpt is None or (previous is not None and previous.get("status") != UNFINISHED):
+        return None
+    try:
+        step = f" at step {json.loads((ckpt / 'trainer_state.json').read_text())['state']['step']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        step = ""
+    return (f"scored from the best adapter so far: the run stopped{step}, before its final report; "
+            f"continue it with peftkit train resume={run_dir}")
+
+
+UNFINISHED = "unfinished"
+
+
 def score_run(run_dir: Path, split: str, cfg, previous: dict | None) -> dict:
     kind = tasks.of(cfg.dataset)
     if split == "test" and kind.NAME != "classification":
@@ -69,7 +91,10 @@ def score_run(run_dir: Path, split: str, cfg, previous: dict | None) -> dict:
     if split == "test":
         return write_submissions(accelerator, net, task, encoded, cfg, run_dir)
     result = kind.evaluate(accelerator, net, task, encoded, cfg.trainer.eval_batch_size)
-    new = {**(previous or first_report(cfg, task, adapter_cfg)), **result}
+    new = {**first_report(cfg, task, adapter_cfg), **(previous or {}), **result}  # a failed run's report lacks some keys
+    if why := unfinished(run_dir, previous):
+        new.update(status=UNFINISHED, error=why)
+        print(f"peftkit: notice: {run_dir} is unfinished; its report says so ({why})", file=sys.stderr)
     if accelerator.is_main_process:
         report.write(run_dir, new)
         show(new, previous)
@@ -80,10 +105,12 @@ def read_report(run_dir: Path) -> dict | None:
     f = run_dir / "eval" / "report.json"
     if not f.is_file():
         return None
+    fix = "move it away and run peftkit eval again to write a new one"
     try:
-        return json.loads(f.read_text())
-    except ValueError as e:
-        raise UserError(f"corrupt report {f}: {e}; move it away and run peftkit eval again to write a new one") from None
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"corrupt report {f}: {e}; {fix}") from None
+    return schema.check_file(schema.ReportFile, data, f, "report", fix)
 
 
 def first_report(cfg, task, adapter_cfg: dict) -> dict:
@@ -102,18 +129,23 @@ def show(new: dict, previous: dict | None) -> None:
     table.add_column("split")
     table.add_column("metric")
     table.add_column("score", justify="right")
-    if previous:
+    before = (previous or {}).get("metrics")  # a failed or diverged run's report may have none
+    if before:
         table.add_column("at training", justify="right")
     for split, ms in new["metrics"].items():
         for k, v in ms.items():
-            row = [split, k, f"{v:.2f}"]
-            if previous:
-                row.append(f"{previous['metrics'].get(split, {}).get(k, float('nan')):.2f}")
+            row = [split, k, _fmt(v)]
+            if before:
+                row.append(_fmt(before.get(split, {}).get(k)))
             table.add_row(*row)
     console.print(table)
-    if previous:
-        same = previous["metrics"] == new["metrics"]
+    if before:
+        same = before == new["metrics"]
         console.print("[green]reproduces the training-time scores exactly[/]" if same else "[yellow]differs from the training-time scores[/]")
+
+
+def _fmt(v) -> str:
+    return "–" if not isinstance(v, (int, float)) else f"{v:.2f}"
 
 
 def write_submissions(accelerator, net, task, encoded, cfg, run_dir: Path) -> dict:

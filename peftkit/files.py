@@ -10,6 +10,7 @@ temporary folders of killed writers.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -179,8 +180,27 @@ def fault_point(name: str) -> None:
 _passages: dict[str, int] = {}
 
 
+def user_path(value, key: str) -> Path:
+    """A path as the user gave it on the command line or in a config: `~` expanded (quoted or not),
+    an empty value refused. Every command reads its path arguments through here."""
+    text = "" if value is None else str(value)
+    if not text.strip():
+        raise UserError(f"{key}='': expected a path; give {key}=PATH")
+    return Path(os.path.expanduser(text))
+
+
+def resolved(path, key: str) -> Path:
+    """`path` made absolute with symlinks followed; a symlink loop is one line, not a traceback."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as e:  # RuntimeError: Python < 3.13's "Symlink loop"
+        raise UserError(f"{key}={path}: cannot follow its path ({' '.join(str(e).split())}); is it a symlink loop? "
+                        f"choose another path") from None
+
+
 def check_writable(path: Path, what: str, key: str) -> None:
-    """Refuse early, in one line, an output folder that cannot be created or written."""
+    """Refuse early, in one line, an output folder that cannot be created or written: a file in
+    the way, no write permission, or a place where nothing can be created (/proc, a read-only mount)."""
     path = Path(path)
     existing = next((p for p in [path, *path.parents] if p.exists()), None)
     if existing is None:
@@ -189,6 +209,25 @@ def check_writable(path: Path, what: str, key: str) -> None:
         raise UserError(f"{key}={path}: {existing} is a file, not a folder; choose another {what}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{key}={path}: {existing} is not writable; choose a writable {what}")
+    try:  # root passes os.access everywhere: try it (and leave nothing behind)
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".peftkit-probe-"))
+    except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise UserError(f"{key}={path}: {existing} is not writable ({e.strerror}); choose a writable {what}") from None
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(write_error(e)) from None
+        raise UserError(f"{key}={path}: nothing can be created in {existing} ({e.strerror}); choose another {what}") from None
+
+
+def make_dir(path: Path, what: str, key: str) -> None:
+    """Create an output folder and its parents, or say in one line why it cannot be."""
+    check_writable(path, what, key)
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{key}={path}: a file is in the way; choose another {what}") from None
+    except OSError as e:
+        raise UserError(f"{key}={path}: cannot create it ({e.strerror}); choose another {what}") from None
 
 
 WRITE_ERRNOS = {"ENOSPC": "the disk is full: free space or write elsewhere",
@@ -201,8 +240,6 @@ WRITE_ERRNOS = {"ENOSPC": "the disk is full: free space or write elsewhere",
 
 def write_error(e: OSError) -> str | None:
     """One line for an OSError that the machine, not peftkit, caused (disk full, read-only, ...)."""
-    import errno
-
     name = errno.errorcode.get(e.errno or 0, "")
     if name not in WRITE_ERRNOS:
         return None

@@ -29,6 +29,11 @@ def _whole(least: int, what: str = ""):
 Count = Annotated[int, _whole(1)]
 OptionalCount = Annotated[Count | None, Field(description="a whole number ≥ 1, or null")]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
+# numpy and torch seed their generators with 0 .. 2**32 - 1: anything else fails deep inside a run
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="a whole number from 0 to 4294967295 (2**32 - 1)")]
+MAX_THREADS = 1024  # far past any machine; torch crashes creating 100,000
+Path_ = Annotated[str, Field(min_length=1)]  # a path: '' is no path (null means none)
+QUICKSTART_ROWS = 12808  # the quickstart corpus (peftkit.data.quickstart): dev_size must leave rows to train on
 
 
 class Trainer(Section):
@@ -46,7 +51,8 @@ class Trainer(Section):
     warmup: float = Field(ge=0, description="a fraction of the steps in [0, 1) or a number of steps ≥ 1")
     precision: Literal["fp32", "bf16", "fp16"]
     device: Literal["auto", "cpu", "cuda"]
-    threads: OptionalCount = Field(description="a whole number ≥ 1, or null for torch's default")
+    threads: Annotated[int, Field(ge=1, le=MAX_THREADS)] | None = Field(
+        description=f"a whole number from 1 to {MAX_THREADS}, or null for torch's default")
     group_by_length: bool
     eval_every: OptionalCount = Field(description="a whole number of steps ≥ 1, or null for once per epoch")
     log_every: Count
@@ -61,7 +67,7 @@ class Backbone(Section):
     name: str
     package: str | None = None
     gguf: str | None = None
-    path: str | None = None
+    path: Path_ | None = Field(None, description="a model folder, or null for the backbone's own weights")
     hub_id: str | None = None
     max_length: int = _whole(2, "a whole number of tokens ≥ 2 (and at most the model's maximum)")
     head: list[str]
@@ -76,19 +82,20 @@ class _Data(Section):
 
 
 class GlueData(_Data):
-    data_dir: str | None = None
+    data_dir: Path_ | None = Field(None, description="the folder of the GLUE TSVs, or null")
 
 
 class QuickstartData(_Data):
-    dev_size: Count
-    split_seed: int
+    dev_size: int = Field(ge=1, le=QUICKSTART_ROWS - 1, description=f"a whole number from 1 to {QUICKSTART_ROWS - 1} "
+                                                                   f"(the corpus has {QUICKSTART_ROWS:,} rows; the rest train)")
+    split_seed: Seed
 
 
 class LocalData(_Data):
-    train_file: str | None = Field(description="the path of a csv, tsv, json, jsonl or parquet file")
-    dev_file: str | None = None
+    train_file: Path_ | None = Field(description="the path of a csv, tsv, json, jsonl or parquet file")
+    dev_file: Path_ | None = Field(None, description="the path of a data file, or null to carve dev out of train")
     dev_fraction: float = Field(gt=0, lt=1, description="a fraction in (0, 1), e.g. 0.1")
-    split_seed: int
+    split_seed: Seed
     text_fields: list[str] = Field(min_length=1, max_length=2, description="a list of one or two column names, e.g. [text] or [question,passage]")
     label_field: str
     label_names: list[str | int] | None = None
@@ -118,7 +125,7 @@ class _LMData(_Data):
 class _Carved(_LMData):
     dev_fraction: float = Field(gt=0, lt=1, description="a fraction in (0, 1), e.g. 0.05")
     dev_size: OptionalCount = Field(description="a whole number ≥ 1, or null to use dev_fraction")
-    split_seed: int
+    split_seed: Seed
     fields: Fields
     system: str | None = None
 
@@ -141,7 +148,7 @@ class QuickstartLMData(_LMData):
 class Run(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
     recipe: str | None = None
-    seed: int = Field(description="a whole number")
+    seed: Seed
     resume: bool | str = False
     backbone: Backbone
     dataset: dict
@@ -175,8 +182,8 @@ Density = Annotated[float, Field(gt=0, le=1, description="a fraction in (0, 1]")
 
 class _Merge(Section):
     mode: str
-    out: str
-    backbone_path: str | None = None
+    out: Path_ = Field(description="the folder to write to")
+    backbone_path: Path_ | None = Field(None, description="a model folder, or null")
 
 
 class _Combine(_Merge):
@@ -186,7 +193,7 @@ class _Combine(_Merge):
 
 
 class _One(_Merge):
-    adapter: str
+    adapter: Path_ = Field(description="a run directory or an adapter folder")
 
 
 class TaskArithmetic(_Combine):
@@ -200,7 +207,7 @@ class Ties(_Combine):
 class Dare(_Combine):
     density: Density = 0.5
     elect_sign: bool = False
-    seed: int = Field(0, description="a whole number")
+    seed: Seed = 0
 
 
 class Concat(_Combine):
@@ -228,12 +235,13 @@ class ToPeft(_One):
 class FromPeft(_One):
     backbone: str | None = None
     labels: list[str | int] | None = None
+    trust_remote_code: bool = False
 
 
 class Mwa(Section):
     mode: str
-    run: str
-    out: str
+    run: Path_ = Field(description="a run directory")
+    out: Path_ = Field(description="the folder to write to")
     weighting: Literal["loss", "step", "uniform", "last"] = "loss"
     penalty: float = Field(1.0, ge=0, description="a number ≥ 0")
     last: OptionalCount = None
@@ -248,6 +256,81 @@ def check_merge(cfg: dict) -> None:
     if mode not in MERGES:
         raise UserError(f"mode={mode}: unknown merge mode; choose one of: {', '.join(MERGES)}")
     validate(MERGES[mode], cfg)
+
+
+# ---- files peftkit reads back: the keys and types it uses ---------------------------------------------
+
+class _Named(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    name: str
+
+
+class AdapterFile(BaseModel):
+    """adapter_config.json, as rebuilding base + adapter reads it."""
+    model_config = ConfigDict(strict=True, extra="allow")
+    method: _Named
+    backbone: _Named
+    base_fingerprint: str
+    label_names: list[str | int] | None
+    trainable_params: int
+    total_params: int
+    task_type: str | None = None
+
+
+class ReportFile(BaseModel):
+    """eval/report.json: a finished, diverged or failed run's (the last two lack the scores)."""
+    model_config = ConfigDict(strict=True, extra="allow")
+    status: str = "ok"
+    error: str | None = None
+    dataset: str
+    method: str
+    backbone: str
+    task: str | None = None
+    metrics: dict[str, dict[str, float | None]] | None = None
+    score: float | None = None
+    trainable_params: int | None = None
+    total_params: int | None = None
+
+
+class RunConfigFile(BaseModel):
+    """A run's config.yaml, as `eval` and `report` read it (the full check is `check_run`)."""
+    model_config = ConfigDict(strict=False, extra="allow")
+    backbone: dict
+    method: _Named
+    dataset: dict
+    trainer: dict
+
+
+def check_file(schema: type[BaseModel], data, f, what: str, fix: str) -> dict:
+    """`data`, read from file `f`, against `schema`: one line naming the file and what is wrong in it."""
+    wrong = file_problem(schema, data)
+    if wrong:
+        raise UserError(f"corrupt {what} {f}: {wrong}; {fix}")
+    return data
+
+
+def file_problem(schema: type[BaseModel], data) -> str | None:
+    """What is wrong with `data` (a file's content) for `schema`, in a few words; None if nothing."""
+    if not isinstance(data, dict):
+        return f"expected a mapping of keys, got {_kind(data)}"
+    try:
+        schema.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "missing":
+            return f"no {key}"
+        value = data
+        for part in err["loc"]:
+            value = value.get(part) if isinstance(value, dict) else None
+        return f"{key}={_show(value)}, expected {_expected(err, None)}"
+    return None
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    return {list: "a list", str: "a string", bool: "true/false", int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
 # ---- checking and the one-line message ---------------------------------------------------------------
@@ -270,7 +353,8 @@ def check_fields(config_class, values: dict, prefix: str) -> None:
         except ValidationError as e:
             err = e.errors()[0]
             key = f"{prefix}.{f.name}"
-            raise UserError(f"{key}={_show(values[f.name])}: expected {_expected(err, hints[f.name])}") from None
+            raise UserError(f"{key}={_show(values[f.name])}: expected {_expected(err, hints[f.name])}"
+                            f"{_quoted_hint(key, values[f.name], err)}") from None
 
 
 def _message(err: dict, schema: type[BaseModel], values: dict, prefix: str) -> str:
@@ -283,7 +367,21 @@ def _message(err: dict, schema: type[BaseModel], values: dict, prefix: str) -> s
     allowed = (info.description if info is not None and info.description else None) or _expected(err, None)
     if err["type"] == "missing":
         return f"{key} is missing: expected {allowed}; set {key}=..."
-    return f"{key}={_show(_lookup(values, path))}: expected {allowed}"
+    value = _lookup(values, path)
+    return f"{key}={_show(value)}: expected {allowed}{_quoted_hint(key, value, err)}"
+
+
+def _quoted_hint(key: str, value, err: dict) -> str:
+    """`trainer.lr='1e-3'`: a number in quotes is text; say so, rather than only that a number is needed."""
+    if not isinstance(value, str) or not err["type"].startswith(("float", "int", "bool")):
+        return ""
+    text = value.strip()
+    try:
+        float(text)
+    except ValueError:
+        if text.lower() not in ("true", "false"):
+            return ""
+    return f"; '{value}' is quoted, so it is text: write {key}={text} without quotes"
 
 
 def _field_path(schema, loc) -> tuple[list[str], Any]:
@@ -322,6 +420,8 @@ def _expected(err: dict, annotation) -> str:
         return "a string"
     if kind == "list_type":
         return "a list, e.g. [a,b]"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return "a mapping of keys"
     if kind == "literal_error":
         return f"one of {ctx.get('expected')}"
     for k, sign in (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤")):
@@ -339,4 +439,14 @@ def _show(value) -> str:
         return "[" + ",".join(_show(v) for v in value) + "]"
     if isinstance(value, str) and value == "":
         return "''"
+    if isinstance(value, str) and _looks_typed(value):  # quoted on the command line: show the quotes
+        return f"'{value}'"
     return str(value)
+
+
+def _looks_typed(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return text.strip().lower() in ("true", "false", "null")

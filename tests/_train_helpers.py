@@ -19,7 +19,13 @@ _cache: dict[str, Path] = {}
 
 
 def tiny(tiny_bert: Path, *extra: str) -> list[str]:
-    """Overrides for a seconds-long run: tiny BERT, 256/64 quickstart examples, 8 steps, eval and checkpoint every 4."""
+    """Overrides for a seconds-long run: tiny BERT, 256/64 quickstart examples, 8 steps, eval and checkpoint every 4.
+    A key in `extra` replaces its default here (peftkit refuses a key given twice)."""
+    given = {e.split("=", 1)[0].lstrip("+~") for e in extra if "=" in e}
+    return [o for o in _TINY(tiny_bert) if o.split("=", 1)[0] not in given] + list(extra)
+
+
+def _TINY(tiny_bert: Path) -> list[str]:
     return [
         f"backbone.path={tiny_bert}",
         "dataset.max_train_samples=256",
@@ -30,7 +36,6 @@ def tiny(tiny_bert: Path, *extra: str) -> list[str]:
         "trainer.eval_every=4",
         "trainer.log_every=1",
         "trainer.keep_last_checkpoint=true",
-        *extra,
     ]
 
 

@@ -37,7 +37,7 @@ def read_table(path_str: str, key: str = "dataset.train_file"):
             dup = next((c for i, c in enumerate(header) if c and c in header[:i]), None)
             if dup is not None:
                 raise UserError(f"{path}: column '{dup}' appears twice in the header; give each column its own name")
-            df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+            df = _read_rows(path, sep, len(header))
         elif kind == "parquet":
             df = pd.read_parquet(path)
         else:
@@ -49,7 +49,33 @@ def read_table(path_str: str, key: str = "dataset.train_file"):
     if df is None or len(df) == 0:
         what = f"has columns {list(df.columns)} but no rows" if df is not None and len(df.columns) else "is empty"
         raise UserError(f"{path} {what}; add data rows, or set {key}=PATH to the file that has them")
+    if not isinstance(df.index, pd.RangeIndex):  # a JSON object's keys, a parquet file's saved index: rows are counted 0, 1, ...
+        df = df.reset_index(drop=True)
     return df
+
+
+def _read_rows(path: Path, sep: str, n_header: int):
+    """The rows under the header; a row with more fields than the header is one line naming it (left
+    alone, pandas would quietly read the first columns as the row index, every value shifted)."""
+    import re
+    import warnings
+
+    import pandas as pd
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        try:
+            return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, index_col=False)
+        except pd.errors.ParserWarning:
+            pass
+    try:  # find the first long row: without the header, pandas names it
+        pd.read_csv(path, sep=sep, header=None, dtype=str, keep_default_na=False)
+        where = "a row"
+    except pd.errors.ParserError as e:
+        m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e))
+        where = f"line {m[2]} has {m[3]} fields" if m else "a row has more fields than the header"
+    name = "tab" if sep == "\t" else f"'{sep}'"
+    raise UserError(f"{path}: {where}, the header {n_header}; quote a text that holds a {name} (\"a{sep} b\") or fix that line")
 
 
 def _missing(v) -> bool:

@@ -84,17 +84,19 @@ def read_run(run_dir: Path) -> Run:
 
     try:
         report = json.loads((run_dir / "eval" / "report.json").read_text(encoding="utf-8"))
-        schema.check_file(schema.ReportFile, report, "", "", "")
-    except (ValueError, OSError, UserError) as e:
-        why = str(e).split(": ", 1)[-1].rsplit(";", 1)[0] if isinstance(e, UserError) else " ".join(str(e).split())
-        report = {"status": "failed", "error": f"unreadable eval/report.json: {why}"}
+        wrong = schema.file_problem(schema.ReportFile, report)
+        if wrong:
+            raise ValueError(wrong)
+    except (ValueError, OSError) as e:
+        report = {"status": "failed", "error": f"unreadable eval/report.json: {' '.join(str(e).split())}"}
     try:
         config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
-        schema.check_file(schema.RunConfigFile, config, "", "", "")
+        wrong = schema.file_problem(schema.RunConfigFile, config)
+        if wrong:
+            raise ValueError(wrong)
     except Exception as e:
-        why = str(e).split(": ", 1)[-1].rsplit(";", 1)[0] if isinstance(e, UserError) else " ".join(str(e).split())
         config = {}
-        report = {**report, "status": "failed", "error": f"unreadable config.yaml: {why}"}
+        report = {**report, "status": "failed", "error": f"unreadable config.yaml: {' '.join(str(e).split())}"}
     if report.get("error", "").startswith("unreadable"):
         print(f"peftkit: warning: {run_dir}: {report['error']}; listed as failed", file=sys.stderr)
     adapter = run_dir / "adapter"
@@ -422,6 +424,25 @@ def plot_loss_curves(board: dict) -> bytes:
 # ------------------------------------------------------------------------------------------ write
 
 
+# what `write` puts in out/leaderboard/: the folder is replaced whole, so it may hold nothing else
+FILES = {"leaderboard.md", "leaderboard.csv", "leaderboard.json", "leaderboard.html", "best_runs.md",
+         "score_vs_params.png", "loss_curves.png", "submission", "submission.zip"}
+
+
+def check_target(out: Path, key: str) -> None:
+    """Before any work: out/leaderboard/ can be written, and replacing it loses none of the user's files."""
+    from peftkit.files import check_writable, resolved
+
+    target = resolved(Path(out) / OUT_NAME, key)
+    check_writable(target, "output folder", key)
+    if target.is_dir():
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in FILES)
+        if foreign:
+            raise UserError(f"{target} holds files peftkit did not write ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}); a report replaces that folder whole: "
+                            f"move them away, or write the leaderboard elsewhere with out=DIR")
+
+
 def write(board: dict, out: Path, submission_files: dict[str, Path] | None = None) -> Path:
     """Everything into out/leaderboard/ in one atomic rename: readers never see a half-built folder."""
     from peftkit.evaluation import submission
@@ -467,9 +488,11 @@ def run(dirs: list[Path], out: Path | None = None, submission: bool = False, dat
 
     if not dirs:
         raise UserError("peftkit report needs at least one DIR (see peftkit report --help)")
+    out = Path(out) if out else Path(dirs[0])
+    check_target(out, "out")
     board = collect(dirs)
     print_table(board)
     files = glue_submission.predict_best(board, data_dir) if submission else None
-    target = write(board, Path(out) if out else Path(dirs[0]), files)
+    target = write(board, out, files)
     print(f"wrote {target}")
     return target

@@ -147,6 +147,8 @@ def from_peft(cfg: DictConfig) -> dict:
     layers, head = split_keys(src, found, peft_cfg.get("modules_to_save") or [])
     method = (ia3_method if peft_cfg["peft_type"] == "IA3" else lora_method)(src, peft_cfg, layers)
     bb = backbone_config(cfg, peft_cfg.get("base_model_name_or_path"))
+    bb["trust_remote_code"] = bool(cfg.get("trust_remote_code") or bb.get("trust_remote_code"))
+    backbone.check(OmegaConf.create(bb), trust_key="trust_remote_code")  # a base with its own code: only when asked
     labels = label_names(cfg, bb, head)
     a = model.build(OmegaConf.create(bb), method, labels)
 

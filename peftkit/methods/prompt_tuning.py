@@ -81,8 +81,9 @@ class SoftPrompt(nn.Module):
         batch, length = inputs.shape[:2]
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit is not None and length + n > limit:
-            raise UserError(f"prompt_tuning adds {n} tokens to inputs of {length}, beyond the model's "
-                            f"{limit} positions: lower backbone.max_length to {limit - n} or fewer")
+            fix = (f"lower backbone.max_length to {limit - n} or fewer, or method.num_virtual_tokens={n} to {limit - length} or fewer"
+                   if limit - n >= 2 else f"lower method.num_virtual_tokens={n} to at most {limit - 2}: the prompt leaves no room for the text")
+            raise UserError(f"prompt_tuning adds {n} tokens to inputs of {length}, beyond the model's {limit} positions: {fix}")
         if ids is not None:
             pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
             kwargs["input_ids"] = columns_before(ids, n, pad)
