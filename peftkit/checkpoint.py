@@ -10,7 +10,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from peftkit.errors import UserError
 from peftkit.files import atomic_dir, fault_point
+
+FIX = "resume another run, or start over without resume"
 
 
 def save(path: Path, model: torch.nn.Module, names: list[str], method, optimizer, scheduler, state: dict) -> None:
@@ -41,23 +44,50 @@ def load(path: Path, model: torch.nn.Module, method, optimizer, scheduler) -> di
     from peftkit.adapter import read_tensors
     from peftkit.methods.base import adapter_tensors
 
-    tensors = read_tensors(Path(path) / "state.safetensors", "checkpoint file", "resume another run, or start over without resume")
-
-    meta = json.loads((Path(path) / "trainer_state.json").read_text())
+    tensors = read_tensors(Path(path) / "state.safetensors", "checkpoint file", FIX)
+    meta = read_meta(path)
     params = adapter_tensors(model)
     with torch.no_grad():
         for k, v in tensors.items():
             if k.startswith("model."):
-                params[k[len("model.") :]].copy_(v)
+                name = k[len("model.") :]
+                if name not in params or params[name].shape != v.shape:
+                    got = "no such tensor" if name not in params else f"shape {tuple(params[name].shape)}"
+                    raise UserError(f"checkpoint {path} does not fit this model: {name} is {tuple(v.shape)} there, "
+                                    f"{got} here; resume with the run's own method and backbone settings")
+                params[name].copy_(v)
     state: dict = {}
     for k, v in tensors.items():
         if k.startswith("optim."):
             _, idx, name = k.split(".", 2)
             state.setdefault(int(idx), {})[name] = v
     method.load_training_state(model, {k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")})
-    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    version, internal, gauss = meta["rng_python"]
-    random.setstate((version, tuple(internal), gauss))
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
+        scheduler.load_state_dict(meta["scheduler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        version, internal, gauss = meta["rng_python"]
+        random.setstate((version, tuple(internal), gauss))
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        what = f"no {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
+        raise UserError(f"corrupt checkpoint {path} ({what}); {FIX}") from None
     return meta["state"]
+
+
+def read_meta(path: Path) -> dict:
+    """A checkpoint's trainer_state.json, checked for what resuming reads; one line if it is damaged."""
+    f = Path(path) / "trainer_state.json"
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+        state = meta["state"]
+        ok = (isinstance(state, dict) and all(isinstance(state.get(k), int) for k in ("step", "epoch", "batch"))
+              and isinstance(meta["optimizer_param_groups"], list) and isinstance(meta["scheduler"], dict)
+              and isinstance(meta["rng_python"], list) and len(meta["rng_python"]) == 3)
+        if not ok:
+            raise ValueError("a key holds a value of the wrong kind")
+    except FileNotFoundError:
+        raise UserError(f"checkpoint file {f} is missing; {FIX}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+        what = f"no key {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
+        raise UserError(f"corrupt checkpoint file {f} ({what}); {FIX}") from None
+    return meta

@@ -12,9 +12,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from peftkit import config, rundir
-from peftkit.errors import Diverged, UserError
+from peftkit.errors import Diverged, Interrupted, UserError
 from peftkit.evaluation import report
-from peftkit.files import newest_complete, write_error
+from peftkit.files import newest_complete, user_path, write_error
 
 SAME_RUN_KEYS = ("backbone", "method", "dataset", "trainer", "seed")
 
@@ -36,19 +36,67 @@ def resolve_resume(recipe: str, overrides: list[str], cfg: DictConfig) -> tuple[
         return overrides, None
     rest = [o for o in overrides if not o.startswith("resume=")]
     if value in ("true", "True"):
-        want = _run_signature(cfg)
         candidates = [c for run in Path("outputs").glob("*/*") if (c := newest_complete(run / "checkpoints" / "last"))]
         for ckpt in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
             run = ckpt.parent.parent
             saved = run / "config.yaml"
-            finished = (run / "eval" / "report.json").is_file()
-            if not finished and saved.is_file() and _run_signature(OmegaConf.load(saved)) == want:
+            finished = _report_status(run) not in (None, "unfinished")  # `peftkit eval` of a stopped run says unfinished
+            if not finished and saved.is_file() and _same_config(run, cfg):
+                from peftkit import checkpoint
+
+                checkpoint.read_meta(ckpt)
                 return [*rest, "resume=true", f"hydra.run.dir={_quote(run)}"], run
         raise UserError("resume=true found no unfinished run with this config under outputs/; pass resume=DIR")
-    run = Path(value)
-    if newest_complete(run / "checkpoints" / "last") is None:
+    run = user_path(value, "resume")
+    found = newest_complete(run / "checkpoints" / "last")
+    if found is None:
         raise UserError(f"resume={value}: no checkpoint at {run}/checkpoints/last")
+    from peftkit import checkpoint
+
+    checkpoint.read_meta(found)
+    check_same_model(run, cfg, f"resume={value}")
     return [*rest, "resume=true", f"hydra.run.dir={_quote(run)}"], run
+
+
+def check_same_model(run: Path, cfg: DictConfig, what: str) -> None:
+    """A resumed run continues the model its checkpoint holds: the same method and backbone settings."""
+    saved_file = run / "config.yaml"
+    try:
+        saved = OmegaConf.load(saved_file)
+        if not isinstance(saved, DictConfig):
+            raise ValueError("not a mapping of keys")
+        theirs = _run_signature(saved)
+    except FileNotFoundError:
+        raise UserError(f"{what}: {saved_file} is missing, so the run's settings are unknown; start a new run") from None
+    except Exception as e:
+        raise UserError(f"{what}: corrupt run config {saved_file}: {' '.join(str(e).split())}; start a new run") from None
+    ours = _run_signature(cfg)
+    named = [(theirs.get(k) or {}).get("name") for k in ("method", "backbone")], [(ours.get(k) or {}).get("name") for k in ("method", "backbone")]
+    if named[0] != named[1]:  # another method or backbone: that says it, its options would only add noise
+        diffs = [f"{k}={a} (this command: {b})" for k, a, b in zip(("method", "backbone"), *named) if a != b]
+    else:
+        diffs = [f"{k}={_show(a)} (this command: {_show(b)})" for k, a, b in _differences(theirs, ours, ("method", "backbone"))]
+    if diffs:
+        raise UserError(f"{what}: the run was trained with {', '.join(diffs[:3])}{' and more' if len(diffs) > 3 else ''}; "
+                        f"to continue it, resume with its settings; to train anew, choose another hydra.run.dir "
+                        f"(or pass overwrite=true without resume=)")
+
+
+def _differences(a: dict, b: dict, keys: tuple[str, ...], prefix: str = "") -> list[tuple[str, object, object]]:
+    out = []
+    for k in keys:
+        x, y = (a or {}).get(k), (b or {}).get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, tuple(dict.fromkeys([*x, *y])), f"{prefix}{k}.")
+        elif x != y:
+            out.append((f"{prefix}{k}", x, y))
+    return out
+
+
+def _show(v) -> str:
+    if isinstance(v, list):
+        return "[" + ",".join(map(str, v)) + "]"
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def finished_report(run_dir: Path, cfg: DictConfig) -> dict | None:
@@ -64,6 +112,17 @@ def finished_report(run_dir: Path, cfg: DictConfig) -> dict | None:
     return done if same and done.get("status", "ok") == "ok" else None
 
 
+def _report_status(run: Path) -> str | None:
+    """The status in a run's eval/report.json (None: no report); an unreadable one counts as a report."""
+    f = run / "eval" / "report.json"
+    if not f.is_file():
+        return None
+    try:
+        return str(json.loads(f.read_text()).get("status", "ok"))
+    except (OSError, ValueError, AttributeError):
+        return "unreadable"
+
+
 def _same_config(run_dir: Path, cfg: DictConfig) -> bool:
     try:
         return _run_signature(OmegaConf.load(run_dir / "config.yaml")) == _run_signature(cfg)
@@ -71,21 +130,43 @@ def _same_config(run_dir: Path, cfg: DictConfig) -> bool:
         return False
 
 
-def check_previous_run(owner: rundir.RunDir, cfg: DictConfig, multirun: bool, overwrite: bool) -> None:
+def check_previous_run(owner: rundir.RunDir, cfg: DictConfig, multirun: bool, overwrite: bool) -> bool:
     """A run never silently replaces another: continue it (resume=true), replace it (overwrite=true),
-    or, in a sweep, re-run the same job of an earlier, unfinished sweep."""
+    or, in a sweep, re-run the same job of an earlier, unfinished sweep. True: the earlier run is to be
+    replaced, which `train.run` does once its data and model are ready (bad input leaves it whole).
+    Files of the user's that a run would write over are never replaced."""
     previous = owner.previous_run()
     if not previous or cfg.resume:
-        return
+        return False
+    what = ", ".join(dict.fromkeys(n.split("/")[0] for n in previous))
+    if not owner.holds_run():
+        raise UserError(f"{owner.path} holds {', '.join(previous)}, which peftkit did not write and a run would "
+                        f"replace; move them away or choose another {'hydra.sweep.dir' if multirun else 'hydra.run.dir'}")
     if overwrite or (multirun and _same_config(owner.path, cfg)):
-        owner.clear_previous_run()
-        return
-    what = ", ".join(previous)
+        return True
     go_on = (f"continue it with resume={owner.path}, " if newest_complete(owner.path / "checkpoints" / "last")
-             else f"score it with peftkit eval run={owner.path}, " if "eval" in previous else "")
+             else f"score it with peftkit eval run={owner.path}, " if "eval/report.json" in previous else "")
     raise UserError(
         f"{owner.path} already holds a run ({what}); {go_on}replace it with overwrite=true, "
         f"or choose another {'hydra.sweep.dir' if multirun else 'hydra.run.dir'}")
+
+
+def interrupted_state(run_dir: Path) -> str | None:
+    """What an interrupted run leaves to go on from: its last checkpoint and its best adapter so far."""
+    kept = []
+    ckpt = newest_complete(run_dir / "checkpoints" / "last")
+    if ckpt is not None:
+        try:
+            kept.append(f"the checkpoint of step {json.loads((ckpt / 'trainer_state.json').read_text())['state']['step']}")
+        except (OSError, ValueError, KeyError, TypeError):
+            kept.append("its last checkpoint")
+    found = newest_complete(run_dir / "adapter")
+    if found is not None:
+        try:
+            kept.append(f"the adapter of step {json.loads((found / 'adapter_config.json').read_text())['step']}")
+        except (OSError, ValueError, KeyError, TypeError):
+            kept.append("its best adapter so far")
+    return f"kept {' and '.join(kept)} in {run_dir}" if kept else None
 
 
 def _quote(path: str) -> str:
@@ -154,10 +235,11 @@ def hydra_train(recipe: str, overrides: list[str], multirun: bool, passthrough: 
             train.console.print(f"skip {run_dir}: finished earlier with this config (score {done['score']:.2f})")
             return done
         owner = rundir.RunDir(run_dir)
+        replace = False
         try:
             if _main_process():  # another live run's folder, or a run that is not ours to replace: hands off
                 owner.claim()
-                check_previous_run(owner, cfg, multirun, overwrite)
+                replace = check_previous_run(owner, cfg, multirun, overwrite)
         except (UserError, OSError) as e:
             message = write_error(e) if isinstance(e, OSError) else str(e)
             if message is None:
@@ -165,8 +247,24 @@ def hydra_train(recipe: str, overrides: list[str], multirun: bool, passthrough: 
             owner.release()
             fail(message)
             return None
+        started = {"writing": not replace}  # an earlier run here stays whole until this one is ready to write
+
+        def before_writing() -> None:
+            if replace:
+                owner.clear_previous_run()
+            started["writing"] = True
+
         try:
-            result = train.run(cfg, run_dir)
+            result = train.run(cfg, run_dir, before_writing)
+        except KeyboardInterrupt:  # Ctrl-C: keep what resumes the run, say what that is, stop (a sweep too)
+            kept = interrupted_state(run_dir)
+            if kept is None:
+                if owner.owned and started["writing"]:
+                    owner.remove_created()
+                raise Interrupted("interrupted (Ctrl-C) before the run's first evaluation; nothing was kept") from None
+            go_on = (f"; continue it with peftkit train resume={run_dir}"
+                     if newest_complete(run_dir / "checkpoints" / "last") else "")
+            raise Interrupted(f"interrupted (Ctrl-C); {kept}{go_on}") from None
         except Diverged as e:  # its adapter and checkpoint stay: the last finite ones
             if owner.owned:
                 report.write(run_dir, e.report)
@@ -176,12 +274,12 @@ def hydra_train(recipe: str, overrides: list[str], multirun: bool, passthrough: 
             fail(str(e))
             if owner.owned and not multirun:
                 owner.remove_created()
-            elif owner.owned:
+            elif owner.owned and started["writing"]:
                 report.write_failed(run_dir, cfg, str(e))
             return None
         except Exception as e:  # the machine's doing (disk full, ...) is one line; in a sweep, a crash stops one run only
             message = write_error(e) if isinstance(e, OSError) else None
-            if owner.owned:
+            if owner.owned and started["writing"]:
                 try:
                     report.write_failed(run_dir, cfg, message or f"{type(e).__name__}: {e}")
                 except OSError:  # where it can be written

@@ -18,20 +18,22 @@ import time
 from pathlib import Path
 
 from peftkit.errors import UserError
-from peftkit.files import check_writable, pid_alive, recover
+from peftkit.files import make_dir, pid_alive, recover, resolved
 
 LOCK = ".peftkit.lock"
-RUN_FILES = ("config.yaml", "adapter", "eval", "train_log.jsonl", "checkpoints", "snapshots", "merge.json")
+# what a run writes in its folder (paths relative to it); `eval/` may hold the user's own files too
+RUN_FILES = ("config.yaml", "adapter", "eval/report.json", "eval/report.md", "eval/submission", "train_log.jsonl",
+             "checkpoints", "snapshots")
+OTHER_PEFTKIT_FILES = ("merge.json",)  # a merge's run-shaped output: replaced with the run it belongs to
 
 _missing: dict[Path, Path] = {}  # run or sweep dir -> the outermost folder on its path that `prepare` created
 
 
 def prepare(path: Path, key: str) -> None:
     """Create an output folder (and its parents) before Hydra does, noting which did not exist."""
-    path = Path(path).resolve()
-    check_writable(path, "output folder", key)
+    path = resolved(path, key)
     missing = [p for p in [path, *path.parents] if not p.exists()]
-    path.mkdir(parents=True, exist_ok=True)
+    make_dir(path, "output folder", key)
     _missing.pop(path, None)
     if missing:
         _missing[path] = missing[-1]
@@ -92,11 +94,11 @@ class RunDir:
             break
         if not self.owned:
             raise UserError(f"run directory {self.path} is in use by another peftkit run; wait for it, or choose another hydra.run.dir")
-        self.before = {p.name for p in self.path.iterdir()} - {LOCK}
         for name in ("adapter", "checkpoints/last"):
             recover(self.path / name)
         for snap in (self.path / "snapshots").glob("step-*"):
             recover(snap)
+        self.before = _entries(self.path)
         return self
 
     def _take_over_if_stale(self) -> None:
@@ -119,23 +121,34 @@ class RunDir:
         self.lock.unlink(missing_ok=True)
 
     def previous_run(self) -> list[str]:
-        """What an earlier run left here that this one would replace."""
+        """What is here that this run would write over (whoever wrote it)."""
         return [n for n in RUN_FILES if n in self.before]
+
+    def holds_run(self) -> bool:
+        """Is what is here an earlier peftkit run (not a user's files that happen to share a name)?"""
+        return is_peftkit_run(self.path)
 
     def clear_previous_run(self) -> None:
         """`overwrite=true`: remove an earlier run's files (only peftkit's own), keep anything else."""
-        for name in self.previous_run():
+        if not self.holds_run():
+            raise UserError(f"{self.path} holds files peftkit did not write ({', '.join(self.previous_run())}); "
+                            f"overwrite=true replaces only a peftkit run: move them away or choose another folder")
+        for name in [*self.previous_run(), *(n for n in OTHER_PEFTKIT_FILES if n in self.before)]:
             p = self.path / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        self.before -= set(RUN_FILES)
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            self.before.discard(name)
+        eval_dir = self.path / "eval"
+        if eval_dir.is_dir() and not eval_dir.is_symlink() and not any(eval_dir.iterdir()):
+            eval_dir.rmdir()
+            self.before.discard("eval")
 
     def remove_created(self) -> None:
         """A failed or refused run removes what it wrote here and the folders it created, nothing else."""
         if not self.path.is_dir():
             return
-        for p in self.path.iterdir():
-            if p.name not in self.before and p.name != LOCK:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        for name in sorted(_entries(self.path) - self.before - {LOCK}):
+            p = self.path / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
         self.release()
         remove_if_empty(self.path)
 
@@ -152,3 +165,30 @@ class RunDir:
             self.owned = False
 
 
+
+
+def _entries(path: Path) -> set[str]:
+    """The names in a run folder, and in its eval/ (where a user may keep notes beside the report)."""
+    names = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    ev = path / "eval"
+    if ev.is_dir() and not ev.is_symlink():
+        names |= {f"eval/{p.name}" for p in ev.iterdir()}
+    return names
+
+
+def is_peftkit_run(path: Path) -> bool:
+    """An earlier peftkit run lives here: its config.yaml is a run config (backbone, method, dataset,
+    trainer) or its eval/report.json a peftkit report. File names alone prove nothing."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((Path(path) / "config.yaml").read_text(encoding="utf-8"))
+        if isinstance(cfg, dict) and all(isinstance(cfg.get(k), dict) for k in ("backbone", "method", "dataset", "trainer")):
+            return True
+    except (OSError, ValueError, yaml.YAMLError):
+        pass
+    try:
+        rep = json.loads((Path(path) / "eval" / "report.json").read_text(encoding="utf-8"))
+        return isinstance(rep, dict) and {"status", "method", "dataset"} <= set(rep)
+    except (OSError, ValueError):
+        return False

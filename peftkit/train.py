@@ -117,7 +117,9 @@ def absolute_paths(cfg: DictConfig) -> None:
             OmegaConf.update(cfg, key, str(Path(value).expanduser().resolve()))
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
+def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
+    """`before_writing`: called once the data, the model and the batches are ready, just before the
+    run writes its first file (`overwrite=true` clears the earlier run there, and only then)."""
     run_dir = Path(run_dir)
     absolute_paths(cfg)
     t = cfg.trainer
@@ -134,7 +136,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     a = model.build(cfg.backbone, cfg.method, task.label_names, kind.NAME)
     if main:
         console.print(f"{cfg.method.name} on {cfg.backbone.name}, {cfg.dataset.name}: {a.summary()}")
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     encoded = kind.encode(task, a.tokenizer, cfg)
     train = encoded["train"]
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -149,6 +150,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise UserError(f"train split has {len(train)} examples: too few for batch size {t.batch_size} × {world} processes × {t.grad_accum} accumulation")
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     eval_every = t.eval_every or steps_per_epoch
+    if main and before_writing is not None:
+        before_writing()
+    if main:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     net = a.model
     optimizer = make_optimizer(net, t)

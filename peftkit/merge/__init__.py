@@ -7,13 +7,14 @@ some keys. What every mode reads and writes (adapters, run folders, model folder
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from peftkit.errors import UserError
-from peftkit.files import check_writable
+from peftkit.files import check_writable, resolved
 
 MODES = {
     "into_base": "into_base",  # fold one adapter into its base: a plain transformers folder
@@ -38,15 +39,48 @@ def run(cfg: DictConfig, overwrite: bool = False) -> dict:
 
 
 def check_output(cfg: DictConfig, overwrite: bool) -> None:
-    """`out=` never overlaps what the merge reads, and replaces a folder with content only when asked."""
-    out = Path(cfg.out).expanduser().resolve()
-    inputs = [cfg.get(k) for k in ("adapter", "run", "backbone_path")] + list(cfg.get("adapters") or [])
-    for given in filter(None, inputs):
-        src = Path(str(given)).expanduser().resolve()
+    """`out=` never overlaps what the merge reads, and replaces a folder with content only when asked,
+    and only if all it holds is an earlier merge's output (peftkit's files, none of the user's)."""
+    out = resolved(cfg.out, "out")
+    inputs = [(k, cfg.get(k)) for k in ("adapter", "run", "backbone_path")] + [("adapters", a) for a in cfg.get("adapters") or []]
+    for key, given in inputs:
+        if not given:
+            continue
+        src = resolved(str(given), key)
         if out == src or out in src.parents or src in out.parents:
             raise UserError(f"out={cfg.out} overlaps the input {given}, which the merge reads; write to a new folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"out={cfg.out} is a file; choose a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"out={cfg.out} already holds files; choose a new folder, or pass overwrite=true to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"out={cfg.out} already holds files; choose a new folder, or pass overwrite=true to replace it")
+        foreign = not_ours(out)
+        if foreign:
+            raise UserError(f"out={cfg.out} holds files peftkit did not write ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}); overwrite=true replaces only an earlier merge's "
+                            f"output: move them away or choose a new folder")
     check_writable(out, "output folder", "out")
+    cfg.out = str(out)  # a symlink to a folder: the folder it names is written, the link stays
+
+
+# What a merge writes into out= (a model folder, a run-shaped adapter folder, a peft adapter) and what
+# `peftkit eval run=OUT` adds: an out= holding anything else holds the user's files too.
+OUTPUT_NAMES = {"merge.json", "README.md", "config.yaml", "adapter", "eval", "config.json", "generation_config.json",
+                "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model",
+                "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
+                "adapter_config.json", "adapter_model.safetensors"}
+EVAL_NAMES = {"report.json", "report.md", "submission"}
+
+
+def not_ours(out: Path) -> list[str]:
+    """What in `out` no merge wrote: the whole folder if no merge wrote it (no merge.json, no peftkit card)."""
+    names = sorted(p.name for p in out.iterdir())
+    card = out / "README.md"
+    ours = (out / "merge.json").is_file() or (card.is_file() and "peftkit" in card.read_text(errors="replace"))
+    if not ours:
+        return names
+    foreign = [n for n in names if n not in OUTPUT_NAMES and not fnmatch.fnmatch(n, "model-*-of-*.safetensors")]
+    if (out / "eval").is_dir():
+        foreign += [f"eval/{p.name}" for p in (out / "eval").iterdir() if p.name not in EVAL_NAMES]
+    return foreign
