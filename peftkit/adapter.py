@@ -64,7 +64,7 @@ def model_card(meta: dict, size_bytes: int | None = None, kind: str = "adapter",
         lines.append(f"base_model: {hub_id}")
     library = library or ("peftkit" if kind == "adapter" else "transformers")
     lines += [f"library_name: {library}",
-              "pipeline_tag: text-classification", "tags:", "  - peftkit", f"  - {method}"]
+              f"pipeline_tag: {'text-generation' if meta.get('task_type') == 'causal_lm' else 'text-classification'}", "tags:", "  - peftkit", f"  - {method}"]
     if kind == "model":
         lines.append("  - merged")
     if dataset.startswith("glue/"):

@@ -50,7 +50,11 @@ EVAL_HELP = """usage: peftkit eval run=DIR [split=validation|test] [KEY=VALUE ..
 
 Reload a run's base model and adapter from disk, re-score it and write eval/report.{json,md}.
   run=DIR            a run directory written by `peftkit train`
-  split=test         predict the GLUE test split and write GLUE-server files to eval/submission/
+  split=test         GLUE: predict the test split, write GLUE-server files to eval/submission/;
+                     a causal LM: score every test set (dataset=math: AddSub, MultiArith, SingleEq,
+                     gsm8k), a table per set and sample generations in eval/test_report.{json,md}
+  dataset=NAME       score on another dataset than the run trained on (then dataset.KEY=VALUE for it),
+                     e.g. dataset=math dataset.data_dir=../shared/llm/math split=test
   KEY=VALUE          override the run's config, e.g. dataset.data_dir=/data/glue backbone.path=/models/x
 """
 

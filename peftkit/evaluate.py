@@ -35,6 +35,12 @@ def load_run_config(run_dir: Path, overrides: dict[str, str]):
         raise UserError(f"corrupt run config {f}: {' '.join(str(e).split())}; {fix}") from None
     schema.check_file(schema.RunConfigFile, OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else
                       (None if cfg is None else list(cfg)), f, "run config", fix)
+    if "dataset" in overrides:  # another dataset to score on: `dataset=math dataset.data_dir=DIR split=test`
+        options = config.group_options("dataset")
+        name = overrides.pop("dataset")
+        if name not in options:
+            raise UserError(f"peftkit eval: dataset={name}: no such dataset; choose one of: {', '.join(sorted(options))}")
+        cfg.dataset = OmegaConf.load(options[name])
     OmegaConf.set_struct(cfg, True)  # an override names a key the run has: a typo is refused, not added
     for key, value in overrides.items():
         try:
@@ -76,8 +82,6 @@ UNFINISHED = "unfinished"
 
 def score_run(run_dir: Path, split: str, cfg, previous: dict | None) -> dict:
     kind = tasks.of(cfg.dataset)
-    if split == "test" and kind.NAME != "classification":
-        raise UserError("split=test writes GLUE-server files, so it needs a glue/ dataset")
     task = kind.load_data(cfg.dataset, splits=(split,))
     found = newest_complete(run_dir / "adapter")
     if found is None:
@@ -88,9 +92,16 @@ def score_run(run_dir: Path, split: str, cfg, previous: dict | None) -> dict:
     accelerator = make_accelerator(cfg.trainer)
     net = accelerator.prepare(a.model)
     encoded = kind.encode(task, a.tokenizer, cfg)
-    if split == "test":
+    if split == "test" and kind.NAME == "classification":
         return write_submissions(accelerator, net, task, encoded, cfg, run_dir)
     result = kind.evaluate(accelerator, net, task, encoded, cfg.trainer.eval_batch_size)
+    if split == "test":  # a causal LM's test sets: their own report beside the dev one
+        new = {**first_report(cfg, task, adapter_cfg), **result, "examples": {s: len(task.splits[s]) for s in result["metrics"]}}
+        if accelerator.is_main_process:
+            report.write_test(run_dir, new)
+            show(new, None)
+            console.print(f"wrote {run_dir / 'eval' / 'test_report.md'}")
+        return new
     new = {**first_report(cfg, task, adapter_cfg), **(previous or {}), **result}  # a failed run's report lacks some keys
     if why := unfinished(run_dir, previous):
         new.update(status=UNFINISHED, error=why)

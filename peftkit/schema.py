@@ -49,7 +49,7 @@ class Trainer(Section):
     max_grad_norm: Annotated[float, Field(ge=0)] | None = Field(description="a number > 0 to clip gradients at, or 0 / null for no clipping")
     scheduler: Literal["linear", "cosine", "constant"]
     warmup: float = Field(ge=0, description="a fraction of the steps in [0, 1) or a number of steps ≥ 1")
-    precision: Literal["fp32", "bf16", "fp16"]
+    precision: Literal["fp32", "bf16", "fp16", "auto"]
     device: Literal["auto", "cpu", "cuda"]
     threads: Annotated[int, Field(ge=1, le=MAX_THREADS)] | None = Field(
         description=f"a whole number from 1 to {MAX_THREADS}, or null for torch's default")

@@ -43,7 +43,9 @@ def make_accelerator(trainer: DictConfig):
     cuda = torch.cuda.is_available() and trainer.device != "cpu"
     if trainer.device == "cuda" and not cuda:
         raise UserError("trainer.device=cuda: no GPU is visible here; use trainer.device=auto or cpu")
-    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[trainer.precision]
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "auto": "no"}[trainer.precision]
+    if trainer.precision == "auto" and cuda and torch.cuda.is_bf16_supported():
+        precision = "bf16"  # on CPU bf16 autocast is many times slower than fp32 for a decoder's matmuls
     if precision == "fp16" and not cuda:
         raise UserError("trainer.precision=fp16 needs a GPU; on CPU use trainer.precision=bf16")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -87,7 +89,7 @@ def progress_bar(enabled: bool) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-        TextColumn("{task.fields[speed]} samples/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         console=console, disable=not enabled,
     )
 
@@ -113,6 +115,8 @@ def absolute_paths(cfg: DictConfig) -> None:
     """Make user paths absolute, so the saved config works from any directory (`peftkit eval`)."""
     for key in PATH_KEYS:
         value = OmegaConf.select(cfg, key)
+        if key == "dataset.train_file" and OmegaConf.select(cfg, "dataset.data_dir"):
+            continue  # dataset=math: a file inside data_dir (an absolute path still wins there)
         if value:
             OmegaConf.update(cfg, key, str(Path(value).expanduser().resolve()))
 
@@ -163,7 +167,7 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
     trainable_params = [p for p in net.parameters() if p.requires_grad]
 
     ckpt_dir = run_dir / "checkpoints" / "last"
-    state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "samples": 0, "train_time_s": 0.0, "eval_time_s": 0.0}
+    state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "samples": 0, "tokens": 0, "train_time_s": 0.0, "eval_time_s": 0.0}
     if cfg.resume and (found := newest_complete(ckpt_dir)):
         state = checkpoint.load(found, raw, a.method, optimizer, scheduler)
         if main:
@@ -242,7 +246,9 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
             "train_time_s": train_time,
             "eval_time_s": state["eval_time_s"],
             "samples_per_s": state["samples"] / max(1e-9, train_time - state["eval_time_s"]),  # training alone
+            "tokens_per_s": state.get("tokens", 0) / max(1e-9, train_time - state["eval_time_s"]),  # real tokens
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            **({"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}),
             "precision": t.precision,
             "processes": world,
         }
@@ -263,7 +269,7 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
         raise Diverged(message, make_report("diverged", message))
 
     step, epoch, start = state["step"], state["epoch"], state["batch"]
-    window_loss, window_n, window_samples, window_t = 0.0, 0, 0, time.perf_counter()
+    window_loss, window_n, window_samples, window_tokens, window_t = 0.0, 0, 0, 0, time.perf_counter()
     eval_loss_sum, eval_loss_n = 0.0, 0  # training loss since the last evaluation (snapshots record it)
     t_start = time.perf_counter() - state["train_time_s"]
     if t.get("eval_before") and step == 0:  # the base model as the run starts: the "before" of a before/after
@@ -279,7 +285,7 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
             for bi in range(start, len(batches)):
                 batch = {k: v.to(accelerator.device) for k, v in train.batch(batches[bi]).items()}
                 with accelerator.accumulate(net):
-                    loss = net(**batch).loss
+                    loss = kind.loss(net, batch, train)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and t.max_grad_norm:
                         accelerator.clip_grad_norm_(trainable_params, t.max_grad_norm)
@@ -296,6 +302,9 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
                 window_n += 1
                 eval_loss_sum, eval_loss_n = eval_loss_sum + loss_value, eval_loss_n + 1
                 window_samples += len(batches[bi]) * world
+                n_tokens = sum(train.lengths[i] for i in batches[bi]) * world  # real tokens, no padding
+                window_tokens += n_tokens
+                state["tokens"] = state.get("tokens", 0) + n_tokens  # (older checkpoints lack it)
                 if (bi + 1) % t.grad_accum:
                     continue
                 scheduler.step()
@@ -303,14 +312,15 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
                 state["samples"] += t.batch_size * t.grad_accum * world
                 if step % t.log_every == 0 or step == total_steps:
                     now = time.perf_counter()
-                    speed = window_samples / (now - window_t)
+                    speed, tokens_per_s = window_samples / (now - window_t), window_tokens / (now - window_t)
                     lr = scheduler.get_last_lr()[0]
                     record = {"step": step, "epoch": round(epoch + (bi + 1) / len(batches), 3),
                               "loss": window_loss / window_n, "lr": lr, "samples_per_s": speed,
-                              "elapsed_s": now - t_start}
+                              "tokens_per_s": tokens_per_s, "elapsed_s": now - t_start}
                     log(record)
-                    bar.update(job, loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", speed=f"{speed:.0f}")
-                    window_loss, window_n, window_samples, window_t = 0.0, 0, 0, now
+                    shown = f"{tokens_per_s:.0f} tok/s" if kind.NAME == "causal_lm" else f"{speed:.0f} samples/s"
+                    bar.update(job, loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", speed=shown)
+                    window_loss, window_n, window_samples, window_tokens, window_t = 0.0, 0, 0, 0, now
                 bar.update(job, completed=step)
                 if step % eval_every == 0 or step == total_steps:
                     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from peftkit import adapter, backbone, config, model
+from peftkit import adapter, backbone, config, model, tasks
 from peftkit.errors import UserError
 from peftkit.files import atomic_dir
 from peftkit.merge import sources
@@ -35,6 +35,7 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # what PeftModel puts before the transformers model's module names
 EXPORTABLE = ("lora", "rslora", "dora", "ia3")
+PEFT_TASK = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}  # peftkit's task type → peft's task_type
 ADAPTER_KEY = re.compile(r"(?P<module>.+)\.(?P<tensor>lora_A\.weight|lora_B\.weight|lora_magnitude_vector|ia3_l)(?:\.weight)?")
 PEFTKIT_NAME = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "dora_magnitude", "ia3_l": "ia3_l"}
 # LoraConfig options that change what the adapter computes or the base it sits on; peftkit's lora
@@ -92,7 +93,7 @@ def to_peft(cfg: DictConfig) -> dict:
     base = cfg.get("backbone_path") or bb.get("path")
     peft_config = {
         "peft_type": "IA3" if name == "ia3" else "LORA",
-        "task_type": "SEQ_CLS",
+        "task_type": PEFT_TASK[meta.get("task_type") or tasks.DEFAULT],
         "base_model_name_or_path": str(Path(base).resolve()) if base else bb.get("hub_id"),
         "revision": None,
         "inference_mode": True,
@@ -130,10 +131,13 @@ def ia3_config(feedforward: list[str]) -> dict:
 
 def peft_card(meta: dict, size_bytes: int, base: str) -> str:
     """peftkit's model card with peft as its library (the Hub then lists it as an adapter of base_model)."""
-    n = len(meta["label_names"]) if meta.get("label_names") else 1
-    usage = (f"Load it with peft: `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained("
-             f"\"{base}\", num_labels={n}), \"<this folder>\")`; or back into peftkit: "
-             f"`peftkit merge mode=from_peft adapter=<this folder> out=DIR`.")
+    if meta.get("task_type") == "causal_lm":
+        load = f"AutoPeftModelForCausalLM.from_pretrained(\"<this folder>\")` (base \"{base}\")"
+    else:
+        n = len(meta["label_names"]) if meta.get("label_names") else 1
+        load = (f"PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained("
+                f"\"{base}\", num_labels={n}), \"<this folder>\")`")
+    usage = f"Load it with peft: `{load}; or back into peftkit: `peftkit merge mode=from_peft adapter=<this folder> out=DIR`."
     return adapter.model_card(meta, size_bytes, library="peft", usage=usage)
 
 
@@ -144,13 +148,14 @@ def from_peft(cfg: DictConfig) -> dict:
     src = Path(cfg.adapter)
     peft_cfg = read_peft_config(src)
     found = read_peft_tensors(src)
-    layers, head = split_keys(src, found, peft_cfg.get("modules_to_save") or [])
+    task = "causal_lm" if peft_cfg.get("task_type") == "CAUSAL_LM" else tasks.DEFAULT
+    layers, head = split_keys(src, found, peft_cfg.get("modules_to_save") or [], task)
     method = (ia3_method if peft_cfg["peft_type"] == "IA3" else lora_method)(src, peft_cfg, layers)
     bb = backbone_config(cfg, peft_cfg.get("base_model_name_or_path"))
     bb["trust_remote_code"] = bool(cfg.get("trust_remote_code") or bb.get("trust_remote_code"))
     backbone.check(OmegaConf.create(bb), trust_key="trust_remote_code")  # a base with its own code: only when asked
-    labels = label_names(cfg, bb, head)
-    a = model.build(OmegaConf.create(bb), method, labels)
+    labels = label_names(cfg, bb, head) if task == tasks.DEFAULT else None
+    a = model.build(OmegaConf.create(bb), method, labels, task)
 
     mapped = dict(head)
     for (module, tensor), t in layers.items():
@@ -168,7 +173,7 @@ def from_peft(cfg: DictConfig) -> dict:
 
     info = {"mode": "from_peft", "adapter": str(src.resolve()), "peft_type": peft_cfg["peft_type"],
             "peft_version": peft_cfg.get("peft_version"), "base_model_name_or_path": peft_cfg.get("base_model_name_or_path")}
-    meta = {**model.meta(a, OmegaConf.create(bb), labels, None), "seed": None, "merge": info}
+    meta = {**model.meta(a, OmegaConf.create(bb), labels, None, task), "seed": None, "merge": info}
     sources.write_adapter_run(Path(cfg.out), {n: params[n] for n in a.trainable}, meta, None)
     sources.console.print(f"from_peft: peft {peft_cfg['peft_type']} → peftkit {method['name']} on "
                           f"{len(method['target_modules'])} modules, backbone {bb['name']} → {cfg.out}")
@@ -204,8 +209,9 @@ def read_peft_tensors(src: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix(PREFIX): t for k, t in tensors.items()}
 
 
-def split_keys(src: Path, found: dict[str, torch.Tensor], modules_to_save: list[str]):
-    """{(module, tensor kind): t} for the adapter's layers, and {name: t} for the head (`modules_to_save`)."""
+def split_keys(src: Path, found: dict[str, torch.Tensor], modules_to_save: list[str], task: str):
+    """{(module, tensor kind): t} for the adapter's layers, and {name: t} for the head (`modules_to_save`):
+    a classifier needs one; a causal LM (peft's task_type=CAUSAL_LM) keeps its pretrained head."""
     layers, head, other = {}, {}, []
     for k, t in found.items():
         m = ADAPTER_KEY.fullmatch(k)
@@ -220,9 +226,12 @@ def split_keys(src: Path, found: dict[str, torch.Tensor], modules_to_save: list[
                         f"from_peft reads LoRA/DoRA/IA³ layers and a modules_to_save head")
     if not layers:
         raise UserError(f"{src} holds no LoRA or IA³ layers (lora_A, lora_B, ia3_l); is it a peft adapter of another kind?")
-    if not any(t.ndim == 2 for t in head.values()):
-        raise UserError(f"{src} has no classification head (modules_to_save); peftkit adapters are sequence "
-                        f"classifiers: save the peft model with task_type=SEQ_CLS")
+    if task == "causal_lm" and head:
+        raise UserError(f"{src} trains {', '.join(sorted(head)[:3])} (modules_to_save) beside its layers; peftkit's "
+                        f"causal-LM adapters keep the pretrained head: export it without modules_to_save")
+    if task != "causal_lm" and not any(t.ndim == 2 for t in head.values()):
+        raise UserError(f"{src} has no classification head (modules_to_save) and its task_type is not "
+                        f"CAUSAL_LM; save the peft model with task_type=SEQ_CLS (a classifier) or CAUSAL_LM")
     return layers, head
 
 

@@ -37,9 +37,15 @@ class TokenPositions:
 
     def record(self, transformer: nn.Module, args: tuple, kwargs: dict) -> None:
         call = inspect.signature(transformer.forward).bind_partial(*args, **kwargs).arguments
+        call.update(call.pop("kwargs", None) or {})
+        inputs = call.get("input_ids") if call.get("input_ids") is not None else call.get("inputs_embeds")
+        past = next((call[k] for k in ("past_key_values", "cache") if call.get(k) is not None), None)  # (transformers ≥ 5.20: cache)
+        if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
+            # a cached decoding step: generated tokens are not edited, only the prompt's positions (as pyreft)
+            self.selected = torch.zeros(inputs.shape[:2], dtype=torch.bool, device=inputs.device)
+            return
         mask = call.get("attention_mask")
         if mask is None:
-            inputs = call.get("input_ids") if call.get("input_ids") is not None else call.get("inputs_embeds")
             mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
         elif mask.ndim != 2:
             raise UserError("loreft needs a 2-D attention_mask (batch × tokens) to find the positions it edits")

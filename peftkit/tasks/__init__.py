@@ -5,6 +5,7 @@ interface, one module per task type:
     load_data(dataset_cfg, splits)              -> data: .splits, .eval_splits, .label_names, .task
     load_model(backbone_cfg, label_names)       -> a transformers model with the task's head
     encode(data, tokenizer, cfg)                -> {split: Encoded}: len(), .lengths, .batch(idx)
+    loss(net, batch, encoded)                   -> the training loss of one batch
     evaluate(accelerator, net, data, encoded, batch_size) -> {"metrics": {split: {..}}, "score": float}
 
 A dataset's YAML names its task type (`task: causal_lm`); classification (and regression) is the default.

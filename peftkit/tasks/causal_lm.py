@@ -190,10 +190,24 @@ def encode(data: LMData, tokenizer, cfg: DictConfig) -> dict[str, EncodedLM]:
             console.print(f"[yellow]peftkit: warning:[/] {cut} of {len(convs)} {split} examples are longer than "
                           f"backbone.max_length={max_length} tokens and were cut")
         out[split] = EncodedLM(examples, tokenizer.pad_token_id, packing and split == "train", max_length)
+        out[split].sequence_kept = method in METHODS and METHODS[method].packs  # the method keeps positions as they are
         out[split].prompts = [prompt_ids(c, tokenizer, d.template)[-max_length:] for c in convs]
         out[split].golds = [c.gold for c in convs]
         out[split].tokenizer = tokenizer
     return out
+
+
+def loss(net, batch: dict[str, torch.Tensor], encoded: EncodedLM) -> torch.Tensor:
+    """The mean cross-entropy of the response tokens, as the model's own loss, but with the LM head
+    applied only where a response token is predicted (`logits_to_keep`): the prompt's logits, a
+    vocabulary-wide matmul and softmax per token, are never needed. Methods that add positions
+    (prompt and prefix tuning, LoReFT's position edits) take the model's own path."""
+    if not getattr(encoded, "sequence_kept", False):
+        return net(**batch).loss
+    target = batch["labels"][:, 1:]
+    keep = (target != IGNORE).any(dim=0).nonzero().squeeze(1)  # positions whose next token is learned, in any row
+    logits = net(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=keep).logits
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target[:, keep].flatten(), ignore_index=IGNORE)
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------------

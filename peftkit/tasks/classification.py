@@ -23,6 +23,11 @@ def load_model(backbone_cfg: DictConfig, label_names: list[str] | None):
     return backbone.load_model(backbone_cfg, len(label_names), "single_label_classification", label_names)
 
 
+def loss(net, batch, encoded: Encoded):
+    """The model's own loss (cross-entropy, or MSE for regression) for its head."""
+    return net(**batch).loss
+
+
 def encode(task: data.TaskData, tokenizer, cfg: DictConfig) -> dict[str, Encoded]:
     regression = task.label_names is None
     return {s: Encoded(split, tokenizer, cfg.backbone.max_length, float_labels=regression) for s, split in task.splits.items()}

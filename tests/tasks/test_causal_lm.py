@@ -103,6 +103,30 @@ def test_packed_loss_equals_unpacked_loss_and_no_attention_crosses_examples(toke
     assert not torch.equal(a[0, 1:n_first], b[0, 1:n_first])
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_training_loss_with_the_head_at_response_positions_only_is_the_models_own(tokenizer, tiny_lm, packed):
+    """`causal_lm.loss` applies the LM head only where a response token is predicted: the same value
+    and the same gradients as the model's own loss over every position."""
+    from peftkit.tasks import causal_lm
+
+    convs = [chat("good?", "fresh"), chat("the plot was a mess and the acting wooden", "rotten"), chat("fine", "fresh fresh")]
+    enc = EncodedLM([render(c, tokenizer, "chat") for c in convs], tokenizer.pad_token_id, packed=packed, max_length=200)
+    batch = enc.batch(list(range(len(enc))))
+    results = []
+    for fast in (True, False):
+        net = causal_lm.load_model(OmegaConf.create({"name": "tiny", "path": str(tiny_lm), "max_length": 64,
+                                                     "trust_remote_code": False})).eval()
+        enc.sequence_kept = fast
+        value = causal_lm.loss(net, batch, enc)
+        value.backward()
+        results.append((value.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
+    (fast_loss, fast_grads), (own_loss, own_grads) = results
+    torch.testing.assert_close(fast_loss, own_loss, atol=1e-6, rtol=1e-6)
+    assert fast_grads.keys() == own_grads.keys()
+    for n in own_grads:
+        torch.testing.assert_close(fast_grads[n], own_grads[n], atol=1e-6, rtol=1e-5)
+
+
 def test_batched_greedy_generation_equals_one_prompt_at_a_time(tokenizer, lm):
     prompts = [causal_lm.prompt_ids(c, tokenizer, "chat") for c in
                [chat("good?", "x"), chat("a much longer question about the movie and its plot", "x"), chat("ok", "x")]]

@@ -94,6 +94,22 @@ def test_eval_scores_the_math_test_sets_beside_the_dev_report(sweep):
     assert (run / "eval" / "report.json").read_bytes() == dev_report
 
 
+def test_math_trains_from_a_data_dir_given_relative_to_the_working_directory(tmp_path, tiny_lm):
+    """`dataset=math dataset.data_dir=DIR`: the train file is found inside DIR, from any working directory."""
+    data = tmp_path / "data" / "math"
+    data.mkdir(parents=True)
+    rows = [{"instruction": f"What is {i} plus {i}?", "input": "", "output": f"{i} + {i} = {2 * i}. The answer is {2 * i}.",
+             "answer": str(2 * i)} for i in range(30)]
+    (data / "gsm8k_train.json").write_text(json.dumps(rows))
+    run = tmp_path / "run"
+    ok(run_cli("train", "dataset=math", "dataset.data_dir=data/math", "dataset.dev_size=6", "dataset.max_new_tokens=6",
+               f"backbone.path={tiny_lm}", "backbone.max_length=64", "trainer.max_steps=2", "trainer.batch_size=4",
+               f"hydra.run.dir={run}", cwd=tmp_path))
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert set(report["metrics"]["validation"]) == {"loss", "perplexity", "numeric", "answer_format"}
+    assert report["score"] == report["metrics"]["validation"]["numeric"]
+
+
 def test_into_base_is_a_plain_causal_lm_with_the_same_logits(sweep):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
