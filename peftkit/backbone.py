@@ -117,6 +117,7 @@ def gguf_folder(gguf: Path, name: str, convert: bool = True) -> str | None:
             h.update(block)
     out = models_cache() / f"{name}-{h.hexdigest()[:16]}"
     if (out / "config.json").is_file():
+        drop_gguf_quantization(out / "config.json")  # folders converted by peftkit 0.1.0 still carry it
         return str(out)
     if not convert:
         return None
@@ -134,10 +135,24 @@ def gguf_folder(gguf: Path, name: str, convert: bool = True) -> str | None:
     plain = AutoModelForCausalLM.from_config(dequantized.config, dtype=torch.float32)
     plain.load_state_dict(dequantized.state_dict())  # save_pretrained refuses a GGUF-loaded model
     plain.generation_config = dequantized.generation_config
+    if hasattr(plain.config, "quantization_config"):  # the weights are plain fp32 now: trainable by any trainer
+        del plain.config.quantization_config
     with atomic_dir(out) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return str(out)
+
+
+def drop_gguf_quantization(config_file: Path) -> None:
+    """A converted folder's config must not say GGUF-quantized: peft and Trainer refuse to train such a model."""
+    import json
+
+    from peftkit.files import atomic_write_text
+
+    config = json.loads(config_file.read_text())
+    if config.get("quantization_config", {}).get("quant_method") == "gguf":
+        del config["quantization_config"]
+        atomic_write_text(config_file, json.dumps(config, indent=2) + "\n")
 
 
 # position ids start after the padding index in these models: they hold max_position_embeddings − 2 tokens

@@ -33,6 +33,7 @@ def test_converted_once_keyed_by_hash_with_the_gguf_models_logits(tmp_path, monk
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no temp folder left behind
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
 
+    assert "quantization_config" not in (folder / "config.json").read_text()  # plain weights: peft and Trainer train it
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert tokenizer.chat_template  # the Instruct model's template came along
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True,
