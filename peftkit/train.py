@@ -273,10 +273,13 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
     eval_loss_sum, eval_loss_n = 0.0, 0  # training loss since the last evaluation (snapshots record it)
     t_start = time.perf_counter() - state["train_time_s"]
     if t.get("eval_before") and step == 0:  # the base model as the run starts: the "before" of a before/after
+        t0 = time.perf_counter()
         before = kind.evaluate(accelerator, net, task, encoded, t.eval_batch_size)
         log({"step": 0, "eval": before["metrics"], "score": before["score"]})
         if main:
             console.print(f"before training: {task.task} score {before['score']:.2f}")
+        state["eval_time_s"] += time.perf_counter() - t0  # evaluation, not training speed
+        window_t = time.perf_counter()
     net.train()
     with progress_bar(main) as bar:
         job = bar.add_task("train", total=total_steps, completed=step, loss="-", lr="-", speed="-")
