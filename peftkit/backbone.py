@@ -52,6 +52,7 @@ ROLES: dict[str, dict[str, str]] = {
         "ffn_out": r".*mlp\.down_proj",
     },
 }
+ROLE_NAMES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out", "pooler")  # what method.target_modules may name
 for _alias in ("roberta", "xlm-roberta", "electra"):
     ROLES[_alias] = ROLES["bert"]
 for _alias in ("mistral", "qwen2", "qwen3"):

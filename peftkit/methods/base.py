@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from peftkit.backbone import linear_names, role_patterns
+from peftkit.backbone import ROLE_NAMES, ROLES, linear_names, role_patterns
 from peftkit.errors import UserError
 from peftkit.schema import check_fields
 
@@ -115,9 +115,31 @@ def matches(name: str, pattern: str) -> bool:
         return False
 
 
+ALL_LINEAR = "all-linear"
+OUTPUT_LAYERS = ("lm_head",)  # a causal LM's pretrained output layer: never "all-linear" (as in peft)
+
+
+def target_patterns(model: nn.Module, target_modules) -> list[str]:
+    """`method.target_modules` as patterns: a role name (`query`, `ffn_out`, ...) becomes the model's
+    pattern for it, `all-linear` every Linear layer but the head; names, suffixes, regexes stay."""
+    roles = ROLES.get(model.config.model_type, {})
+    out = []
+    for t in target_modules:
+        if t == ALL_LINEAR:
+            out.append(r".*")
+        elif t in ROLE_NAMES and t in roles:
+            out.append(roles[t])
+        else:  # a name, a dotted suffix (`value` on a model whose roles peftkit does not know), a regex
+            out.append(t)
+    return out
+
+
 def find_targets(model: nn.Module, target_modules, default_roles, exclude: list[str]) -> list[tuple[str, nn.Linear]]:
-    """The Linear layers a method wraps: by name/regex, or the method's default roles."""
-    patterns = list(target_modules) if target_modules else role_patterns(model, list(default_roles))
+    """The Linear layers a method wraps: by name, dotted suffix, regex, role name or `all-linear`,
+    or the method's default roles; never the task head."""
+    patterns = target_patterns(model, target_modules) if target_modules else role_patterns(model, list(default_roles))
+    if target_modules and ALL_LINEAR in target_modules:
+        exclude = [*exclude, *OUTPUT_LAYERS]
     found = [
         (n, m)
         for n, m in model.named_modules()
@@ -126,8 +148,11 @@ def find_targets(model: nn.Module, target_modules, default_roles, exclude: list[
         and not any(n == e or n.startswith(e + ".") for e in exclude)
     ]
     if not found:
+        roles = ROLES.get(model.config.model_type)
+        known = f"roles for '{model.config.model_type}': {', '.join(roles)}" if roles else f"no roles known for '{model.config.model_type}'"
         raise UserError(
-            f"target_modules {patterns} match no Linear layer; this model has: {', '.join(linear_names(model))}"
+            f"target_modules {list(target_modules or patterns)} match no Linear layer ({known}; or all-linear); "
+            f"this model has: {', '.join(linear_names(model))}"
         )
     return found
 

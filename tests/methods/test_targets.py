@@ -112,3 +112,32 @@ def test_wrapped_layers_keep_their_base_layer(model):
     wrapped = model.bert.encoder.layer[1].attention.self.key
     assert isinstance(wrapped, AdapterLinear) and wrapped.base_layer is key
     assert not key.weight.requires_grad
+
+
+@pytest.mark.parametrize(("roles", "expected"), [
+    (["ffn_out"], [L0 + "output.dense", L1 + "output.dense"]),  # the role, not every "output.dense" (attention's too)
+    (["attn_out", "pooler"], [L0 + "attention.output.dense", L1 + "attention.output.dense", "bert.pooler.dense"]),
+])
+def test_role_names_select_the_models_layers_for_that_role(model, roles, expected):
+    assert _targets(model, roles) == expected
+
+
+def test_all_linear_is_every_linear_but_the_head(model):
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "classifier"]
+    assert _targets(model, ["all-linear"]) == linears
+
+
+def test_roles_and_all_linear_on_a_causal_lm(tiny_lm):
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    found = [n for n, _ in find_targets(lm, ["ffn_in"], (), exclude=[])]
+    assert found == [f"model.layers.{i}.mlp.{p}" for i in (0, 1) for p in ("gate_proj", "up_proj")]
+    every = [n for n, _ in find_targets(lm, ["all-linear"], (), exclude=[])]
+    assert "lm_head" not in every and len(every) == 2 * 7  # q, k, v, o, gate, up, down per layer; the LM head stays
+
+
+def test_a_role_the_model_lacks_lists_its_roles_and_layers(model):
+    with pytest.raises(UserError) as e:
+        _targets(model, ["nope_role"])
+    assert "roles for 'bert': query, key, value" in str(e.value) and "all-linear" in str(e.value)
