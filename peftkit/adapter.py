@@ -99,7 +99,8 @@ def model_card(meta: dict, size_bytes: int | None = None, kind: str = "adapter",
     return "\n".join(lines + [""] + body) + "\n"
 
 
-def read_config(path: Path) -> dict:
+def read_config(path: Path, model: bool = False) -> dict:
+    """adapter_config.json, checked; `model`: with all that rebuilding base + adapter reads."""
     path = Path(path)
     f = path / CONFIG
     if not f.is_file():
@@ -113,7 +114,8 @@ def read_config(path: Path) -> dict:
                         f"peftkit merge mode=from_peft adapter={path} out=DIR")
     from peftkit import schema
 
-    return schema.check_file(schema.AdapterFile, data, f, "adapter config", "retrain or restore it")
+    return schema.check_file(schema.AdapterFile, data, f, "adapter config", "retrain or restore it",
+                             schema.ADAPTER_MODEL_KEYS if model else ())
 
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -80,7 +80,8 @@ def read_meta(path: Path) -> dict:
     try:
         meta = json.loads(f.read_text(encoding="utf-8"))
         state = meta["state"]
-        ok = (isinstance(state, dict) and all(isinstance(state.get(k), int) for k in ("step", "epoch", "batch"))
+        ok = (isinstance(state, dict) and isinstance(state.get("step"), int)
+              and all(isinstance(state.get(k, 0), int) for k in ("epoch", "batch"))
               and isinstance(meta["optimizer_param_groups"], list) and isinstance(meta["scheduler"], dict)
               and isinstance(meta["rng_python"], list) and len(meta["rng_python"]) == 3)
         if not ok:

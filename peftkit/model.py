@@ -64,7 +64,7 @@ def from_adapter(path: str | Path, backbone_path: str | None = None) -> tuple[Ad
     A compressed adapter (`peftkit merge mode=compress`) stores its change from the initial
     weights: seeded as in training, `build` recreates them, and its loader adds the change.
     """
-    cfg = adapter.read_config(path)
+    cfg = adapter.read_config(path, model=True)
     load_weights = adapter.load_weights
     if "compression" in cfg:
         from peftkit.merge import compress

@@ -266,25 +266,30 @@ class _Named(BaseModel):
 
 
 class AdapterFile(BaseModel):
-    """adapter_config.json, as rebuilding base + adapter reads it."""
+    """adapter_config.json: what every reader uses (a checkpoint snapshot's too), and the types of the
+    rest; rebuilding base + adapter needs `MODEL_KEYS` as well."""
     model_config = ConfigDict(strict=True, extra="allow")
     method: _Named
-    backbone: _Named
     base_fingerprint: str
-    label_names: list[str | int] | None
-    trainable_params: int
-    total_params: int
+    backbone: _Named | None = None
+    label_names: list[str | int] | None = None
+    trainable_params: int | None = None
+    total_params: int | None = None
     task_type: str | None = None
 
 
+ADAPTER_MODEL_KEYS = ("backbone", "label_names", "trainable_params", "total_params")
+
+
 class ReportFile(BaseModel):
-    """eval/report.json: a finished, diverged or failed run's (the last two lack the scores)."""
+    """eval/report.json: a finished run's (`OK_KEYS` present), or a diverged or failed one's, which
+    may lack the scores (a crashed job's report may hold little more than its error)."""
     model_config = ConfigDict(strict=True, extra="allow")
     status: str = "ok"
     error: str | None = None
-    dataset: str
-    method: str
-    backbone: str
+    dataset: str | None = None
+    method: str | None = None
+    backbone: str | None = None
     task: str | None = None
     metrics: dict[str, dict[str, float | None]] | None = None
     score: float | None = None
@@ -301,16 +306,21 @@ class RunConfigFile(BaseModel):
     trainer: dict
 
 
-def check_file(schema: type[BaseModel], data, f, what: str, fix: str) -> dict:
-    """`data`, read from file `f`, against `schema`: one line naming the file and what is wrong in it."""
-    wrong = file_problem(schema, data)
+REPORT_OK_KEYS = ("dataset", "method", "backbone", "metrics")
+
+
+def check_file(schema: type[BaseModel], data, f, what: str, fix: str, required: tuple[str, ...] = ()) -> dict:
+    """`data`, read from file `f`, against `schema` (and `required` keys): one line naming the file and
+    what is wrong in it."""
+    wrong = file_problem(schema, data, required)
     if wrong:
         raise UserError(f"corrupt {what} {f}: {wrong}; {fix}")
     return data
 
 
-def file_problem(schema: type[BaseModel], data) -> str | None:
-    """What is wrong with `data` (a file's content) for `schema`, in a few words; None if nothing."""
+def file_problem(schema: type[BaseModel], data, required: tuple[str, ...] = ()) -> str | None:
+    """What is wrong with `data` (a file's content) for `schema`, in a few words; None if nothing.
+    A report that says `ok` must hold what a finished run's does."""
     if not isinstance(data, dict):
         return f"expected a mapping of keys, got {_kind(data)}"
     try:
@@ -324,7 +334,10 @@ def file_problem(schema: type[BaseModel], data) -> str | None:
         for part in err["loc"]:
             value = value.get(part) if isinstance(value, dict) else None
         return f"{key}={_show(value)}, expected {_expected(err, None)}"
-    return None
+    if schema is ReportFile and data.get("status", "ok") == "ok":
+        required = (*required, *REPORT_OK_KEYS)
+    missing = [k for k in required if k not in data]
+    return f"no {missing[0]}" if missing else None
 
 
 def _kind(value) -> str:

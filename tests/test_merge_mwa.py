@@ -28,9 +28,12 @@ LOSS_REL = 1e-12  # a mean of the same float64 losses, summed in another order a
 
 
 def args(tiny_bert, run_dir, *extra):
-    return ["recipe=quickstart", f"backbone.path={tiny_bert}", "dataset.max_train_samples=128", "dataset.max_eval_samples=32",
+    """A key in `extra` replaces its default here (peftkit refuses a key given twice)."""
+    given = {e.split("=", 1)[0] for e in extra}
+    base = ["recipe=quickstart", f"backbone.path={tiny_bert}", "dataset.max_train_samples=128", "dataset.max_eval_samples=32",
             "seed=0", "trainer.max_steps=6", "trainer.eval_every=2", "trainer.log_every=1", "trainer.keep_checkpoints=2",
-            "trainer.keep_best=false", f"hydra.run.dir={run_dir}", *extra]
+            "trainer.keep_best=false", f"hydra.run.dir={run_dir}"]
+    return [b for b in base if b.split("=", 1)[0] not in given] + list(extra)
 
 
 @pytest.fixture(scope="module")
