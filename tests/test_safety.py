@@ -132,6 +132,29 @@ TRAIN = [
     (["resume=nowhere"], ["resume=nowhere", "no checkpoint"]),
     (["overwrite=maybe"], ["overwrite=maybe", "true or false"]),
     (["trainer.lrr=1"], ["trainer.lrr", "lr"]),
+    # numbers in range: seeds fit numpy's and torch's generators, counts what the data and machine hold
+    (["seed=-1"], ["seed=-1", "0 to 4294967295"]),
+    (["seed=4294967296"], ["seed=4294967296", "0 to 4294967295"]),
+    (["dataset=local", "dataset.train_file=reviews.csv", "dataset.split_seed=-5"], ["dataset.split_seed=-5", "0 to"]),
+    (["dataset.split_seed=99999999999999999999999"], ["dataset.split_seed=99999999999999999999999"]),
+    (["dataset.dev_size=100000"], ["dataset.dev_size=100000", "12807"]),
+    (["trainer.threads=100000"], ["trainer.threads=100000", "1 to 1024"]),
+    # a number in quotes is text: say so
+    (["trainer.lr='1e-3'"], ["trainer.lr='1e-3'", "a number", "without quotes"]),
+    (["method.r='8'"], ["method.r='8'", "whole number", "without quotes"]),
+    # empty and unresolvable paths
+    (["hydra.run.dir="], ["hydra.run.dir=''"]),
+    (["hydra.run.dir=${oc.env:PEFTKIT_UNSET_VARIABLE}"], ["hydra.run.dir=", "cannot resolve", "PEFTKIT_UNSET_VARIABLE"]),
+    (["-m", "seed=1,2", "hydra.sweep.dir=${oc.env:PEFTKIT_UNSET_VARIABLE}"], ["hydra.sweep.dir=", "cannot resolve"]),
+    (["hydra.run.dir=reviews.csv/run"], ["reviews.csv is a file"]),
+    (["-m", "trainer.max_steps=range(5,1)"], ["range(5,1)", "no value"]),
+    # the command line: each key once, only the options peftkit passes on to Hydra
+    (["method.r=4", "method.r=8"], ["method.r= is given twice", "method.r=4", "method.r=8"]),
+    (["recipe=glue", "recipe=quickstart"], ["recipe= is given twice"]),
+    (["hydra.run.dir=a", "hydra.run.dir=b"], ["hydra.run.dir= is given twice"]),
+    (["--info"], ["unknown option --info"]),
+    (["--foo"], ["unknown option --foo"]),
+    (["--cfg", "nope"], ["--cfg nope", "job"]),
 ]
 
 
@@ -183,6 +206,13 @@ MERGE = [
     (["adapter=run", "out=o", "bogus=1"], ["bogus"]),
     (["adapter=run"], ["out=..."]),
     (["adapter"], ["KEY=VALUE"]),
+    (["mode=dare", "adapters=[run]", "seed=-1", "out=o"], ["seed=-1", "0 to 4294967295"]),
+    (["mode=dare", "adapters=[run]", "seed=99999999999999999999999", "out=o"], ["seed=99999999999999999999999"]),
+    (["adapter=run", "out="], ["out=''"]),
+    (["adapter=run", "out=${oc.env:PEFTKIT_UNSET_VARIABLE}"], ["out", "cannot resolve", "PEFTKIT_UNSET_VARIABLE"]),
+    (["adapter=run", "adapter=mine", "out=o"], ["adapter= is given twice"]),
+    (["mode=ties", "mode=dare", "adapters=[run]", "out=o"], ["mode= is given twice"]),
+    (["adapter=run", "backbone_path=a", "backbone.path=b", "out=o"], ["backbone_path= is given twice"]),
 ]
 
 
@@ -211,6 +241,13 @@ OTHER = [
     (["ls", "nope"], ["recipes", "methods"]),
     (["--nope"], ["unknown option --nope"]),
     (["frobnicate"], ["unknown command 'frobnicate'"]),
+    (["--recipes-dir"], ["--recipes-dir needs a folder"]),
+    (["--recipes-dir=", "ls"], ["--recipes-dir needs a folder"]),
+    (["--recipes-dir", "reviews.csv", "ls"], ["reviews.csv is a file"]),
+    (["report", "--out", "x", "run"], ["unknown option --out", "out=DIR"]),
+    (["report", "run", "out=reviews.csv"], ["out=", "reviews.csv is a file"]),
+    (["eval", "run="], ["run=''"]),
+    (["train", "backbone.path="], ["backbone.path=''", "model folder"]),
 ]
 
 
@@ -564,3 +601,297 @@ def test_a_read_only_place_gets_one_line(tmp_path, tiny_bert, reference, read_on
     one_line(cli("eval", f"run={read_only / 'run'}", cwd=tmp_path), "cannot write")
     one_line(cli("report", str(read_only / "run"), cwd=tmp_path), "not writable")  # refused before any work
     assert tree(read_only) == before
+
+
+# ---- paths: one line for what cannot be read, created or followed ---------------------------------------
+
+RAGGED = "text,label\na fine film,pos,an extra field\nan awful film,neg\n" + CSV.split("\n", 1)[1]
+
+
+def test_a_ragged_csv_row_is_one_line_and_leaves_nothing(tmp_path, tiny_bert):
+    (tmp_path / "ragged.csv").write_text(RAGGED)
+    before = tree(tmp_path)
+    proc = cli("train", *tiny(tiny_bert, "dataset=local", f"dataset.train_file={tmp_path / 'ragged.csv'}"), cwd=tmp_path)
+    one_line(proc, "ragged.csv", "line 2 has 3 fields, the header 2", "quote")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where nothing can be created")
+@pytest.mark.parametrize("command", [["train", "hydra.run.dir=/proc/peftkit_x"], ["merge", "adapter=run", "out=/proc/peftkit_x"],
+                                     ["report", "run", "out=/proc/peftkit_x"]], ids=["train", "merge", "report"])
+def test_an_output_folder_that_cannot_be_created_is_one_line(main_in, workdir, tiny_bert, command):
+    extra = [f"backbone.path={tiny_bert}"] if command[0] == "train" else []
+    before = tree(workdir)
+    code, out, err = main_in(*command, *extra)
+    assert_one_line_error(code, out, err, "/proc", "nothing can be created")
+    assert tree(workdir) == before
+
+
+@pytest.mark.parametrize("command", [["train", "hydra.run.dir=loop"], ["merge", "adapter=run", "out=loop"],
+                                     ["report", "run", "out=loop"], ["eval", "run=loop"]], ids=["train", "merge", "report", "eval"])
+def test_a_symlink_loop_is_one_line(main_in, workdir, tiny_bert, command):
+    (workdir / "loop").symlink_to("loop")
+    extra = [f"backbone.path={tiny_bert}"] if command[0] == "train" else []
+    before = sorted(p.name for p in workdir.iterdir())  # tree() would follow the loop
+    code, out, err = main_in(*command, *extra)
+    assert_one_line_error(code, out, err, "loop")
+    assert sorted(p.name for p in workdir.iterdir()) == before
+
+
+# ---- files peftkit reads back: valid JSON of the wrong shape is one line naming the file ------------------
+
+@pytest.mark.parametrize("content, needles", [
+    ("[1, 2]", ["corrupt report", "report.json", "got a list"]),
+    ('"hello"', ["corrupt report", "got a string"]),
+    ('{"status": "ok", "score": 50}', ["corrupt report", "no dataset"]),
+    ('{"status": "ok", "dataset": "d", "method": "m", "backbone": "b", "metrics": [1]}', ["corrupt report", "metrics=[1]"]),
+])
+def test_eval_refuses_a_report_of_the_wrong_shape(tmp_path, reference, content, needles):
+    run = copy_run(reference, tmp_path / "run")
+    (run / "eval" / "report.json").write_text(content)
+    before = tree(tmp_path)
+    one_line(cli("eval", f"run={run}", cwd=tmp_path), *needles)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("content, needles", [
+    ("{}", ["corrupt adapter config", "adapter_config.json", "no method"]),
+    ("[1]", ["corrupt adapter config", "got a list"]),
+    ('{"method": "lora"}', ["corrupt adapter config", "method=lora", "mapping"]),
+])
+def test_eval_and_merge_refuse_an_adapter_config_of_the_wrong_shape(tmp_path, reference, content, needles):
+    run = copy_run(reference, tmp_path / "run")
+    (run / "adapter" / "adapter_config.json").write_text(content)
+    before = tree(tmp_path)
+    one_line(cli("eval", f"run={run}", cwd=tmp_path), *needles)
+    one_line(cli("merge", f"adapter={run}", "out=merged", cwd=tmp_path), *needles)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("config_yaml, needles", [("- a\n- b\n", ["got a list"]), ("", ["no backbone"]),
+                                                  ("seed: 1\nmethod: [lora]\n", ["no backbone"])])
+def test_eval_refuses_a_run_config_of_the_wrong_shape(main_in, workdir, config_yaml, needles):
+    (workdir / "run" / "config.yaml").write_text(config_yaml)
+    before = tree(workdir)
+    code, out, err = main_in("eval", "run=run")
+    assert_one_line_error(code, out, err, "corrupt run config", "config.yaml", *needles)
+    assert tree(workdir) == before
+
+
+def test_report_lists_runs_with_files_of_the_wrong_shape_as_failed(tmp_path, reference):
+    good = copy_run(reference, tmp_path / "runs" / "good")
+    listed = copy_run(reference, tmp_path / "runs" / "list_report")
+    (listed / "eval" / "report.json").write_text("[1, 2]")
+    method = copy_run(reference, tmp_path / "runs" / "method_list")
+    (method / "config.yaml").write_text((method / "config.yaml").read_text().replace("method:\n", "method_was:\n") + "method: [a]\n")
+    binary_log = copy_run(reference, tmp_path / "runs" / "binary_log")
+    (binary_log / "train_log.jsonl").write_bytes(bytes(range(128, 256)))
+    proc = cli("report", str(tmp_path / "runs"), f"out={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("peftkit: warning:")]
+    assert len(warnings) == 3, proc.stderr
+    board = json.loads((tmp_path / "leaderboard" / "leaderboard.json").read_text())
+    assert sorted(f["dir"] for f in board["failed"]) == sorted([str(listed), str(method)])
+    assert str(good) in json.dumps(board["rows"]) and str(binary_log) in json.dumps(board["rows"])
+
+
+# ---- resume continues the run's own model, from a readable checkpoint ---------------------------------------
+
+@pytest.mark.parametrize("change, needles", [
+    (["method.r=4"], ["method.r=8 (this command: 4)"]),
+    (["method=ia3"], ["method=lora (this command: ia3)"]),
+])
+def test_resume_refuses_another_method_config(tmp_path, tiny_bert, reference, change, needles):
+    run = copy_run(reference, tmp_path / "run")
+    before = tree(tmp_path)
+    proc = cli("train", *tiny(tiny_bert, f"resume={run}", *change), cwd=tmp_path)
+    one_line(proc, f"resume={run}", "the run was trained with", *needles, "another hydra.run.dir", "overwrite=true")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("content, needles", [("{ not json", ["corrupt checkpoint file", "trainer_state.json"]),
+                                              ("{}", ["corrupt checkpoint file", "no key 'state'"]),
+                                              ('{"state": [1]}', ["corrupt checkpoint file"])])
+def test_resume_refuses_a_corrupt_trainer_state(tmp_path, tiny_bert, reference, content, needles):
+    run = copy_run(reference, tmp_path / "run")
+    (run / "checkpoints" / "last" / "trainer_state.json").write_text(content)
+    before = tree(tmp_path)
+    one_line(cli("train", *tiny(tiny_bert, f"resume={run}"), cwd=tmp_path), *needles)
+    assert tree(tmp_path) == before
+
+
+# ---- the command line --------------------------------------------------------------------------------------
+
+def test_a_binary_recipe_is_one_line_naming_it_and_ls_lists_the_rest(main_in, workdir):
+    recipes = workdir / "recipes"
+    recipes.mkdir()
+    (recipes / "binary.yaml").write_bytes(bytes(range(128, 256)) * 4)
+    code, out, err = main_in("--recipes-dir", str(recipes), "train", "recipe=binary")
+    assert_one_line_error(code, out, err, "binary.yaml", "not a text YAML file")
+    code, out, err = main_in("--recipes-dir", str(recipes), "ls", "recipes")
+    assert code == 0 and "binary" in out and "unreadable" in out and "quickstart" in out and err == "", (out, err)
+
+
+@pytest.mark.parametrize("value, shows", [("false", False), ("0", False), ("", False), ("no", False), ("1", True), ("true", True)])
+def test_peftkit_traceback_is_on_only_when_asked(main_in, workdir, monkeypatch, value, shows):
+    from peftkit.errors import UserError
+
+    monkeypatch.setenv("PEFTKIT_TRACEBACK", value)
+    if shows:
+        with pytest.raises(UserError):
+            main_in("ls", "nope")
+    else:
+        assert_one_line_error(*main_in("ls", "nope"), "peftkit ls takes one of")
+
+
+def test_prompt_tuning_too_long_names_num_virtual_tokens(tmp_path, tiny_bert):
+    proc = cli("train", *tiny(tiny_bert, "method=prompt_tuning", "method.num_virtual_tokens=1000"), cwd=tmp_path)
+    one_line(proc, "method.num_virtual_tokens=1000", "at most 126")
+    assert not (tmp_path / "outputs").exists()
+
+
+# ---- Ctrl-C ----------------------------------------------------------------------------------------------
+
+def test_ctrl_c_during_training_says_what_was_kept(tmp_path, tiny_bert):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **THREADS}
+    proc = subprocess.Popen([sys.executable, "-m", "peftkit.cli", "train",
+                             *tiny(tiny_bert, f"hydra.run.dir={run}", "trainer.max_steps=100000")],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "last" / "trainer_state.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in out + err, err[-3000:]
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("peftkit: error: interrupted (Ctrl-C)") and "kept the checkpoint of step" in last
+    assert f"resume={run}" in last and len([x for x in err.splitlines() if x.startswith("peftkit: error:")]) == 1
+    assert not (run / ".peftkit.lock").exists() and (run / "checkpoints" / "last" / "state.safetensors").is_file()
+
+
+@pytest.mark.parametrize("command", ["eval", "merge"])
+def test_ctrl_c_during_eval_or_merge_is_one_line_and_frees_the_folder(main_in, workdir, monkeypatch, command):
+    from peftkit import evaluate, merge
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "score_run", interrupted)
+    monkeypatch.setattr(merge, "check_output", interrupted)
+    before = tree(workdir)
+    code, out, err = main_in(*(["eval", "run=run"] if command == "eval" else ["merge", "adapter=run", "out=o"]))
+    assert code == 130 and "Traceback" not in err, err
+    assert err.startswith("peftkit: error: interrupted (Ctrl-C)") and len(err.strip().splitlines()) == 1, err
+    assert tree(workdir) == before  # no lock left behind
+
+
+# ---- overwrite and the user's files --------------------------------------------------------------------------
+
+def test_overwrite_with_bad_data_keeps_the_previous_run(tmp_path, tiny_bert, reference):
+    run = copy_run(reference, tmp_path / "run")
+    (tmp_path / "ragged.csv").write_text(RAGGED)
+    before = tree(tmp_path)
+    for bad in (["dataset=local", f"dataset.train_file={tmp_path / 'ragged.csv'}"], ["method.target_modules=[nonexistent]"]):
+        proc = cli("train", *tiny(tiny_bert, f"hydra.run.dir={run}", *bad), "overwrite=true", cwd=tmp_path)
+        one_line(proc)
+        assert tree(tmp_path) == before
+
+
+def test_a_folder_of_the_users_is_no_run_to_replace(tmp_path, tiny_bert):
+    proj = tmp_path / "proj"
+    (proj / "eval").mkdir(parents=True)
+    (proj / "config.yaml").write_text("my_project: true\n")
+    (proj / "eval" / "notes.md").write_text("mine\n")
+    before = tree(tmp_path)
+    for extra in ([], ["overwrite=true"]):
+        proc = cli("train", *tiny(tiny_bert, f"hydra.run.dir={proj}"), *extra, cwd=tmp_path)
+        one_line(proc, "config.yaml", "peftkit did not write")
+        assert tree(tmp_path) == before
+    (proj / "config.yaml").unlink()  # eval/ with the user's notes only: nothing a run writes is in the way
+    proc = cli("train", *tiny(tiny_bert, f"hydra.run.dir={proj}"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (proj / "eval" / "notes.md").read_text() == "mine\n" and (proj / "eval" / "report.json").is_file()
+    proc = cli("train", *tiny(tiny_bert, f"hydra.run.dir={proj}", "seed=1"), "overwrite=true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (proj / "eval" / "notes.md").read_text() == "mine\n" and report(proj)["seed"] == 1
+
+
+def test_merge_overwrite_replaces_only_an_earlier_merge(tmp_path, reference):
+    out = tmp_path / "merged"
+    assert cli("merge", f"adapter={reference}", f"out={out}", cwd=tmp_path).returncode == 0
+    assert cli("merge", f"adapter={reference}", f"out={out}", "overwrite=true", cwd=tmp_path).returncode == 0
+    (out / "notes.txt").write_text("mine\n")
+    before = tree(tmp_path)
+    one_line(cli("merge", f"adapter={reference}", f"out={out}", "overwrite=true", cwd=tmp_path), "notes.txt", "peftkit did not write")
+    assert tree(tmp_path) == before
+    mine = tmp_path / "model"  # a model folder of the user's (no merge.json): never replaced
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    one_line(cli("merge", f"adapter={reference}", f"out={mine}", "overwrite=true", cwd=tmp_path), "config.json", "peftkit did not write")
+    assert (mine / "config.json").read_text() == "{}"
+
+
+def test_report_never_replaces_the_users_files_in_leaderboard(tmp_path, reference):
+    run = copy_run(reference, tmp_path / "run")
+    assert cli("report", str(run), cwd=tmp_path).returncode == 0
+    assert cli("report", str(run), cwd=tmp_path).returncode == 0  # its own leaderboard: replaced
+    (run / "leaderboard" / "mynotes.md").write_text("mine\n")
+    before = tree(tmp_path)
+    one_line(cli("report", str(run), cwd=tmp_path), "mynotes.md", "peftkit did not write", "out=DIR")
+    assert tree(tmp_path) == before
+
+
+def test_tilde_means_home_in_every_path(tmp_path, tiny_bert, reference, monkeypatch):
+    from peftkit import config
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    copy_run(reference, home / "run")
+    _, out = config.check("quickstart", [f"backbone.path={tiny_bert}", "hydra.run.dir='~/new'"])
+    assert out == str(home / "new")
+    assert cli("eval", "run=~/run", cwd=tmp_path).returncode == 0
+    assert cli("merge", "adapter=~/run", "out='~/merged'", cwd=tmp_path).returncode == 0
+    assert cli("report", "~/run", "out=~/board", cwd=tmp_path).returncode == 0
+    assert (home / "merged" / "merge.json").is_file() and (home / "board" / "leaderboard" / "leaderboard.md").is_file()
+    assert not (tmp_path / "~").exists()
+
+
+def test_eval_marks_an_unfinished_run_and_resume_still_finds_it(tmp_path, tiny_bert, reference, monkeypatch):
+    from peftkit import config, launch
+
+    run = copy_run(reference, tmp_path / "outputs" / "2026-01-01" / "00-00-00")
+    shutil.rmtree(run / "eval")  # a run stopped mid-way: a checkpoint, no final report
+    proc = cli("eval", f"run={run}", cwd=tmp_path)
+    assert proc.returncode == 0 and "is unfinished" in proc.stderr, proc.stderr
+    r = report(run)
+    assert r["status"] == "unfinished" and "at step 8" in r["error"] and f"resume={run}" in r["error"]
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = config.check("quickstart", tiny(tiny_bert))
+    _, found = launch.resolve_resume("quickstart", [*tiny(tiny_bert), "resume=true"], cfg)
+    assert found is not None and found.resolve() == run.resolve()
+    board = cli("report", str(run), f"out={tmp_path}", cwd=tmp_path)
+    assert board.returncode == 0, board.stderr
+    assert json.loads((tmp_path / "leaderboard" / "leaderboard.json").read_text())["failed"][0]["status"] == "unfinished"
+
+
+def test_from_peft_refuses_a_base_with_custom_code_unless_trusted(tmp_path, reference, custom_code_model):
+    peft = tmp_path / "peft"
+    assert cli("merge", "mode=to_peft", f"adapter={reference}", f"out={peft}", cwd=tmp_path).returncode == 0
+    cfg = json.loads((peft / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(custom_code_model)
+    (peft / "adapter_config.json").write_text(json.dumps(cfg))
+    before = tree(tmp_path)
+    one_line(cli("merge", "mode=from_peft", f"adapter={peft}", "out=o", cwd=tmp_path), "custom code", "trust_remote_code=true")
+    one_line(cli("merge", "mode=from_peft", f"adapter={peft}", f"backbone_path={custom_code_model}", "out=o", cwd=tmp_path),
+             "custom code", "trust_remote_code=true")
+    assert tree(tmp_path) == before
