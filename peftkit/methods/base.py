@@ -116,13 +116,19 @@ def matches(name: str, pattern: str) -> bool:
 
 
 ALL_LINEAR = "all-linear"
+
+
+def model_type(model: nn.Module) -> str | None:
+    """transformers' model type (`bert`, `llama`, ...); None for a plain torch module."""
+    return getattr(getattr(model, "config", None), "model_type", None)
+
 OUTPUT_LAYERS = ("lm_head",)  # a causal LM's pretrained output layer: never "all-linear" (as in peft)
 
 
 def target_patterns(model: nn.Module, target_modules) -> list[str]:
     """`method.target_modules` as patterns: a role name (`query`, `ffn_out`, ...) becomes the model's
     pattern for it, `all-linear` every Linear layer but the head; names, suffixes, regexes stay."""
-    roles = ROLES.get(model.config.model_type, {})
+    roles = ROLES.get(model_type(model), {})
     out = []
     for t in target_modules:
         if t == ALL_LINEAR:
@@ -148,8 +154,8 @@ def find_targets(model: nn.Module, target_modules, default_roles, exclude: list[
         and not any(n == e or n.startswith(e + ".") for e in exclude)
     ]
     if not found:
-        roles = ROLES.get(model.config.model_type)
-        known = f"roles for '{model.config.model_type}': {', '.join(roles)}" if roles else f"no roles known for '{model.config.model_type}'"
+        roles = ROLES.get(model_type(model))
+        known = f"roles for '{model_type(model)}': {', '.join(roles)}" if roles else f"no roles known for '{model_type(model)}'"
         raise UserError(
             f"target_modules {list(target_modules or patterns)} match no Linear layer ({known}; or all-linear); "
             f"this model has: {', '.join(linear_names(model))}"
