@@ -61,7 +61,8 @@ def task_overrides(task: str, args) -> list[str]:
     rows = min(args.sst2_rows, args.max_train_samples or args.sst2_rows) if task == "sst2" else args.max_train_samples
     if rows:
         out.append(f"dataset.max_train_samples={rows}")
-    return out + list(args.override)
+    given = {o.split("=", 1)[0] for o in args.override}  # an --override replaces the bench's own value (peftkit refuses a key twice)
+    return [o for o in out if o.split("=", 1)[0] not in given] + list(args.override)
 
 
 def recipe_overrides(method: str) -> list[str]:

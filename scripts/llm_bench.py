@@ -136,7 +136,8 @@ def peftkit_row(method: str, model: str, train: Path, dev: Path | None, run_dir:
         cmd += [f"method.r={LORA['r']}", f"method.alpha={LORA['alpha']}", f"method.target_modules=[{','.join(LORA['targets'])}]"]
     if args.lr:
         cmd.append(f"trainer.lr={args.lr}")
-    cmd += args.override
+    given = {o.split("=", 1)[0] for o in args.override}  # an --override replaces the bench's value (a key twice is refused)
+    cmd = [c for c in cmd if c.split("=", 1)[0] not in given] + list(args.override)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=run_dir.parent, capture_output=True, text=True,
                           env=child_env())
@@ -383,6 +384,40 @@ def summary(row: dict) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in m.items()) + (f", {row['tokens_per_s']:.0f} tok/s" if row.get("tokens_per_s") else "")
 
 
+def _f(v, spec=".1f") -> str:
+    return "–" if not isinstance(v, (int, float)) else f"{v:{spec}}"
+
+
+def markdown(result: dict) -> str:
+    """The part's table, as docs/results.md shows it."""
+    if result["part"] == "speed":
+        mem = result["memory"]
+        lines = ["| side | real tokens/s | peak memory (MB) | train time (s) |", "|---|---|---|---|"]
+        for name in ("peftkit", "peft_trainer"):
+            r = result[name]
+            lines.append(f"| {name} | {_f(r.get('tokens_per_s'))} | {_f(r.get(mem), '.0f')} | {_f(r.get('train_time_s'), '.0f')} |")
+        lines.append(f"| ratio | {_f(result['tokens_per_s_ratio'], '.2f')}× | {_f(result['memory_ratio'], '.2f')}× | |")
+        return "\n".join(lines)
+    rows = result["rows"]
+    if result["part"] == "classify":
+        lines = ["| row | exact match (dev) | dev loss | trainable params | tokens/s | train time (s) |", "|---|---|---|---|---|---|"]
+        for name, r in rows.items():
+            m = (r.get("metrics") or {}).get("validation", {})
+            lines.append(f"| {name} | {_f(m.get('exact_match'))} | {_f(m.get('loss'), '.3f')} | {_f(r.get('trainable_params'), ',')} | "
+                         f"{_f(r.get('tokens_per_s'), '.0f')} | {_f(r.get('train_time_s'), '.0f')} |" if "error" not in r
+                         else f"| {name} | error: {r['error']} | | | | |")
+        return "\n".join(lines)
+    sets = [f"test_{s}" for s in MATH_SETS]
+    lines = ["| row | " + " | ".join(f"{s} acc / format" for s in MATH_SETS) + " | held-out loss | tokens/s |",
+             "|---|" + "---|" * (len(MATH_SETS) + 2)]
+    for name, r in rows.items():
+        test = r.get("test") or {}
+        cells = [f"{_f(test.get(s, {}).get('numeric'))} / {_f(test.get(s, {}).get('answer_format'))}" for s in sets]
+        loss = (r.get("metrics") or {}).get("validation", {}).get("loss")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_f(loss, '.3f')} | {_f(r.get('tokens_per_s'), '.0f')} |")
+    return "\n".join(lines)
+
+
 def machine() -> dict:
     import peft
     import torch
@@ -424,6 +459,7 @@ def main() -> None:
     result.update(part=args.part, args=vars(args), wall_s=time.perf_counter() - t0, machine=machine())
     text = json.dumps(result, indent=2, default=str)
     print(text if args.part == "speed" else json.dumps({k: summary(v) for k, v in result["rows"].items()}, indent=2))
+    print(markdown(result))
     print(f"wall {result['wall_s']:.0f} s")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
