@@ -197,17 +197,25 @@ def encode(data: LMData, tokenizer, cfg: DictConfig) -> dict[str, EncodedLM]:
     return out
 
 
-def loss(net, batch: dict[str, torch.Tensor], encoded: EncodedLM) -> torch.Tensor:
-    """The mean cross-entropy of the response tokens, as the model's own loss, but with the LM head
+def response_logits(net, batch: dict[str, torch.Tensor], encoded: EncodedLM) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits that predict a token, and those tokens (-100 where nothing is learned). With the LM head
     applied only where a response token is predicted (`logits_to_keep`): the prompt's logits, a
-    vocabulary-wide matmul and softmax per token, are never needed. Methods that add positions
-    (prompt and prefix tuning, LoReFT's position edits) take the model's own path."""
-    if not getattr(encoded, "sequence_kept", False):
-        return net(**batch).loss
-    target = batch["labels"][:, 1:]
-    keep = (target != IGNORE).any(dim=0).nonzero().squeeze(1)  # positions whose next token is learned, in any row
-    logits = net(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=keep).logits
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target[:, keep].flatten(), ignore_index=IGNORE)
+    vocabulary-wide matmul and softmax per token, are never needed. Methods that move positions
+    (prompt and prefix tuning, LoReFT) take every logit; prompt tuning's come after its virtual
+    tokens', so the real tokens' logits are the last ones."""
+    labels = batch["labels"]
+    target = labels[:, 1:]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if getattr(encoded, "sequence_kept", False):
+        keep = (target != IGNORE).any(dim=0).nonzero().squeeze(1)  # positions whose next token is learned, in any row
+        return net(**inputs, logits_to_keep=keep).logits, target[:, keep]
+    return net(**inputs).logits[:, -labels.shape[1]:-1], target
+
+
+def loss(net, batch: dict[str, torch.Tensor], encoded: EncodedLM) -> torch.Tensor:
+    """The mean cross-entropy of the response tokens: the model's own loss, computed from `response_logits`."""
+    logits, target = response_logits(net, batch, encoded)
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE)
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------------
@@ -221,11 +229,9 @@ def response_loss(accelerator, net, enc: EncodedLM, batch_size: int) -> tuple[fl
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for b in eval_batches(enc.lengths, batch_size)[accelerator.process_index :: accelerator.num_processes]:
         batch = {k: v.to(accelerator.device) for k, v in enc.batch(b).items()}
-        labels = batch.pop("labels")
         with accelerator.autocast():
-            logits = inner(**batch).logits.float()
-        shift, target = logits[:, :-1], labels[:, 1:]
-        total[0] += torch.nn.functional.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1),
+            logits, target = response_logits(inner, batch, enc)
+        total[0] += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(),
                                                       ignore_index=IGNORE, reduction="sum").double()
         total[1] += (target != IGNORE).sum()
     inner.train(was_training)

@@ -116,8 +116,8 @@ def test_training_loss_with_the_head_at_response_positions_only_is_the_models_ow
     for fast in (True, False):
         net = causal_lm.load_model(OmegaConf.create({"name": "tiny", "path": str(tiny_lm), "max_length": 64,
                                                      "trust_remote_code": False})).eval()
-        enc.sequence_kept = fast
-        value = causal_lm.loss(net, batch, enc)
+        enc.sequence_kept = True
+        value = causal_lm.loss(net, batch, enc) if fast else net(**batch).loss  # the reference: transformers' own loss
         value.backward()
         results.append((value.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
     (fast_loss, fast_grads), (own_loss, own_grads) = results
@@ -126,6 +126,20 @@ def test_training_loss_with_the_head_at_response_positions_only_is_the_models_ow
     assert fast_grads.keys() == own_grads.keys()
     for n in own_grads:
         torch.testing.assert_close(fast_grads[n], own_grads[n], atol=1e-5, rtol=1e-4)
+
+
+def test_every_logit_path_is_the_models_own_loss_too(tokenizer, tiny_lm):
+    """Methods that move positions take every logit (`sequence_kept` false): the same loss again."""
+    from peftkit.tasks import causal_lm
+
+    convs = [chat("good?", "fresh"), chat("the plot was a mess", "rotten")]
+    enc = EncodedLM([render(c, tokenizer, "chat") for c in convs], tokenizer.pad_token_id, packed=False, max_length=200)
+    batch = enc.batch([0, 1])
+    net = causal_lm.load_model(OmegaConf.create({"name": "tiny", "path": str(tiny_lm), "max_length": 64,
+                                                 "trust_remote_code": False})).eval()
+    enc.sequence_kept = False
+    with torch.no_grad():
+        torch.testing.assert_close(causal_lm.loss(net, batch, enc), net(**batch).loss, atol=1e-5, rtol=1e-5)
 
 
 def test_batched_greedy_generation_equals_one_prompt_at_a_time(tokenizer, lm):

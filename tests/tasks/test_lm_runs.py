@@ -6,6 +6,7 @@ combine mode, checkpoint averaging and compression, each result scored again by 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -108,6 +109,20 @@ def test_math_trains_from_a_data_dir_given_relative_to_the_working_directory(tmp
     report = json.loads((run / "eval" / "report.json").read_text())
     assert set(report["metrics"]["validation"]) == {"loss", "perplexity", "numeric", "answer_format"}
     assert report["score"] == report["metrics"]["validation"]["numeric"]
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "loreft"])
+def test_methods_that_move_positions_train_and_evaluate_through_the_cli(method, tmp_path, tiny_lm):
+    """Prompt tuning's logits include its virtual tokens: training and the dev loss must still line up."""
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    run = tmp_path / "run"
+    ok(run_cli("train", f"method={method}", "dataset=instruct", f"dataset.train_file={tmp_path / 'train.jsonl'}",
+               "dataset.dev_size=6", "dataset.metrics=[exact_match]", "dataset.max_new_tokens=3", f"backbone.path={tiny_lm}",
+               "backbone.max_length=64", "trainer.max_steps=2", "trainer.batch_size=4", f"hydra.run.dir={run}", cwd=tmp_path))
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert report["status"] == "ok" and math.isfinite(report["metrics"]["validation"]["loss"])
+    ok(run_cli("eval", f"run={run}", cwd=tmp_path))
+    assert json.loads((run / "eval" / "report.json").read_text())["metrics"] == report["metrics"]
 
 
 def test_into_base_is_a_plain_causal_lm_with_the_same_logits(sweep):
