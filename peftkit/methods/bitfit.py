@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from peftkit.backbone import ROLES
 from peftkit.errors import UserError
-from peftkit.methods.base import Method, matches, register
+from peftkit.methods.base import Method, register
+from peftkit.methods.targets import candidate_layers, matches, roles_of
 
 
 @register
@@ -40,9 +40,9 @@ class BitFit(Method):
                             f"use ln_tuning, lora or another method")
         wanted = self.cfg.bias_names
         if wanted is not None:
-            roles = ROLES.get(model.config.model_type, {})
-            patterns = [roles.get(w, w) for w in wanted]
-            biases = {n: p for n, p in biases.items() if any(matches(n, pat) for pat in patterns)}
+            roles = roles_of(candidate_layers(model, exclude))
+            names = {n for w in wanted for n in roles.get(w, [])}
+            biases = {n: p for n, p in biases.items() if n in names or any(matches(n, w) for w in wanted)}
             if not biases:
                 owners = sorted({re.sub(r"\.\d+\.", ".N.", n.removesuffix(".bias"))
                                  for n, _ in model.named_parameters() if n.endswith(".bias")})

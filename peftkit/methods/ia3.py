@@ -11,8 +11,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from peftkit.backbone import ROLES, role_patterns
-from peftkit.methods.base import AdapterLinear, Method, find_targets, matches, register, replace_module
+from peftkit.methods.base import AdapterLinear, Method, register, replace_module
+from peftkit.methods.targets import candidate_layers, matches, roles_of
 
 
 class IA3Linear(AdapterLinear):
@@ -61,8 +61,10 @@ class IA3(Method):
         feedforward_modules: list[str] | None = None
 
     def apply(self, model, exclude):
-        if self.cfg.feedforward_modules is None:  # resolved once, so the adapter file records it
-            self.cfg.feedforward_modules = role_patterns(model, ["ffn_out"]) if model.config.model_type in ROLES else []
+        targets = self.targets(model, exclude)
+        if self.cfg.feedforward_modules is None:  # the targets in the ffn_out role, by name: the adapter file records them
+            down = set(roles_of(candidate_layers(model, exclude)).get("ffn_out", []))
+            self.cfg.feedforward_modules = [n for n, _ in targets if n in down]
         ffn = self.cfg.feedforward_modules
-        for name, linear in find_targets(model, self.cfg.target_modules, self.default_roles, exclude):
+        for name, linear in targets:
             replace_module(model, name, IA3Linear(linear, on_input=any(matches(name, p) for p in ffn)))

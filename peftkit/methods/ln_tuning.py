@@ -13,7 +13,8 @@ import re
 from torch import nn
 
 from peftkit.errors import UserError
-from peftkit.methods.base import Method, matches, register
+from peftkit.methods.base import Method, register
+from peftkit.methods.targets import matches
 
 
 def is_norm(module: nn.Module) -> bool:

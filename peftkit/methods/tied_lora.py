@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.methods import _checks
-from peftkit.methods.base import AdapterLinear, Method, find_targets, register, replace_module
+from peftkit.methods.base import AdapterLinear, Method, register, replace_module
 
 
 class TiedFactors(nn.Module):
@@ -72,7 +72,7 @@ class TiedLoRA(Method):
     def apply(self, model, exclude):
         c = self.cfg
         tied: dict[tuple[int, int], TiedFactors] = {}
-        for name, linear in find_targets(model, c.target_modules, self.default_roles, exclude):
+        for name, linear in self.targets(model, exclude):
             shape = (linear.in_features, linear.out_features)
             if shape not in tied:
                 tied[shape] = TiedFactors(*shape, c.r, like=linear.weight)

@@ -18,7 +18,7 @@ from torch import nn
 
 from peftkit.errors import UserError
 from peftkit.methods import _checks
-from peftkit.methods.base import AdapterLinear, Method, find_targets, register, replace_module
+from peftkit.methods.base import AdapterLinear, Method, register, replace_module
 
 
 class VectorBank(nn.Module):
@@ -97,7 +97,7 @@ class VBLoRA(Method):
 
     def apply(self, model, exclude):
         c = self.cfg
-        targets = find_targets(model, c.target_modules, self.default_roles, exclude)
+        targets = self.targets(model, exclude)
         bank = VectorBank(c.num_vectors, c.vector_length, c.init_bank_bound, like=targets[0][1].weight)
         for name, linear in targets:
             replace_module(model, name, VBLoraLinear(linear, bank, c.r, c.topk, c.init_logits_std))

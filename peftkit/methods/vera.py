@@ -17,7 +17,7 @@ from torch import nn
 
 from peftkit.errors import UserError
 from peftkit.methods import _checks
-from peftkit.methods.base import AdapterLinear, Method, find_targets, register, replace_module
+from peftkit.methods.base import AdapterLinear, Method, register, replace_module
 
 
 class VeraProjections(nn.Module):
@@ -86,7 +86,7 @@ class VeRA(Method):
 
     def apply(self, model, exclude):
         c = self.cfg
-        targets = find_targets(model, c.target_modules, self.default_roles, exclude)
+        targets = self.targets(model, exclude)
         in_max = max(linear.in_features for _, linear in targets)
         out_max = max(linear.out_features for _, linear in targets)
         projections = VeraProjections(c.r, in_max, out_max, c.projection_seed, like=targets[0][1].weight)
