@@ -41,6 +41,7 @@ Train an adapter, write it with a GLUE-style report to outputs/<date>/<time>/.
   overwrite=true     replace the run already in hydra.run.dir (without it, peftkit refuses to)
   -m, --multirun     sweep comma-separated values: method=lora,ia3 seed=0,1,2
   --cfg job          print the composed config and exit (Hydra)
+  --dry-run          print the modules the run would adapt and its trainable parameters, and exit
 
 A run writes config.yaml, adapter/ (adapter_config.json + adapter.safetensors), train_log.jsonl
 and eval/report.{json,md}.
@@ -112,8 +113,11 @@ Talk to a causal-LM run's adapter on the terminal; replies are streamed. An empt
 """
 
 LS_HELP = """usage: peftkit ls [recipes|methods|backbones|datasets|trainers|merges]
+       peftkit ls targets [recipe=NAME] [backbone=NAME | backbone.path=DIR] [method=NAME] [KEY=VALUE ...]
 
-List what exists, one line each.
+List what exists, one line each. `ls targets` loads the backbone, applies the method and prints the
+modules it adapts (folded over layers: `model.layers.N.self_attn.q_proj`), their layer type, shape and
+roles, and the trainable parameters, without training (the same as `peftkit train ... --dry-run`).
 """
 
 
@@ -203,6 +207,7 @@ def cmd_train(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(TRAIN_HELP)
         return 0
+    dry_run, args = "--dry-run" in args, [a for a in args if a != "--dry-run"]
     multirun, passthrough, overrides = _train_args(args)
     overrides = _quote_home(overrides)
     _once(overrides, "train")
@@ -210,6 +215,13 @@ def cmd_train(args: list[str]) -> int:
         raise UserError("--cfg prints one config; drop -m, or give one value per key")
     overwrite, overrides = _flag(overrides, "overwrite", "train")
     recipe, overrides = config.split_recipe(overrides, default="quickstart")
+    if dry_run:
+        from peftkit import listing
+
+        if multirun:
+            raise UserError("--dry-run shows one run's targets; drop -m, or give one value per key")
+        listing.show_targets(recipe, overrides)
+        return 0
     cfg, out = config.check(recipe, overrides, multirun)
     overrides, resumed = launch.resolve_resume(recipe, overrides, cfg)
     return launch.hydra_train(recipe, overrides, multirun, passthrough, overwrite, resumed or out)
@@ -320,8 +332,14 @@ def cmd_ls(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(LS_HELP)
         return 0
-    from peftkit import listing
+    from peftkit import config, listing
 
+    if args and args[0] == "targets":  # which modules a recipe adapts: recipe=, backbone=, method=, KEY=VALUE
+        overrides = _quote_home(args[1:])
+        _once(overrides, "ls targets")
+        recipe, overrides = config.split_recipe(overrides, default="quickstart")
+        listing.show_targets(recipe, overrides)
+        return 0
     if len(args) > 1:
         raise UserError(f"peftkit ls takes one word, got {' '.join(args)} (see peftkit ls --help)")
     what = args[0] if args else "all"

@@ -63,3 +63,51 @@ def method_param_counts(entries: dict) -> dict[str, str]:
         n, total = count_params(model)
         counts[name] = f"{n:,} ({100 * n / total:.2f}%)"
     return counts
+
+
+def show_targets(recipe: str, overrides: list[str]) -> None:
+    """`peftkit ls targets` / `peftkit train --dry-run`: what a recipe would adapt and train (module
+    names folded over layers, layer type, shape, roles, trainable parameters), without training or
+    writing anything. A classifier's head is sized for 2 labels here; the run's labels size it."""
+    import re
+
+    from peftkit import model, tasks
+    from peftkit.methods.base import AdapterLinear, count_params
+    from peftkit.methods.targets import LinearFromConv1D, layer_roles
+
+    cfg, _ = config.check(recipe, overrides)
+    kind = tasks.of(cfg.dataset)
+    a = model.build(cfg.backbone, cfg.method, None if kind.NAME == "causal_lm" else ["0", "1"], kind.NAME)
+    modules = dict(a.model.named_modules())
+    groups: dict[str, dict] = {}
+    for name, p in a.model.named_parameters():
+        if not p.requires_grad:
+            continue
+        parts = name.split(".")[:-1]
+        prefixes = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+        owner = next((q for q in prefixes if isinstance(modules[q], AdapterLinear)), ".".join(parts))
+        m = modules.get(owner)
+        if isinstance(m, AdapterLinear):
+            base = m.base_layer
+            what = (f"{'Conv1D' if isinstance(base, LinearFromConv1D) else 'Linear'} {base.in_features}→{base.out_features}",
+                    ", ".join(layer_roles(owner, base)) or "-", f"{type(m).__name__}")
+        elif any(owner == h or owner.startswith(h + ".") for h in a.head):
+            what = ("head", "-", "trained in full")
+        else:
+            what = (type(m).__name__ if m is not None else "tensor", "-", "trained in full" if m is not None else "")
+        key = re.sub(r"\.\d+(?=\.|$)", ".N", owner or name)
+        g = groups.setdefault(key, {"what": what, "layers": set(), "params": 0})
+        g["layers"].add(owner)
+        g["params"] += p.numel()
+    table = Table(title=f"{a.method.name} on {cfg.backbone.path or cfg.backbone.name} ({kind.NAME})", title_justify="left")
+    for col, just in (("module", "left"), ("×", "right"), ("layer", "left"), ("roles", "left"), ("how", "left"),
+                      ("trainable", "right")):
+        table.add_column(col, justify=just, overflow="fold", no_wrap=col != "module")  # long names fold, not the rest
+    for key, g in groups.items():
+        layer, roles, how = g["what"]
+        table.add_row(escape(key), str(len(g["layers"])), layer, roles, how, f"{g['params']:,}")
+    console = Console()
+    console.print(table)
+    n, total = count_params(a.model)
+    console.print(f"trainable params: {n:,} of {total:,} ({100 * n / total:.3f}%)"
+                  + ("; the head is sized for 2 labels here" if a.head else ""))

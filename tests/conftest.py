@@ -153,21 +153,20 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['cont
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def make_tiny_causal_lm(out: Path, seed: int, arch: str = "llama") -> Path:
-    """A 2-layer, hidden-32 decoder LM (Llama, Qwen2 or Mistral) with random weights, its LM head
-    saved too, and MiniLM's tokenizer with a ChatML chat template (its [SEP] as end of sequence)."""
+def make_tiny_causal_lm(out: Path, seed: int, arch: str = "llama", **overrides) -> Path:
+    """A 2-layer, hidden-32 decoder LM (any transformers model type: llama, qwen2, gpt2, ...) with
+    random weights, its LM head saved too, and MiniLM's tokenizer with a ChatML chat template (its
+    [SEP] as end of sequence). `overrides` are the config's own names where they differ (GPT-2's n_embd)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-               "mistral": (MistralConfig, MistralForCausalLM)}
-    config_class, model_class = classes[arch]
     tok = AutoTokenizer.from_pretrained(minilm_dir())
     torch.manual_seed(seed)
-    cfg = config_class(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       intermediate_size=64, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
-                       eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id, tie_word_embeddings=False)
-    model_class(cfg).save_pretrained(out)
+    sizes = overrides or dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              intermediate_size=64, max_position_embeddings=256)
+    cfg = AutoConfig.for_model(arch, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
+                               bos_token_id=tok.cls_token_id, tie_word_embeddings=False, **sizes)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     tok.chat_template = CHATML
     tok.eos_token = tok.sep_token
     tok.save_pretrained(out)

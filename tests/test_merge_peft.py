@@ -333,3 +333,65 @@ def test_cli_from_peft_refusals(damage, words, biased_bert, tmp_path):
     r = run_cli("merge", "mode=from_peft", f"adapter={tmp_path / 'peft'}", f"out={tmp_path / 'out'}", cwd=tmp_path)
     _assert_one_line_error(r, *words)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]
+
+
+# ----------------------------------------------------------------- GPT-2's Conv1D layers
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """A 2-layer GPT-2 sequence classifier (Conv1D layers, fused c_attn) with random biases, MiniLM's tokenizer."""
+    from conftest import minilm_dir
+    from methods._helpers import randomize_biases
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    torch.manual_seed(0)
+    net = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                                   pad_token_id=tok.pad_token_id, num_labels=2))
+    randomize_biases(net)
+    out = tmp_path_factory.mktemp("tiny_gpt2")
+    net.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
+def test_conv1d_adapters_go_to_peft_and_back_with_the_same_outputs(kind, tiny_gpt2, tmp_path):
+    """GPT-2: peftkit adapts Conv1D as the Linear it computes; the export sets fan_in_fan_out and peft
+    computes the same outputs; imported back, the tensors are bit-identical."""
+    cfg = {**EXPORTS[kind], "target_modules": ["query", "attn_out", "ffn_in", "ffn_out"]}
+    src = _save_peftkit(tiny_gpt2, tmp_path / "adapter", cfg)
+    _merge("to_peft", adapter=src, out=tmp_path / "peft")
+    peft_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert peft_cfg["fan_in_fan_out"] is True and "transformer.h.0.attn.c_attn" in peft_cfg["target_modules"]
+    if kind == "ia3":
+        assert peft_cfg["feedforward_modules"] == ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"]
+
+    batch = _batch(tiny_gpt2)
+    batch.pop("token_type_ids", None)
+    expected, hidden = outputs(model.from_adapter(src)[0].model, batch)
+    got, got_hidden = outputs(_peft_load(tiny_gpt2, tmp_path / "peft"), batch)
+    _, base_hidden = outputs(_hf_base(tiny_gpt2), batch)
+    assert (hidden - base_hidden).abs().max() > 1e-2
+    assert (got - expected).abs().max().item() <= ATOL and (got_hidden - hidden).abs().max().item() <= ATOL
+
+    _merge("from_peft", adapter=tmp_path / "peft", out=tmp_path / "back", labels="[" + ",".join(LABELS) + "]")
+    before, after = load_file(str(src / adapter.WEIGHTS)), load_file(str(tmp_path / "back" / "adapter" / adapter.WEIGHTS))
+    assert sorted(before) == sorted(after) and all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_conv1d_lora_merges_into_a_plain_gpt2(tiny_gpt2, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+    from transformers.pytorch_utils import Conv1D
+
+    src = _save_peftkit(tiny_gpt2, tmp_path / "adapter", {"name": "lora", "r": 4, "target_modules": ["all-linear"]})
+    _merge("into_base", adapter=src, out=tmp_path / "merged")
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert isinstance(plain.transformer.h[0].attn.c_attn, Conv1D) and isinstance(plain.transformer.h[1].mlp.c_proj, Conv1D)
+    batch = _batch(tiny_gpt2)
+    batch.pop("token_type_ids", None)
+    expected, _ = outputs(model.from_adapter(src)[0].model, batch)
+    assert (outputs(plain, batch)[0] - expected).abs().max().item() <= ATOL
+    _merge("svd", adapters=f"[{src}]", rank=4, out=tmp_path / "svd")  # the sum of one rank-4 LoRA: exact at rank 4
+    got, _ = outputs(model.from_adapter(tmp_path / "svd" / "adapter")[0].model, batch)
+    assert (got - expected).abs().max().item() <= 1e-4

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
-from torch import nn
 
 from peftkit import model
 from peftkit.errors import UserError
@@ -27,6 +26,7 @@ from peftkit.merge import sources
 from peftkit.merge.combine import TaskVector, check_knobs, combine_heads, describe, task_vectors
 from peftkit.methods.base import AdapterLinear, adapter_tensors
 from peftkit.methods.lora import LoraLinear, PissaLinear
+from peftkit.methods.targets import Conv1D, is_layer
 
 
 def lora_factors(a: model.Adapted, weight: float) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -91,16 +91,18 @@ def concat(cfg: DictConfig, paths: list[str], weights: list[float]):
 def svd(cfg: DictConfig, paths: list[str], weights: list[float]):
     rank = int(cfg.rank)
     vectors, base, _ = task_vectors(paths, cfg.get("backbone_path"))
-    linears = {n for n, m in base.named_modules() if isinstance(m, nn.Linear)}
+    layers = {n: m for n, m in base.named_modules() if is_layer(m)}
     names = sorted({n for v in vectors for n in v.delta})
     factors, errors, dropped = {}, {}, {}
     total_err = total_norm = 0.0
     for n in names:
         delta = sum(w * v.delta[n] for w, v in zip(weights, vectors) if n in v.delta)
         module = n.removesuffix(".weight")
-        if not (n.endswith(".weight") and module in linears):
+        if not (n.endswith(".weight") and module in layers):
             dropped[n] = delta.norm().item()
             continue
+        if isinstance(layers[module], Conv1D):  # stored in×out; a LoRA's B A is out×in
+            delta = delta.t()
         u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
         k = min(rank, s.numel())
         root = s[:k].sqrt()

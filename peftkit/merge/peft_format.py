@@ -5,7 +5,9 @@ peft's format (0.21): `adapter_config.json`, a LoraConfig or IA3Config as JSON, 
 removed: `lora_A.weight` (r×in), `lora_B.weight` (out×r), DoRA's `lora_magnitude_vector` (out),
 IA³'s `ia3_l`, shaped (out, 1) where it scales a layer's output and (1, in) where it scales a
 feed-forward layer's input. The task head is a `modules_to_save` module, saved under its own
-name (`base_model.model.classifier.weight`). peftkit's LoRA, rsLoRA, DoRA and IA³ compute what
+name (`base_model.model.classifier.weight`). On GPT-2's Conv1D layers peft sets `fan_in_fan_out`
+and keeps the same A and B shapes (it transposes only when merging), so they carry over too.
+peftkit's LoRA, rsLoRA, DoRA and IA³ compute what
 peft's do, so their tensors carry over unchanged. A PiSSA-initialised LoRA trains on the residual
 W − s·B₀A₀; relative to the original W its update is s(BA − B₀A₀), which it exports as peft converts
 PiSSA: a plain LoRA of rank 2r, A' = [A; A₀], B' = [B, −B₀], on the original base. peft itself is
@@ -30,6 +32,7 @@ from peftkit.methods.base import AdapterLinear, adapter_tensors
 from peftkit.methods.dora import DoraLinear
 from peftkit.methods.ia3 import IA3Linear
 from peftkit.methods.lora import LoraLinear, PissaLinear
+from peftkit.methods.targets import LinearFromConv1D
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -40,7 +43,7 @@ ADAPTER_KEY = re.compile(r"(?P<module>.+)\.(?P<tensor>lora_A\.weight|lora_B\.wei
 PEFTKIT_NAME = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "dora_magnitude", "ia3_l": "ia3_l"}
 # LoraConfig options that change what the adapter computes or the base it sits on; peftkit's lora
 # has none of them, so an adapter that sets one is refused rather than imported wrongly.
-LORA_UNSUPPORTED = ("fan_in_fan_out", "lora_bias", "rank_pattern", "alpha_pattern", "layer_replication",
+LORA_UNSUPPORTED = ("lora_bias", "rank_pattern", "alpha_pattern", "layer_replication",
                     "trainable_token_indices", "alora_invocation_tokens", "use_qalora", "target_parameters",
                     "velora_config", "monteclora_config", "arrow_config", "kasa_config", "use_bdlora")
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")  # their frozen base is not the original W
@@ -62,12 +65,13 @@ def to_peft(cfg: DictConfig) -> dict:
     if name not in EXPORTABLE:
         raise UserError(f"to_peft writes {', '.join(EXPORTABLE)} adapters (PiSSA-initialised lora too); {path} is {name}")
     a, meta = sources.load(path, cfg.get("backbone_path"))
-    tensors, targets, feedforward = {}, [], []
+    tensors, targets, feedforward, conv1d = {}, [], [], False
     for module, m in a.model.named_modules():
         if not isinstance(m, AdapterLinear):
             continue
         key = PREFIX + module
         targets.append(module)
+        conv1d |= isinstance(m.base_layer, LinearFromConv1D)
         if type(m) is IA3Linear:
             tensors[f"{key}.ia3_l"] = m.ia3_l[None, :] if m.on_input else m.ia3_l[:, None]
             if m.on_input:
@@ -98,6 +102,7 @@ def to_peft(cfg: DictConfig) -> dict:
         "revision": None,
         "inference_mode": True,
         **(ia3_config(feedforward) if name == "ia3" else lora_config(a.method.cfg, name)),
+        "fan_in_fan_out": conv1d,  # GPT-2's Conv1D (peft flips it per layer type with a warning if mixed)
         "target_modules": targets,  # exact names: peft matches a full name, or a dotted suffix
         "modules_to_save": list(a.head),
     }
@@ -121,12 +126,12 @@ def lora_config(c, name: str) -> dict:
     if c.init == "pissa":  # [A; A₀], [B, −B₀]: rank 2r, alpha scaled so alpha/r (or alpha/√r) is unchanged
         r, alpha = 2 * r, alpha * (2**0.5 if c.rslora else 2)
     return {"r": r, "lora_alpha": int(alpha) if alpha.is_integer() else alpha, "lora_dropout": float(c.dropout),
-            "use_rslora": bool(c.rslora), "use_dora": name == "dora", "bias": "none", "fan_in_fan_out": False,
+            "use_rslora": bool(c.rslora), "use_dora": name == "dora", "bias": "none",
             "init_lora_weights": "gaussian" if c.init == "gaussian" else True, "rank_pattern": {}, "alpha_pattern": {}}
 
 
 def ia3_config(feedforward: list[str]) -> dict:
-    return {"feedforward_modules": feedforward, "fan_in_fan_out": False, "init_ia3_weights": True}
+    return {"feedforward_modules": feedforward, "init_ia3_weights": True}
 
 
 def peft_card(meta: dict, size_bytes: int, base: str) -> str:
@@ -194,8 +199,6 @@ def read_peft_config(src: Path) -> dict:
         raise UserError(f"{f} has no peft_type: {src} is {what}; from_peft reads peft's LORA and IA3 adapters")
     if kind not in ("LORA", "IA3"):
         raise UserError(f"{src} is a peft {kind} adapter; from_peft reads peft's LORA and IA3 adapters")
-    if peft_cfg.get("fan_in_fan_out"):
-        raise UserError(f"{src} sets fan_in_fan_out (GPT-2 style Conv1D layers); peftkit adapts nn.Linear layers only")
     return peft_cfg
 
 

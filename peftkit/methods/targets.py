@@ -147,7 +147,7 @@ def find_targets(model: nn.Module, target_modules, default_roles, exclude: list[
 
     def fail(what: str):
         has = f"roles found: {', '.join(roles)}" if roles else "no roles found"
-        raise UserError(f"{what} ({has}; or all-linear); this model's Linear layers: {folded(layers)}")
+        raise UserError(f"{what} ({has}; or all-linear); this model's Linear and Conv1D layers: {folded(layers)}")
 
     if not target_modules:
         for r in default_roles:

@@ -179,3 +179,69 @@ def test_config_of_a_saved_adapter_is_plain_names(folders, tmp_path):
     a = model.build(backbone_cfg(folders["gpt2"]), {"name": "lora", "target_modules": ["query", "ffn_out"]}, list(LABELS))
     assert a.method.cfg.target_modules == [f"transformer.h.{i}.{m}" for i in (0, 1) for m in ("attn.c_attn", "mlp.c_proj")]
     assert OmegaConf.create(model.meta(a, backbone_cfg(folders["gpt2"]), LABELS, "t"))  # JSON-able
+
+
+# ----------------------------------------------------------------- the decoders as causal LMs
+
+LM_FAMILIES = {  # the decoder families test_every_method_lm.py (Llama) and test_lm_runs.py (Qwen2, Mistral) leave out
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=256),
+    "gpt_neox": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=256),
+    "gemma": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  intermediate_size=64, max_position_embeddings=256),
+    "phi3": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                 max_position_embeddings=256),
+}
+LM_REFUSED = {("head", t): "a causal LM has none" for t in LM_FAMILIES} | {
+    ("bitfit", t): "has none" for t in ("gemma", "phi3")} | {
+    ("llama_adapter", t): "adapts decoder attention" for t in ("gpt2", "gpt_neox", "phi3")}
+
+
+@pytest.fixture(scope="module")
+def lm_folders(tmp_path_factory):
+    from conftest import make_tiny_causal_lm
+
+    return {t: make_tiny_causal_lm(tmp_path_factory.mktemp(f"lm_{t}"), seed=0, arch=t, **kw) for t, kw in LM_FAMILIES.items()}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("family", sorted(LM_FAMILIES))
+def test_every_method_on_every_decoder_as_a_causal_lm(family, name, lm_folders, tmp_path):
+    """One step on response-only labels, a bit-exact reload, cached greedy decoding equal to a full
+    recompute (prompt and prefix tuning keep the cache right on every family), and a merge with the
+    same logits; or a one-line refusal."""
+    from transformers import AutoTokenizer
+
+    from .test_every_method_lm import CONVS, greedy_full_recompute, lm_backbone, logits
+    from .test_every_method_lm import shipped_config as lm_config
+    from peftkit.tasks import causal_lm
+
+    path, cfg = lm_folders[family], lm_config(name)
+    torch.manual_seed(0)
+    if (name, family) in LM_REFUSED:
+        with pytest.raises(UserError, match=LM_REFUSED[name, family]):
+            model.build(lm_backbone(path), cfg, None, "causal_lm")
+        return
+    a = model.build(lm_backbone(path), cfg, None, "causal_lm")
+    tok = AutoTokenizer.from_pretrained(path)
+    examples = [causal_lm.render(c, tok, "chat") for c in CONVS]
+    batch = causal_lm.EncodedLM(examples, tok.pad_token_id, packed=False, max_length=64).batch([0, 1, 2])
+    a.model.eval()
+    a.model(**batch).loss.backward()
+    own = [p for p in a.model.parameters() if p.requires_grad]
+    assert own and all(p.grad is not None and torch.isfinite(p.grad).all() for p in own), f"{name} on {family}"
+    with torch.no_grad():
+        for p in own:
+            p -= 1e-2 * p.grad.sign()
+    expected = logits(a.model, batch)
+    adapter.save(tmp_path / "adapter", a.model, a.trainable, model.meta(a, lm_backbone(path), None, "t", "causal_lm"))
+    b, _ = model.from_adapter(tmp_path / "adapter")
+    assert torch.equal(logits(b.model, batch), expected)
+
+    prompt = causal_lm.prompt_ids(CONVS[1], tok, "chat")
+    cached = b.model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=3, do_sample=False, use_cache=True, pad_token_id=tok.pad_token_id)
+    n = 1 if name == "loreft" else 3  # LoReFT edits the prompt's positions only (see test_every_method_lm)
+    assert cached[0, len(prompt):len(prompt) + n].tolist() == greedy_full_recompute(b.model, prompt, n)
+
+    if METHODS[name].mergeable:
+        torch.testing.assert_close(logits(merge_into_base(b.model), batch), expected, atol=1e-5, rtol=0)
