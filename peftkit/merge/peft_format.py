@@ -31,7 +31,7 @@ from peftkit.merge import sources
 from peftkit.methods.base import AdapterLinear, adapter_tensors
 from peftkit.methods.dora import DoraLinear
 from peftkit.methods.ia3 import IA3Linear
-from peftkit.methods.lora import LoraLinear, PissaLinear
+from peftkit.methods.lora import LoraEmbedding, LoraLinear, PissaLinear
 from peftkit.methods.targets import LinearFromConv1D
 
 CONFIG = "adapter_config.json"
@@ -39,8 +39,10 @@ WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # what PeftModel puts before the transformers model's module names
 EXPORTABLE = ("lora", "rslora", "dora", "ia3")
 PEFT_TASK = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}  # peftkit's task type → peft's task_type
-ADAPTER_KEY = re.compile(r"(?P<module>.+)\.(?P<tensor>lora_A\.weight|lora_B\.weight|lora_magnitude_vector|ia3_l)(?:\.weight)?")
-PEFTKIT_NAME = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "dora_magnitude", "ia3_l": "ia3_l"}
+ADAPTER_KEY = re.compile(r"(?P<module>.+)\.(?P<tensor>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
+                         r"|lora_magnitude_vector|ia3_l)(?:\.weight)?")
+PEFTKIT_NAME = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "dora_magnitude", "ia3_l": "ia3_l",
+                "lora_embedding_A": "lora_embedding_A", "lora_embedding_B": "lora_embedding_B"}
 # LoraConfig options that change what the adapter computes or the base it sits on; peftkit's lora
 # has none of them, so an adapter that sets one is refused rather than imported wrongly.
 LORA_UNSUPPORTED = ("lora_bias", "rank_pattern", "alpha_pattern", "layer_replication",
@@ -80,6 +82,8 @@ def to_peft(cfg: DictConfig) -> dict:
             tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = m.lora_A, m.lora_B
             if type(m) is DoraLinear:
                 tensors[f"{key}.lora_magnitude_vector"] = m.dora_magnitude
+        elif type(m) is LoraEmbedding:  # peft's names for an embedding's factors, the same shapes
+            tensors[f"{key}.lora_embedding_A"], tensors[f"{key}.lora_embedding_B"] = m.lora_embedding_A, m.lora_embedding_B
         elif type(m) is PissaLinear:
             tensors[f"{key}.lora_A.weight"] = torch.cat([m.lora_A, m.lora_A_initial], 0)
             tensors[f"{key}.lora_B.weight"] = torch.cat([m.lora_B, -m.lora_B_initial], 1)
@@ -248,7 +252,7 @@ def lora_method(src: Path, peft_cfg: dict, layers: dict) -> dict:
     if init.startswith(BASE_CHANGING_INITS):
         raise UserError(f"{src} was initialised with {init}, which changes the base weights; save it in peft with "
                         f"path_initial_model_for_weight_conversion (a plain LoRA on the original base) and import that")
-    ranks = {t.shape[0] for (_, kind), t in layers.items() if kind == "lora_A.weight"}
+    ranks = {t.shape[0] for (_, kind), t in layers.items() if kind in ("lora_A.weight", "lora_embedding_A")}
     if ranks != {peft_cfg.get("r")}:
         raise UserError(f"{src}: lora_A has rank {sorted(ranks)} but r={peft_cfg.get('r')}; the adapter is corrupt")
     modules = sorted({m for m, _ in layers})

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import UserError
-from peftkit.methods.targets import as_base_layer, as_linear, find_targets
+from peftkit.methods.targets import as_base_layer, as_linear, find_targets, untie_output_embeddings
 from peftkit.schema import check_fields
 
 METHODS: dict[str, type[Method]] = {}
@@ -35,6 +35,7 @@ class Method:
     mergeable: ClassVar[bool] = False
     default_roles: ClassVar[tuple[str, ...]] = ()  # see methods.targets.ROLE_NAMES
     packs: ClassVar[bool] = True  # trains on packed rows (several examples per row) of a causal LM
+    embeddings: ClassVar[bool] = False  # can wrap an nn.Embedding named in target_modules (LoRA, IA³)
 
     @dataclasses.dataclass
     class Config:
@@ -58,7 +59,13 @@ class Method:
         inference rules never moves a saved adapter."""
         found = find_targets(model, self.cfg.target_modules, self.default_roles, exclude)
         self.cfg.target_modules = [n for n, _ in found]
-        return [(n, as_linear(m)) for n, m in found]
+        for n, m in found:
+            if isinstance(m, nn.Embedding):
+                if not self.embeddings:
+                    raise UserError(f"{self.name} adapts Linear layers; {n} is an embedding (lora and ia3 adapt "
+                                    f"embeddings too): drop it from method.target_modules")
+                untie_output_embeddings(model, m)
+        return [(n, m if isinstance(m, nn.Embedding) else as_linear(m)) for n, m in found]
 
     def wrap(self, linear: nn.Linear) -> nn.Module:
         raise NotImplementedError

@@ -64,6 +64,7 @@ class DoRA(LoRA):
     """LoRA's config (without PiSSA's init) and targets; only the wrapped layer differs."""
 
     name = "dora"
+    embeddings = False  # its magnitude is per output row of a Linear
 
     @dataclasses.dataclass
     class Config(LoRA.Config):

@@ -48,11 +48,35 @@ class IA3Linear(AdapterLinear):
         self.merged = False
 
 
+class IA3Embedding(AdapterLinear):
+    """(IA)³ on an embedding table: every token's vector scaled, y = l ⊙ E[x]; merges as E ⊙ l per row."""
+
+    def __init__(self, base_layer: nn.Embedding):
+        super().__init__(base_layer)
+        w = base_layer.weight
+        self.ia3_l = nn.Parameter(torch.ones(base_layer.embedding_dim, dtype=w.dtype, device=w.device))
+
+    def forward(self, x):
+        y = self.base_layer(x)
+        return y if self.merged else y * self.ia3_l
+
+    def merge(self):
+        with torch.no_grad():
+            self.base_layer.weight *= self.ia3_l[None, :]
+        self.merged = True
+
+    def unmerge(self):
+        with torch.no_grad():
+            self.base_layer.weight /= self.ia3_l[None, :]
+        self.merged = False
+
+
 @register
 class IA3(Method):
     name = "ia3"
     mergeable = True
     default_roles = ("key", "value", "ffn_out", "pooler")
+    embeddings = True
 
     @dataclasses.dataclass
     class Config:
@@ -67,4 +91,7 @@ class IA3(Method):
             self.cfg.feedforward_modules = [n for n, _ in targets if n in down]
         ffn = self.cfg.feedforward_modules
         for name, linear in targets:
+            if isinstance(linear, nn.Embedding):
+                replace_module(model, name, IA3Embedding(linear))
+                continue
             replace_module(model, name, IA3Linear(linear, on_input=any(matches(name, p) for p in ffn)))

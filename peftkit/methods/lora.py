@@ -60,6 +60,32 @@ class LoraLinear(AdapterLinear):
         return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
 
+class LoraEmbedding(AdapterLinear):
+    """LoRA on an embedding table, as peft's: E' = E + s · (B A)ᵀ with A: r×vocab at zero and B: dim×r
+    normal, so the model starts unchanged; a token looks up its column of A. (The layer's `init` and
+    dropout are for Linears; peft's embedding LoRA has neither.) An embedding that scales its output
+    (Gemma's `embed_scale`) scales the update too, so merging is exact."""
+
+    def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, rslora: bool):
+        super().__init__(base_layer)
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        w = base_layer.weight
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, base_layer.num_embeddings, dtype=w.dtype, device=w.device))
+        self.lora_embedding_B = nn.Parameter(torch.empty(base_layer.embedding_dim, r, dtype=w.dtype, device=w.device))
+        nn.init.normal_(self.lora_embedding_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        e = self.base_layer
+        rows = F.embedding(x, self.lora_embedding_A.T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
+        return y + (rows @ self.lora_embedding_B.T) * (self.scaling * getattr(e, "embed_scale", 1.0))
+
+
 class PissaLinear(LoraLinear):
     """LoRA started on W's principal part (PiSSA): the frozen base holds the residual W − s · B₀ A₀.
 
@@ -126,8 +152,14 @@ class LoRA(Method):
         def __post_init__(self):
             check_options(self, "lora", INITS)
 
+    embeddings = True
+
     def wrap(self, linear):
         c = self.cfg
+        if isinstance(linear, nn.Embedding):
+            if c.init == "pissa":
+                raise UserError("pissa starts from a Linear's singular vectors; drop the embedding from method.target_modules")
+            return LoraEmbedding(linear, c.r, c.alpha, c.rslora)
         if c.init == "pissa":
             return PissaLinear(linear, c.r, c.alpha, c.dropout, c.rslora)
         return LoraLinear(linear, c.r, c.alpha, c.dropout, c.rslora, c.init)

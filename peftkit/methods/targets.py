@@ -155,17 +155,32 @@ def find_targets(model: nn.Module, target_modules, default_roles, exclude: list[
         if not wanted:
             fail(f"method.target_modules is unset and this {model_type(model)} model has none of the default roles "
                  f"{', '.join(default_roles)}: set method.target_modules")
+    embeddings = {n: m for n, m in model.named_modules()
+                  if isinstance(m, nn.Embedding) and not any(n == e or n.startswith(e + ".") for e in exclude)}
     for t in target_modules or []:
         if t == ALL_LINEAR:
             hit = set(layers) - output_layers(model)
         elif t in ROLE_NAMES and t in roles:
             hit = set(roles[t])
-        else:
-            hit = {n for n in layers if matches(n, t)}
+        else:  # a name, suffix or regex may also name an embedding (`embed_tokens`): never a role or all-linear
+            hit = {n for n in (*layers, *embeddings) if matches(n, t)}
         if not hit:
             fail(f"method.target_modules entry '{t}' matches no Linear layer")
         wanted |= hit
-    return [(n, m) for n, m in layers.items() if n in wanted]
+    return [(n, m) for n, m in model.named_modules() if n in wanted]
+
+
+def untie_output_embeddings(model: nn.Module, embedding: nn.Embedding) -> None:
+    """Give the output layer its own copy of a tied input embedding, so that adapting (and merging
+    into) the input embedding leaves the LM head as pretrained; the config then says untied, so a
+    merged model saves and loads both."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and out.weight is embedding.weight:
+        out.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=out.weight.requires_grad)
+        model.config.tie_word_embeddings = False
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+        if text is not None:
+            text.tie_word_embeddings = False
 
 
 def model_type(model: nn.Module) -> str | None:
