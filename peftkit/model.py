@@ -17,7 +17,7 @@ from peftkit.methods.base import count_params
 @dataclass
 class Adapted:
     model: nn.Module
-    tokenizer: object
+    tokenizer: object  # the task's preprocessor (`tasks.*.load_processor`): a tokenizer, or an image processor
     method: methods.Method
     trainable: list[str]  # what the adapter file holds: trained parameters, then the method's buffers
     head: list[str]  # head module names
@@ -30,15 +30,17 @@ class Adapted:
 
 def build(backbone_cfg: DictConfig, method_cfg, label_names: list[str] | None, task: str | None = None) -> Adapted:
     """Load the backbone as the task type needs it (`tasks`: a fresh classification head, or the
-    causal LM as pretrained) and apply the method."""
+    causal LM as pretrained), with its preprocessor, and apply the method."""
     method = methods.build(OmegaConf.to_container(method_cfg, resolve=True) if isinstance(method_cfg, DictConfig) else method_cfg)
-    tokenizer = backbone.load_tokenizer(backbone_cfg)
-    model = tasks.get(task).load_model(backbone_cfg, label_names)
+    tasks.check_method(task, method.name)
+    kind = tasks.get(task)
+    processor = kind.load_processor(backbone_cfg)
+    model = kind.load_model(backbone_cfg, label_names)
     head = backbone.head_module_names(model, list(backbone_cfg.head))
     base_names = [n for n, _ in model.named_parameters() if not any(n.startswith(h + ".") for h in head)]
     fp = backbone.fingerprint(model, base_names)
     trainable = methods.prepare(model, method, head)
-    return Adapted(model, tokenizer, method, trainable, head, fp)
+    return Adapted(model, processor, method, trainable, head, fp)
 
 
 def meta(a: Adapted, backbone_cfg: DictConfig, label_names, dataset: str, task: str | None = None) -> dict:

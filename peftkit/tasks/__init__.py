@@ -3,10 +3,14 @@ its loss and its evaluation. The trainer, checkpoints, reports, sweeps and merge
 interface, one module per task type:
 
     load_data(dataset_cfg, splits)              -> data: .splits, .eval_splits, .label_names, .task
+    load_processor(backbone_cfg)                -> the preprocessor encode takes: a tokenizer, an image processor
     load_model(backbone_cfg, label_names)       -> a transformers model with the task's head
-    encode(data, tokenizer, cfg)                -> {split: Encoded}: len(), .lengths, .batch(idx)
+    encode(data, processor, cfg)                -> {split: Encoded}: len(), .lengths, .batch(idx)
     loss(net, batch, encoded)                   -> the training loss of one batch
     evaluate(accelerator, net, data, encoded, batch_size) -> {"metrics": {split: {..}}, "score": float}
+
+A module may also declare `UNSUPPORTED = {method: why}`: methods that have nothing to act on in its
+models, refused before anything loads (`check_method`).
 
 A dataset's YAML names its task type (`task: causal_lm`); classification (and regression) is the default.
 """
@@ -32,3 +36,10 @@ def get(kind: str | None) -> ModuleType:
 def of(dataset_cfg) -> ModuleType:
     """The task type a dataset config names."""
     return get(dataset_cfg.get("task"))
+
+
+def check_method(kind: str | None, method: str | None) -> None:
+    """One line, before anything loads, for a method the task type's models give nothing to act on."""
+    why = getattr(get(kind), "UNSUPPORTED", {}).get(method)
+    if why:
+        raise UserError(f"method={method} does not fit dataset.task={kind}: {why}; choose another method, e.g. method=lora")

@@ -38,6 +38,10 @@ def load_data(dataset_cfg: DictConfig, splits: tuple[str, ...] = ("train", "vali
     return instruct.load(dataset_cfg, splits)
 
 
+def load_processor(backbone_cfg: DictConfig):
+    return backbone.load_tokenizer(backbone_cfg)
+
+
 def load_model(backbone_cfg: DictConfig, label_names=None):
     model = backbone.load_causal_lm(backbone_cfg)
     model.config.use_cache = False  # training: no cache, so packed positions give the block mask

@@ -16,6 +16,10 @@ def load_data(dataset_cfg: DictConfig, splits: tuple[str, ...] = ("train", "vali
     return data.load(dataset_cfg, splits)
 
 
+def load_processor(backbone_cfg: DictConfig):
+    return backbone.load_tokenizer(backbone_cfg)
+
+
 def load_model(backbone_cfg: DictConfig, label_names: list[str] | None):
     """`*ForSequenceClassification` with a head for the labels (one output for regression)."""
     if label_names is None:
