@@ -46,6 +46,12 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict, weigh
         (tmp / CARD).write_text(model_card(meta, size_bytes=(tmp / weights).stat().st_size))
 
 
+# a task type's Hub pipeline tag, and the transformers class that loads a merged model of it
+TASK_CARDS = {"classification": ("text-classification", "AutoModelForSequenceClassification"),
+              "causal_lm": ("text-generation", "AutoModelForCausalLM"),
+              "image_classification": ("image-classification", "AutoModelForImageClassification")}
+
+
 def model_card(meta: dict, size_bytes: int | None = None, kind: str = "adapter", library: str | None = None,
                usage: str | None = None) -> str:
     """A Hub model card: YAML metadata (base model, library, tags, metrics) and a short summary.
@@ -63,8 +69,8 @@ def model_card(meta: dict, size_bytes: int | None = None, kind: str = "adapter",
     if hub_id:
         lines.append(f"base_model: {hub_id}")
     library = library or ("peftkit" if kind == "adapter" else "transformers")
-    lines += [f"library_name: {library}",
-              f"pipeline_tag: {'text-generation' if meta.get('task_type') == 'causal_lm' else 'text-classification'}", "tags:", "  - peftkit", f"  - {method}"]
+    pipeline, auto_class = TASK_CARDS.get(meta.get("task_type"), TASK_CARDS["classification"])
+    lines += [f"library_name: {library}", f"pipeline_tag: {pipeline}", "tags:", "  - peftkit", f"  - {method}"]
     if kind == "model":
         lines.append("  - merged")
     if dataset.startswith("glue/"):
@@ -72,7 +78,7 @@ def model_card(meta: dict, size_bytes: int | None = None, kind: str = "adapter",
     metrics = meta.get("metrics", {}).get("validation") or next(iter(meta.get("metrics", {}).values()), {})
     if metrics:
         lines += ["model-index:", f"  - name: {method}-{bb.get('name', 'model')}-{dataset.replace('/', '-')}", "    results:",
-                  "      - task:", "          type: text-classification", "        dataset:", f"          name: {dataset}",
+                  "      - task:", f"          type: {pipeline}", "        dataset:", f"          name: {dataset}",
                   f"          type: {dataset.split('/')[0]}", "          split: validation", "        metrics:"]
         lines += [f"          - type: {k}\n            value: {v:.4g}" for k, v in metrics.items()]
     lines.append("---")
@@ -94,7 +100,7 @@ def model_card(meta: dict, size_bytes: int | None = None, kind: str = "adapter",
         usage = ("Load it with peftkit (`peftkit eval run=<run dir>`), or fold it into the base where the method is "
                  "mergeable: `peftkit merge adapter=<this folder> out=merged/`.")
     elif usage is None:
-        usage = "A plain transformers model: `AutoModelForSequenceClassification.from_pretrained(<this folder>)`."
+        usage = f"A plain transformers model: `{auto_class}.from_pretrained(<this folder>)`."
     body += ["", usage]
     return "\n".join(lines + [""] + body) + "\n"
 

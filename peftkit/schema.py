@@ -104,6 +104,20 @@ class LocalData(_Data):
     metrics: list[Literal["accuracy", "f1", "matthews"]] = Field(min_length=1, description="a list of accuracy, f1, matthews")
 
 
+class _ImageData(_Data):
+    task: Literal["image_classification"]
+    dev_fraction: float = Field(gt=0, lt=1, description="a fraction in (0, 1), e.g. 0.1 (of each class, when no val/ folder is given)")
+    split_seed: Seed
+
+
+class ImageFolderData(_ImageData):
+    path: Path_ | None = Field(description="a folder holding one folder of images per class, or train/ and val/ holding them")
+
+
+class DigitsData(_ImageData):
+    pass
+
+
 class Fields(Section):
     instruction: str
     input: str | None = None
@@ -157,7 +171,8 @@ class Run(BaseModel):
 
 
 DATASETS = {"glue": GlueData, "local": LocalData, "quickstart": QuickstartData,
-            "instruct": InstructData, "math": MathData, "quickstart_lm": QuickstartLMData}
+            "instruct": InstructData, "math": MathData, "quickstart_lm": QuickstartLMData,
+            "imagefolder": ImageFolderData, "digits": DigitsData}
 
 
 def check_run(cfg: dict) -> None:
@@ -167,9 +182,10 @@ def check_run(cfg: dict) -> None:
     if kind not in DATASETS:
         raise UserError(f"dataset.name={cfg['dataset'].get('name')}: unknown dataset kind; choose one of: {', '.join(DATASETS)}")
     validate(DATASETS[kind], cfg["dataset"], "dataset")
-    from peftkit import methods
+    from peftkit import methods, tasks
 
     methods.build(cfg["method"])
+    tasks.check_method(cfg["dataset"].get("task"), cfg["method"].get("name"))
 
 
 # ---- merge -------------------------------------------------------------------------------------------

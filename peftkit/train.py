@@ -108,7 +108,7 @@ def save_snapshot(run_dir: Path, raw: torch.nn.Module, names: list[str], meta: d
         shutil.rmtree(old, ignore_errors=True)
 
 
-PATH_KEYS = ("backbone.path", "dataset.data_dir", "dataset.train_file", "dataset.dev_file")
+PATH_KEYS = ("backbone.path", "dataset.data_dir", "dataset.train_file", "dataset.dev_file", "dataset.path")
 
 
 def absolute_paths(cfg: DictConfig) -> None:
@@ -135,6 +135,7 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
     seed_everything(cfg.seed)
 
     kind = tasks.of(cfg.dataset)
+    tokens = getattr(kind, "TOKENS", True)  # an image task has none: no tokens/s in its log and report
     task = kind.load_data(cfg.dataset)
     seed_everything(cfg.seed)  # the initial adapter and head depend on the seed alone (merge mode=compress rebuilds them)
     a = model.build(cfg.backbone, cfg.method, task.label_names, kind.NAME)
@@ -246,7 +247,8 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
             "train_time_s": train_time,
             "eval_time_s": state["eval_time_s"],
             "samples_per_s": state["samples"] / max(1e-9, train_time - state["eval_time_s"]),  # training alone
-            "tokens_per_s": state.get("tokens", 0) / max(1e-9, train_time - state["eval_time_s"]),  # real tokens
+            **({"tokens_per_s": state.get("tokens", 0) / max(1e-9, train_time - state["eval_time_s"])}  # real tokens
+               if tokens else {}),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             **({"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}),
             "precision": t.precision,
@@ -319,7 +321,7 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
                     lr = scheduler.get_last_lr()[0]
                     record = {"step": step, "epoch": round(epoch + (bi + 1) / len(batches), 3),
                               "loss": window_loss / window_n, "lr": lr, "samples_per_s": speed,
-                              "tokens_per_s": tokens_per_s, "elapsed_s": now - t_start}
+                              **({"tokens_per_s": tokens_per_s} if tokens else {}), "elapsed_s": now - t_start}
                     log(record)
                     shown = f"{tokens_per_s:.0f} tok/s" if kind.NAME == "causal_lm" else f"{speed:.0f} samples/s"
                     bar.update(job, loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", speed=shown)

@@ -1,4 +1,5 @@
-"""GLUE metrics as GLUE defines them, in points (×100), from scikit-learn and SciPy."""
+"""Classification metrics in points (×100), from scikit-learn and SciPy: GLUE's as GLUE defines them,
+and macro-F1 (image classification)."""
 
 from __future__ import annotations
 
@@ -29,13 +30,20 @@ def _f1(p, y):
     return float(f1_score(y, p, average="binary" if binary else "macro"))
 
 
+def _macro_f1(p, y):
+    """The unweighted mean of each class's F1: every class counts alike, however few its examples."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y, p, average="macro"))
+
+
 def _matthews(p, y):
     from sklearn.metrics import matthews_corrcoef
 
     return float(matthews_corrcoef(y, p))
 
 
-METRICS = {"accuracy": _accuracy, "f1": _f1, "matthews": _matthews, "pearson": _pearson, "spearman": _spearman}
+METRICS = {"accuracy": _accuracy, "f1": _f1, "macro_f1": _macro_f1, "matthews": _matthews, "pearson": _pearson, "spearman": _spearman}
 
 
 def compute(names: tuple[str, ...], predictions, labels) -> dict[str, float]:

@@ -35,7 +35,19 @@ def run(cfg: DictConfig, overwrite: bool = False) -> dict:
     if mode not in MODES:
         raise UserError(f"unknown merge mode '{mode}'; choose one of: {', '.join(MODES)}")
     check_output(cfg, overwrite)
+    if mode == "to_peft":
+        refuse_image_adapter(cfg.adapter)
     return importlib.import_module(f"{__name__}.{MODES[mode]}").run(cfg)
+
+
+def refuse_image_adapter(path) -> None:
+    """peft names no task type for image classifiers, and peftkit's export writes one: refused for now, in one line."""
+    from peftkit import adapter
+    from peftkit.merge import sources
+
+    if adapter.read_config(sources.adapter_dir(path)).get("task_type") == "image_classification":
+        raise UserError(f"to_peft exports text classifiers and causal LMs; {path} is an image classifier, which it does "
+                        f"not write yet: use it with peftkit (peftkit eval run=...), or fold it into the base (mode=into_base)")
 
 
 def check_output(cfg: DictConfig, overwrite: bool) -> None:
@@ -68,7 +80,7 @@ def check_output(cfg: DictConfig, overwrite: bool) -> None:
 OUTPUT_NAMES = {"merge.json", "README.md", "config.yaml", "adapter", "eval", "config.json", "generation_config.json",
                 "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model",
-                "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
+                "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
                 "adapter_config.json", "adapter_model.safetensors"}
 EVAL_NAMES = {"report.json", "report.md", "submission"}
 

@@ -32,12 +32,21 @@ def refuse_unmergeable(path) -> None:
         )
 
 
+def probe_batch(processor, task_type: str | None) -> dict:
+    """What the merged model's logits are checked on: two sentences, or two images for an image model."""
+    from peftkit.tasks import image_classification
+
+    if task_type == image_classification.NAME:
+        return image_classification.probe(processor)
+    return processor(PROBE, padding=True, return_tensors="pt")
+
+
 @torch.no_grad()
 def run(cfg: DictConfig) -> dict:
     refuse_unmergeable(cfg.adapter)
     a, meta = sources.load(cfg.adapter, cfg.get("backbone_path"))
     net = a.model.eval()
-    probe = a.tokenizer(PROBE, padding=True, return_tensors="pt")
+    probe = probe_batch(a.tokenizer, meta.get("task_type"))
     before = net(**probe).logits
     merged = merge_into_base(net)
     diff = (before - merged(**probe).logits).abs().max().item()

@@ -53,7 +53,7 @@ def check_same_base(paths: list, configs: list[dict]) -> None:
 
 
 def write_model(out: Path, net: torch.nn.Module, tokenizer, meta: dict) -> None:
-    """A plain transformers folder (config, weights, tokenizer), its model card and merge.json."""
+    """A plain transformers folder (config, weights, tokenizer or image processor), its model card and merge.json."""
     adapter.refuse_nonfinite(dict(net.state_dict()), out)
     with atomic_dir(Path(out)) as tmp:
         net.save_pretrained(tmp)

@@ -22,7 +22,7 @@ from types import ModuleType
 
 from peftkit.errors import UserError
 
-KINDS = ("classification", "causal_lm")
+KINDS = ("classification", "causal_lm", "image_classification")
 DEFAULT = "classification"
 
 
