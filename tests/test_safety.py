@@ -429,7 +429,7 @@ def test_a_failed_run_in_the_users_folder_removes_only_its_own_files(tmp_path, t
     (mine / "f").write_text("x\n")
     before = tree(tmp_path)
     proc = cli("train", *tiny(tiny_bert, "hydra.run.dir=v", "method.target_modules=[nonexistent]"), cwd=tmp_path)
-    one_line(proc, "nonexistent", "match no Linear layer")
+    one_line(proc, "nonexistent", "matches no Linear layer")
     assert tree(tmp_path) == before
     proc = cli("train", *tiny(tiny_bert, "method.target_modules=[nonexistent]"), cwd=tmp_path)  # outputs/<date>/<time>
     one_line(proc, "nonexistent")
