@@ -219,6 +219,7 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
                                                           "score": result["score"], "metrics": result["metrics"]}, keep_snapshots)
 
     last_finite = {"step": state["step"], "loss": None}
+    method_stats: dict[str, float] = {}  # the method's numbers at the last log step (Method.stats)
 
     def make_report(status: str, error: str | None = None) -> dict:
         train_time = time.perf_counter() - t_start
@@ -253,6 +254,7 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
             **({"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}),
             "precision": t.precision,
             "processes": world,
+            **({"method_stats": dict(method_stats)} if method_stats else {}),
         }
 
     def diverged(at: int, what: str) -> None:
@@ -291,7 +293,8 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
                 batch = {k: v.to(accelerator.device) for k, v in train.batch(batches[bi]).items()}
                 with accelerator.accumulate(net):
                     loss = kind.loss(net, batch, train)
-                    accelerator.backward(loss)
+                    aux = a.method.aux_loss(raw)  # the method's own term (MoE load balancing); the logged loss is the task's
+                    accelerator.backward(loss if aux is None else loss + aux)
                     if accelerator.sync_gradients and t.max_grad_norm:
                         accelerator.clip_grad_norm_(trainable_params, t.max_grad_norm)
                     optimizer.step()
@@ -322,6 +325,9 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
                     record = {"step": step, "epoch": round(epoch + (bi + 1) / len(batches), 3),
                               "loss": window_loss / window_n, "lr": lr, "samples_per_s": speed,
                               **({"tokens_per_s": tokens_per_s} if tokens else {}), "elapsed_s": now - t_start}
+                    stats = a.method.stats(raw)  # the method's numbers since the last log step (MoE LoRA's expert load)
+                    record.update(stats)
+                    method_stats.update(stats)
                     log(record)
                     shown = f"{tokens_per_s:.0f} tok/s" if kind.NAME == "causal_lm" else f"{speed:.0f} samples/s"
                     bar.update(job, loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", speed=shown)

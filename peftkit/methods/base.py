@@ -75,6 +75,16 @@ class Method:
         from 1). For methods that change shape while training: DyLoRA samples the next rank,
         importance-based rank allocation prunes. Most methods do nothing."""
 
+    def aux_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term the trainer adds to the task's training loss (never to an evaluation loss), from what
+        the last forward pass left in the method's modules: MoE LoRA's load-balancing loss. None: none."""
+        return None
+
+    def stats(self, model: nn.Module) -> dict[str, float]:
+        """Numbers the trainer adds to each train_log.jsonl record at log steps (the last ones go into
+        the report's `method_stats`): MoE LoRA's expert load and router entropy. Most methods have none."""
+        return {}
+
     def training_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """What the method tracks while training besides its tensors (AdaLoRA's importance
         averages): resumable checkpoints hold it, adapters do not. Most methods track nothing."""
