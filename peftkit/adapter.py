@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from peftkit import __version__
 from peftkit.errors import UserError
-from peftkit.files import atomic_dir
+from peftkit.files import atomic_dir, newest_complete
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter.safetensors"
@@ -103,6 +103,18 @@ def model_card(meta: dict, size_bytes: int | None = None, kind: str = "adapter",
         usage = f"A plain transformers model: `{auto_class}.from_pretrained(<this folder>)`."
     body += ["", usage]
     return "\n".join(lines + [""] + body) + "\n"
+
+
+def folder(path: str | Path) -> Path:
+    """The adapter folder of a run directory (the newest complete copy, should a kill have interrupted
+    a save) or an adapter folder itself."""
+    path = Path(path)
+    inner = newest_complete(path / "adapter")
+    if inner is not None and (inner / CONFIG).is_file():
+        return inner
+    if (path / CONFIG).is_file():
+        return path
+    raise UserError(f"{path} is neither an adapter folder nor a run directory holding adapter/ (no {CONFIG})")
 
 
 def read_config(path: Path, model: bool = False) -> dict:

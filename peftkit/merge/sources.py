@@ -16,19 +16,12 @@ from rich.console import Console
 
 from peftkit import adapter, model
 from peftkit.errors import UserError
-from peftkit.files import atomic_dir, newest_complete
+from peftkit.files import atomic_dir
 
 console = Console()
 
 
-def adapter_dir(path: str | Path) -> Path:
-    path = Path(path)
-    inner = newest_complete(path / "adapter")  # a kill mid-save leaves the complete copy beside adapter/
-    if inner is not None and (inner / adapter.CONFIG).is_file():
-        return inner
-    if (path / adapter.CONFIG).is_file():
-        return path
-    raise UserError(f"{path} is neither an adapter folder nor a run directory holding adapter/ (no {adapter.CONFIG})")
+adapter_dir = adapter.folder
 
 
 def run_dir(path: str | Path) -> Path | None:

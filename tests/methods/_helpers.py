@@ -97,3 +97,24 @@ def assert_gradients_exactly(model, trainable, batch, labels, steps: int = 2, af
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{n} got no gradient"
         else:
             assert p.grad is None, f"frozen {n} got a gradient"
+
+
+COMPOSITIONS = ("adapter_fusion", "scalearn")  # methods that compose adapters of earlier runs
+
+
+def with_sources(name: str, cfg: dict, bb, out: Path, labels=LABELS, task: str | None = None) -> dict:
+    """A composition method's config given two source adapters to compose: pfeiffer adapters made on
+    the backbone `bb` (seeded, every trained tensor noised, as if trained) and saved under `out`.
+    Other methods' configs come back unchanged."""
+    if name not in COMPOSITIONS:
+        return cfg
+    from peftkit import adapter, model
+
+    paths = []
+    for i in range(2):
+        torch.manual_seed(100 + i)
+        a = model.build(bb, {"name": "pfeiffer", "bottleneck": 4}, labels, task)
+        perturb(a.model, [n for n, p in a.model.named_parameters() if p.requires_grad], seed=100 + i)
+        adapter.save(out / f"source{i}", a.model, a.trainable, model.meta(a, bb, labels, "t", task))
+        paths.append(str(out / f"source{i}"))
+    return {**cfg, "adapters": paths}

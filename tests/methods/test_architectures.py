@@ -23,7 +23,7 @@ from peftkit.methods.targets import candidate_layers, folded, roles_of
 
 from conftest import minilm_dir
 
-from ._helpers import LABELS, SENTENCES, backbone_cfg
+from ._helpers import LABELS, SENTENCES, backbone_cfg, with_sources
 from .test_every_method import shipped_config
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
@@ -107,8 +107,8 @@ def test_roles_are_inferred(family, folders):
 @pytest.mark.parametrize("name", sorted(METHODS))
 @pytest.mark.parametrize("family", sorted(ARCHS))
 def test_every_method_on_every_family(family, name, folders, batch, tmp_path):
-    cfg = shipped_config(name)
     path = folders[family]
+    cfg = with_sources(name, shipped_config(name), backbone_cfg(path), tmp_path)
     refusal = REFUSED.get((name, family))
     torch.manual_seed(0)
     if refusal:
@@ -215,7 +215,8 @@ def test_every_method_on_every_decoder_as_a_causal_lm(family, name, lm_folders, 
     from .test_every_method_lm import shipped_config as lm_config
     from peftkit.tasks import causal_lm
 
-    path, cfg = lm_folders[family], lm_config(name)
+    path = lm_folders[family]
+    cfg = with_sources(name, lm_config(name), lm_backbone(path), tmp_path, None, "causal_lm")
     torch.manual_seed(0)
     if (name, family) in LM_REFUSED:
         with pytest.raises(UserError, match=LM_REFUSED[name, family]):

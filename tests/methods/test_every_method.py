@@ -13,7 +13,7 @@ from peftkit.errors import UserError
 from peftkit.methods import METHODS
 from peftkit.methods.base import AdapterLinear, set_merged
 
-from ._helpers import LABELS, ROOT, SENTENCES, backbone_cfg, build
+from ._helpers import LABELS, ROOT, SENTENCES, backbone_cfg, build, with_sources
 
 
 def shipped_config(name: str) -> dict:
@@ -48,7 +48,7 @@ def test_every_method_has_a_shipped_yaml():
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_trains_saves_reloads_merges(name, backbone, tmp_path):
-    cfg = shipped_config(name)
+    cfg = with_sources(name, shipped_config(name), backbone_cfg(backbone), tmp_path)
     if name == "bitfit" and "llama" in str(backbone):  # Llama has no bias terms: a clear refusal instead
         with pytest.raises(UserError, match="has none"):
             build(backbone, cfg)

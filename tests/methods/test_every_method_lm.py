@@ -15,7 +15,7 @@ from peftkit.methods import METHODS
 from peftkit.methods.base import AdapterLinear
 from peftkit.tasks import causal_lm
 
-from ._helpers import ROOT
+from ._helpers import ROOT, with_sources
 
 # methods a causal LM has no place for, and why (the refusal must say so)
 REFUSED = {"bitfit": "has none",  # Llama has no bias terms
@@ -68,8 +68,8 @@ def greedy_full_recompute(m, prompt: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_on_a_causal_lm(name, tiny_lm, tokenizer, tmp_path):
+    cfg = with_sources(name, shipped_config(name), lm_backbone(tiny_lm), tmp_path, None, "causal_lm")
     torch.manual_seed(0)
-    cfg = shipped_config(name)
     if name in REFUSED:
         with pytest.raises(UserError, match=REFUSED[name]):
             model.build(lm_backbone(tiny_lm), cfg, None, "causal_lm")
