@@ -33,6 +33,7 @@ from peftkit import adapter
 from peftkit.errors import UserError
 from peftkit.methods import _checks
 from peftkit.methods.base import AdapterLinear, Method, register, replace_module
+from peftkit.methods.targets import as_linear, is_layer
 
 SOURCE_METHODS = ("pfeiffer", "houlsby")
 TENSORS = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
@@ -128,10 +129,12 @@ class Composition(Method):
     def apply(self, model, exclude):
         # the first build reads the sources; a reload rebuilds from the record and the adapter file fills the buffers
         tensors = self.read_sources(model, exclude) if self.cfg.sources is None else None
+        layers = {}
         for name in self.cfg.target_modules:
-            if not isinstance(model.get_submodule(name), nn.Linear):
+            if not is_layer(model.get_submodule(name)):
                 raise UserError(f"the source adapters wrap {name}, which this model does not have as a Linear layer")
-        self.build_layers(model, self.cfg.target_modules)
+            layers[name] = as_linear(model.get_submodule(name))  # GPT-2's Conv1D as the Linear it computes
+        self.build_layers(model, layers)
         if tensors is None:
             return
         with torch.no_grad():
@@ -140,7 +143,8 @@ class Composition(Method):
                     for t in TENSORS:  # adapter_down.weight → down_weight
                         getattr(source, t.removeprefix("adapter_").replace(".", "_")).copy_(found[f"{name}.{t}"])
 
-    def build_layers(self, model, names: list[str]) -> None:
+    def build_layers(self, model, layers: dict[str, nn.Linear]) -> None:
+        """Replace each named layer by its composed wrapper."""
         raise NotImplementedError
 
     def read_sources(self, model, exclude) -> list[dict[str, torch.Tensor]]:
@@ -197,10 +201,10 @@ class AdapterFusion(Composition):
             _checks.dropout(self.dropout)
             _checks.non_negative("regularization", self.regularization)
 
-    def build_layers(self, model, names):
+    def build_layers(self, model, layers):
         c = self.cfg
-        for name in names:
-            replace_module(model, name, FusionLayer(model.get_submodule(name), c.sources, c.temperature, c.dropout))
+        for name, layer in layers.items():
+            replace_module(model, name, FusionLayer(layer, c.sources, c.temperature, c.dropout))
 
     def aux_loss(self, model):
         if not self.cfg.regularization:
@@ -223,10 +227,9 @@ class ScaLearn(Composition):
             super().__post_init__()
             _checks.one_of("scaling", self.scaling, ("vector", "scalar"))
 
-    def build_layers(self, model, names):
+    def build_layers(self, model, layers):
         c, shared = self.cfg, None
-        for name in names:
-            layer = model.get_submodule(name)
+        for name, layer in layers.items():
             width = layer.out_features if c.scaling == "vector" else 1
             scales = shared or Scales(len(c.sources), width, layer.weight)
             if c.share_layers:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from _train_helpers import check, cli
 from conftest import ROOT
+from methods._helpers import with_sources
 from omegaconf import OmegaConf
 
 from peftkit.data import images
@@ -307,7 +308,10 @@ def test_every_other_method_trains_reloads_and_merges_on_a_tiny_vit(name, models
     bb = OmegaConf.load(ROOT / "configs" / "backbone" / "vit-base.yaml")
     bb.path = str(models["vit"])
     torch.manual_seed(0)
-    a = model.build(bb, OmegaConf.load(ROOT / "configs" / "method" / f"{name}.yaml"), LABELS, image_classification.NAME)
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "method" / f"{name}.yaml"))
+    cfg = with_sources(name, cfg, bb, tmp_path, LABELS, image_classification.NAME)  # composition: two made-up sources
+    torch.manual_seed(0)
+    a = model.build(bb, cfg, LABELS, image_classification.NAME)
     targets = getattr(a.method.cfg, "target_modules", None)
     if METHODS[name].default_roles and targets is not None:
         want = {f"vit.layers.{i}.{VIT_ROLES[r]}" for r in METHODS[name].default_roles if r in VIT_ROLES for i in (0, 1)}
