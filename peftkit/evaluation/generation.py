@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import string
+from contextlib import nullcontext
 
 import torch
 
@@ -65,9 +66,12 @@ def score_replies(names: tuple[str, ...], replies: list[str], golds: list[str]) 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-             device: torch.device | str = "cpu", streamer=None) -> list[str]:
+             device: torch.device | str = "cpu", streamer=None, per_batch=None) -> list[str]:
     """Greedy replies to token-id prompts, decoded without special tokens; batches of similar
-    length, left-padded, decoded with the KV cache."""
+    length, left-padded, decoded with the KV cache.
+
+    `per_batch(indices)`: a context manager each batch is generated in, given the batch's prompt
+    indices in row order (a mixed-adapter model sets each row's adapter there: `serve.Mixed.use`)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     replies: dict[int, str] = {}
@@ -81,9 +85,10 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
         for row, i in enumerate(idx):
             ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]) :] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad,
-                             eos_token_id=tokenizer.eos_token_id, streamer=streamer)
+        with per_batch(idx) if per_batch is not None else nullcontext():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                 do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad,
+                                 eos_token_id=tokenizer.eos_token_id, streamer=streamer)
         for row, i in enumerate(idx):
             replies[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     model.train(was_training)
