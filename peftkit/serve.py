@@ -27,10 +27,10 @@ task types, tensors other than the factors and the head.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -213,8 +213,8 @@ def load(paths: Sequence[str | Path], backbone_path: str | None = None) -> Mixed
     factors, heads_of, served = [], [], None
     for p, f, cfg in zip(paths, folders, configs):
         a, _ = model.from_adapter(f, backbone_path)
+        factors.append(_factors(a, str(p)))  # first: it names a layer it cannot serve (an embedding)
         _check_tensors(a, cfg, str(p))
-        factors.append(_factors(a, str(p)))
         heads_of.append(_head_tensors(a, cfg["head"]))
         if served is None:
             served = a
