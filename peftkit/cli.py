@@ -1,4 +1,4 @@
-"""The `peftkit` command: train, eval, merge, report, ls.
+"""The `peftkit` command: train, eval, merge, report, generate, chat, predict, ls.
 
 `train` hands its arguments to Hydra (overrides, `-m` for sweeps); the other commands take
 `key=value` arguments of their own. Bad input prints one line and exits with code 2; set
@@ -26,6 +26,8 @@ commands:
   report  compare runs in a leaderboard:  peftkit report multirun/2026-01-01/12-00-00 [out=DIR]
   generate  reply with a causal-LM run:    peftkit generate run=outputs/... prompt="Is this review fresh?"
   chat    talk to a causal-LM run:         peftkit chat run=outputs/...
+  predict rows of a file, each on its run's adapter, in mixed batches:
+                                           peftkit predict runs=[RUN1,RUN2] file=in.jsonl out=preds.jsonl
   ls      list what exists:                peftkit ls [recipes|methods|backbones|datasets|trainers|merges]
 
 Run `peftkit COMMAND --help` for each command's options.
@@ -110,6 +112,26 @@ Reply to prompts with a causal-LM run's adapter (greedy, formatted as in trainin
 CHAT_HELP = """usage: peftkit chat run=DIR [system=TEXT] [max_new_tokens=N]
 
 Talk to a causal-LM run's adapter on the terminal; replies are streamed. An empty line ends.
+"""
+
+PREDICT_HELP = """usage: peftkit predict runs=[RUN1,RUN2,...] file=FILE out=FILE [KEY=VALUE ...]
+
+Answer each row of a file with the adapter it names: one base model holds every run's LoRA factors
+stacked, and a batch mixes rows of different adapters in one forward pass (no loop over adapters).
+The runs: lora or rslora adapters (PiSSA-initialised too) of one base model and one task type.
+  runs=[RUN,...]     run directories (or adapter folders, for classification)
+  file=FILE          CSV/TSV/JSON/JSONL/Parquet inputs, one row each
+  out=FILE           JSON lines in the input's order: row (1-based), adapter, and the label and
+                     probabilities over the run's labels (a regression run: score), or the reply
+  adapter_field=adapter  the column naming each row's run: its directory name, its path as given in
+                     runs=, or its position in runs= (0-based); causal LMs: base for the base alone
+  text_fields=[text] the text column(s): one, or two for sentence pairs (causal LMs: [prompt], the
+                     user's message, formatted with the run's template as peftkit generate does)
+  id_field=COLUMN    copy this column into each output record as id
+  batch_size=32      rows per forward pass (or per generation batch)
+  max_new_tokens=128 a causal-LM reply's length limit (greedy decoding)
+  backbone.path=DIR  load the runs' base from this folder (its fingerprint is checked)
+  overwrite=true     replace an existing out= file (without it, peftkit refuses to)
 """
 
 LS_HELP = """usage: peftkit ls [recipes|methods|backbones|datasets|trainers|merges]
@@ -305,6 +327,52 @@ def cmd_chat(args: list[str]) -> int:
     return 0
 
 
+def _list(value: str, key: str) -> list[str]:
+    """`[a,b]` (or `a,b`, or `a`) as a list of its items."""
+    text = value.strip()
+    if text.startswith("[") != text.endswith("]"):
+        raise UserError(f"{key}={value}: unbalanced brackets; write {key}=[A,B]")
+    items = [v.strip().strip("'\"") for v in text.strip("[]").split(",")]
+    if not all(items):
+        raise UserError(f"{key}={value}: an empty item; write {key}=[A,B]")
+    return items
+
+
+def _count(kv: dict[str, str], key: str) -> int | None:
+    if key not in kv:
+        return None
+    try:
+        n = int(kv[key])
+        assert n >= 1
+    except (ValueError, AssertionError):
+        raise UserError(f"{key}={kv[key]}: expected a whole number ≥ 1") from None
+    return n
+
+
+def cmd_predict(args: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in args):
+        print(PREDICT_HELP)
+        return 0
+    from peftkit import predict
+
+    overwrite, args = _flag(args, "overwrite", "predict")
+    kv = _kv(args, "predict")
+    known = {"runs", "file", "out", "adapter_field", "text_fields", "id_field", "batch_size", "max_new_tokens", "backbone.path"}
+    unknown = sorted(set(kv) - known)
+    if unknown:
+        raise UserError(f"peftkit predict: unknown option {', '.join(unknown)}; it takes {', '.join(sorted(known))} "
+                        f"and overwrite= (see peftkit predict --help)")
+    missing = [k for k in ("runs", "file", "out") if k not in kv]
+    if missing:
+        raise UserError(f"peftkit predict needs {' and '.join(k + '=' for k in missing)} (see peftkit predict --help)")
+    predict.run([str(user_path(r, "runs")) for r in _list(kv["runs"], "runs")], user_path(kv["file"], "file"),
+                user_path(kv["out"], "out"), kv.get("adapter_field", "adapter"),
+                _list(kv["text_fields"], "text_fields") if "text_fields" in kv else None, kv.get("id_field"),
+                _count(kv, "batch_size") or 32, _count(kv, "max_new_tokens"), overwrite,
+                str(user_path(kv["backbone.path"], "backbone.path")) if "backbone.path" in kv else None)
+    return 0
+
+
 def cmd_report(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(REPORT_HELP)
@@ -348,10 +416,11 @@ def cmd_ls(args: list[str]) -> int:
 
 
 INTERRUPTED = {"train": " before training started; nothing was kept", "eval": "; the run's adapter and checkpoints are untouched",
-               "merge": "; nothing was written to out=", "report": "; no leaderboard was written"}
+               "merge": "; nothing was written to out=", "report": "; no leaderboard was written",
+               "predict": "; nothing was written to out="}
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "report": cmd_report, "generate": cmd_generate,
-            "chat": cmd_chat, "ls": cmd_ls}
+            "chat": cmd_chat, "predict": cmd_predict, "ls": cmd_ls}
 
 
 def main(argv: list[str] | None = None) -> int:
