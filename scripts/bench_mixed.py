@@ -50,9 +50,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 N_ADAPTERS = 4
 LABELS = ["neg", "pos"]
-WORDS = ["the", "film", "was", "a", "warm", "funny", "gripping", "mess", "of", "plot", "that", "never", "quite", "comes",
-         "together", "and", "yet", "I", "laughed", "cried", "left", "theatre", "thinking", "about", "it", "for", "days",
-         "dull", "bright", "sharp", "slow"]
+WORDS = ["the", "film", "was", "a", "warm", "funny", "gripping", "mess", "of", "a", "plot", "that", "never", "quite",
+         "comes", "together", "and", "yet", "I", "laughed", "cried", "and", "left", "the", "theatre", "thinking",
+         "about", "it", "for", "days", "dull", "bright", "sharp", "slow"]  # repeats kept: the measured runs drew from this list
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:
