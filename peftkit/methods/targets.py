@@ -162,8 +162,8 @@ def find_targets(model: nn.Module, target_modules, default_roles, exclude: list[
             hit = set(layers) - output_layers(model)
         elif t in ROLE_NAMES and t in roles:
             hit = set(roles[t])
-        else:  # a name, suffix or regex may also name an embedding (`embed_tokens`): never a role or all-linear
-            hit = {n for n in (*layers, *embeddings) if matches(n, t)}
+        else:  # a name, suffix or regex; one that matches no layer may name an embedding (`embed_tokens`)
+            hit = {n for n in layers if matches(n, t)} or {n for n in embeddings if matches(n, t)}
         if not hit:
             fail(f"method.target_modules entry '{t}' matches no Linear layer")
         wanted |= hit

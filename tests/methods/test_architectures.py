@@ -29,7 +29,8 @@ from .test_every_method import shipped_config
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
 DECODER = dict(num_key_value_heads=2, tie_word_embeddings=False)
 ARCHS = {  # model type: config overrides (vocab and pad id come from MiniLM's tokenizer)
-    "bert": SMALL, "roberta": {**SMALL, "max_position_embeddings": 130},  # RoBERTa's positions start after the pad id "deberta-v2": SMALL, "electra": {**SMALL, "embedding_size": 32},
+    "bert": SMALL, "roberta": {**SMALL, "max_position_embeddings": 130},  # RoBERTa's positions start after the pad id
+    "deberta-v2": SMALL, "electra": {**SMALL, "embedding_size": 32},
     "distilbert": dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=128),
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=128),
     "gpt_neox": SMALL, "llama": {**SMALL, **DECODER}, "qwen2": {**SMALL, **DECODER}, "mistral": {**SMALL, **DECODER},
