@@ -23,6 +23,13 @@ try:  # rouge-score logs through absl, whose handler closes the stream it was ma
 except ImportError:
     pass
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One torch thread per xdist worker: `make test` runs one worker per core, and workers of two threads
+    # each on those cores spin against each other (a 1-second test took 87 s so in a full run).
+    import torch
+
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 GLUE_DIR = ROOT.parent / "shared" / "glue"
 
