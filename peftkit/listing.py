@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from omegaconf import OmegaConf
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -89,23 +90,25 @@ def show_targets(recipe: str, overrides: list[str]) -> None:
         m = modules.get(owner)
         if isinstance(m, AdapterLinear):
             base = m.base_layer
-            what = (f"{'Conv1D' if isinstance(base, LinearFromConv1D) else 'Linear'} {base.in_features}→{base.out_features}",
-                    ", ".join(layer_roles(owner, base)) or "-", f"{type(m).__name__}")
+            kind_ = "Conv1D" if isinstance(base, LinearFromConv1D) else type(base).__name__
+            shape = f"{base.in_features}→{base.out_features}" if hasattr(base, "in_features") else \
+                f"{base.num_embeddings}×{base.embedding_dim}"
+            what = (f"{kind_} {shape}", ", ".join(layer_roles(owner, base)) or "-")
         elif any(owner == h or owner.startswith(h + ".") for h in a.head):
-            what = ("head", "-", "trained in full")
+            what = ("head, in full", "-")
         else:
-            what = (type(m).__name__ if m is not None else "tensor", "-", "trained in full" if m is not None else "")
+            what = (f"{type(m).__name__}, in full" if m is not None else "tensor", "-")
         key = re.sub(r"\.\d+(?=\.|$)", ".N", owner or name)
         g = groups.setdefault(key, {"what": what, "layers": set(), "params": 0})
         g["layers"].add(owner)
         g["params"] += p.numel()
-    table = Table(title=f"{a.method.name} on {cfg.backbone.path or cfg.backbone.name} ({kind.NAME})", title_justify="left")
-    for col, just in (("module", "left"), ("×", "right"), ("layer", "left"), ("roles", "left"), ("how", "left"),
-                      ("trainable", "right")):
+    table = Table(title=f"{a.method.name} on {cfg.backbone.path or cfg.backbone.name} ({kind.NAME})", title_justify="left",
+                  box=box.SIMPLE_HEAD)
+    for col, just in (("module", "left"), ("×", "right"), ("layer", "left"), ("roles", "left"), ("trainable", "right")):
         table.add_column(col, justify=just, overflow="fold", no_wrap=col != "module")  # long names fold, not the rest
     for key, g in groups.items():
-        layer, roles, how = g["what"]
-        table.add_row(escape(key), str(len(g["layers"])), layer, roles, how, f"{g['params']:,}")
+        layer, roles = g["what"]
+        table.add_row(escape(key), str(len(g["layers"])), layer, roles, f"{g['params']:,}")
     console = Console()
     console.print(table)
     n, total = count_params(a.model)

@@ -61,7 +61,7 @@ def test_ls_targets_and_dry_run_print_the_modules_and_write_nothing(checkpoints,
     r = run_cli("train", "recipe=quickstart_lm", f"backbone.path={checkpoints['gpt2']}", "method=ia3", "--dry-run",
                 f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "IA3Linear" in r.stdout and not (tmp_path / "run").exists()
+    assert "ffn_out" in r.stdout and "Conv1D 128→32" in r.stdout and not (tmp_path / "run").exists()
     assert list(tmp_path.iterdir()) == []
 
 
