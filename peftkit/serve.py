@@ -38,7 +38,7 @@ from torch import nn
 from peftkit import adapter, model
 from peftkit.errors import UserError
 from peftkit.methods.base import AdapterLinear, replace_module
-from peftkit.methods.lora import LoraLinear, PissaLinear
+from peftkit.methods.lora import LoraLinear, PissaLinear, change_factors
 from peftkit.methods.targets import as_linear, is_layer
 
 METHODS = ("lora", "rslora")
@@ -157,11 +157,8 @@ def _factors(a: model.Adapted, where: str) -> dict[str, tuple[torch.Tensor, torc
         if type(m) not in (LoraLinear, PissaLinear):
             raise UserError(f"{where}: {name} is a {type(m).__name__}; mixed batches serve LoRA on Linear layers "
                             f"(drop embeddings from the run's method.target_modules, or merge that adapter into the base)")
-        b, a_ = m.scaling * m.lora_B.detach(), m.lora_A.detach()
-        if isinstance(m, PissaLinear):  # ΔW = s(BA − B₀A₀): the base served is the original W
-            b = torch.cat([b, -m.scaling * m.lora_B_initial], 1)
-            a_ = torch.cat([a_, m.lora_A_initial], 0)
-        out[name] = (b, a_)
+        pairs = change_factors(m)  # PiSSA: rank 2r, served on the original W
+        out[name] = (torch.cat([b for b, _ in pairs], 1), torch.cat([a_ for _, a_ in pairs], 0))
     return out
 
 

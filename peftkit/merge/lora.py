@@ -25,7 +25,7 @@ from peftkit.errors import UserError
 from peftkit.merge import sources
 from peftkit.merge.combine import TaskVector, check_knobs, combine_heads, describe, task_vectors
 from peftkit.methods.base import AdapterLinear, adapter_tensors
-from peftkit.methods.lora import LoraLinear, PissaLinear
+from peftkit.methods.lora import LoraLinear, PissaLinear, change_factors
 from peftkit.methods.targets import Conv1D, is_layer
 
 
@@ -38,10 +38,7 @@ def lora_factors(a: model.Adapted, weight: float) -> dict[str, list[tuple[torch.
         if type(m) not in (LoraLinear, PissaLinear):
             raise UserError(f"concat joins LoRA adapters (lora, rslora); this one has {type(m).__name__} layers "
                             f"({a.method.name}); use mode=svd, which takes any mergeable method")
-        pairs = [(weight * m.scaling * m.lora_B.detach(), m.lora_A.detach())]
-        if isinstance(m, PissaLinear):
-            pairs.append((-weight * m.scaling * m.lora_B_initial, m.lora_A_initial))
-        out[name] = pairs
+        out[name] = [(weight * b, a_) for b, a_ in change_factors(m)]
     return out
 
 

@@ -132,6 +132,15 @@ class PissaLinear(LoraLinear):
         super().merge()
 
 
+def change_factors(m: LoraLinear) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(B', A') pairs, scaling in B', whose Σ B'A' is the layer's change from the original W: s·BA for
+    LoRA; for PiSSA, whose base holds W − s·B₀A₀, also (−s·B₀, A₀). Merges, concat and serving read these."""
+    pairs = [(m.scaling * m.lora_B.detach(), m.lora_A.detach())]
+    if isinstance(m, PissaLinear):
+        pairs.append((-m.scaling * m.lora_B_initial, m.lora_A_initial))
+    return pairs
+
+
 @register
 class LoRA(Method):
     name = "lora"
