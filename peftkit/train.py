@@ -304,6 +304,8 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     diverged(step + 1, f"the loss is {loss_value}")
+                if aux is not None and not math.isfinite(aux_value := aux.item()):  # it trained on it too
+                    diverged(step + 1, f"the method's own loss term ({a.method.name}) is {aux_value}")
                 last_finite.update(step=step + 1, loss=loss_value)
                 fault_point("train_step")
                 window_loss += loss_value

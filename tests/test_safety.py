@@ -895,3 +895,17 @@ def test_from_peft_refuses_a_base_with_custom_code_unless_trusted(tmp_path, refe
     one_line(cli("merge", "mode=from_peft", f"adapter={peft}", f"backbone_path={custom_code_model}", "out=o", cwd=tmp_path),
              "custom code", "trust_remote_code=true")
     assert tree(tmp_path) == before
+
+
+def test_a_non_finite_method_loss_term_is_divergence_too(tmp_path, tiny_bert, monkeypatch):
+    """A method's own loss term (MoE LoRA's load balancing) trains the adapter as the task loss does:
+    infinity there stops the run as a diverged one, not a report that says ok."""
+    import torch
+
+    from peftkit.methods.moe_lora import MoeLoRA
+
+    monkeypatch.setattr(MoeLoRA, "aux_loss", lambda self, model: torch.tensor(float("inf")))
+    run = tmp_path / "run"
+    proc = cli("train", *tiny(tiny_bert, "method=moe_lora", f"hydra.run.dir={run}"), cwd=tmp_path)
+    one_line(proc, "training diverged at step 1", "moe_lora", "inf")
+    assert report(run)["status"] == "diverged"
