@@ -152,3 +152,14 @@ def test_two_stage_recipe_from_the_command_line(tiny_bert, tmp_path):
     assert r.returncode == 0, r.stderr[-1500:]
     r = run_cli("merge", f"adapter={tmp_path / 'fused'}", f"out={tmp_path / 'merged'}", cwd=tmp_path)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize(("cfg", "expected"), [
+    ({"name": "adapter_fusion"}, 3 * (3 * 32 * 32 + 2 * 32) + 66),  # W_q, W_k (+ biases), W_v per adapted layer; head
+    ({"name": "scalearn"}, 3 * 2 * 32 + 66),  # ω: 2 sources × width per layer
+    ({"name": "scalearn", "scaling": "scalar", "share_layers": True}, 2 + 66),  # one number per source, shared
+])
+def test_trainable_parameters_follow_the_formulas_in_docs(cfg, expected, tiny_bert, sources):
+    """docs/methods.md gives these formulas (and their MiniLM values); the tiny BERT: d = 32, 3 adapted layers."""
+    a = build(tiny_bert, {**cfg, "adapters": sources})
+    assert sum(p.numel() for p in a.model.parameters() if p.requires_grad) == expected
