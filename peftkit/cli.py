@@ -237,6 +237,7 @@ def cmd_train(args: list[str]) -> int:
         raise UserError("--cfg prints one config; drop -m, or give one value per key")
     overwrite, overrides = _flag(overrides, "overwrite", "train")
     recipe, overrides = config.split_recipe(overrides, default="quickstart")
+    overrides = config.multitask_shorthand(overrides)
     if dry_run:
         from peftkit import listing
 

@@ -113,6 +113,24 @@ def split_recipe(overrides: list[str], default: str) -> tuple[str, list[str]]:
     return recipe, rest
 
 
+def multitask_shorthand(overrides: list[str]) -> list[str]:
+    """`dataset=[glue/rte,glue/mrpc]` is `dataset=multitask dataset.tasks=[glue/rte,glue/mrpc]`: a
+    list picks several datasets for one multi-task run (Hydra would merge them into one)."""
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key == "dataset" and value.startswith("[") and value.endswith("]"):
+            names = [v.strip() for v in value[1:-1].split(",") if v.strip()]
+            for name in names:
+                _check_choice("dataset", name, group_options("dataset"))
+            if not names:
+                raise UserError("dataset=[] names no dataset; give one or more, e.g. dataset=[glue/rte,glue/mrpc]")
+            out += ["dataset=multitask", f"dataset.tasks=[{','.join(names)}]"]
+        else:
+            out.append(o)
+    return out
+
+
 def hydra_overrides() -> list[str]:
     dirs = ",".join(f"file://{d}" for d in search_path())
     return [f"hydra.searchpath=[{dirs}]"]

@@ -94,6 +94,14 @@ def score_run(run_dir: Path, split: str, cfg, previous: dict | None) -> dict:
     encoded = kind.encode(task, a.tokenizer, cfg)
     if split == "test" and kind.NAME == "classification":
         return write_submissions(accelerator, net, task, encoded, cfg, run_dir)
+    if split == "test" and kind.NAME == "multitask":  # each task's files, from its own head
+        from peftkit.tasks.multitask import active
+
+        written = {}
+        for t, key in enumerate(task.tasks):
+            with active(net, t):
+                written.update(write_submissions(accelerator, net, task.tasks[key], encoded["tasks"][key], cfg, run_dir))
+        return written
     result = kind.evaluate(accelerator, net, task, encoded, cfg.trainer.eval_batch_size)
     if split == "test":  # a causal LM's test sets: their own report beside the dev one
         new = {**first_report(cfg, task, adapter_cfg), **result, "examples": {s: len(task.splits[s]) for s in result["metrics"]}}
@@ -137,7 +145,7 @@ def show(new: dict, previous: dict | None) -> None:
     if new.get("best_step") is not None:
         title += f" · best step {new['best_step']} of {new['total_steps']}"
     table = Table(title=title)
-    table.add_column("split")
+    table.add_column("task" if new.get("task_scores") else "split")
     table.add_column("metric")
     table.add_column("score", justify="right")
     before = (previous or {}).get("metrics")  # a failed or diverged run's report may have none
@@ -160,10 +168,11 @@ def _fmt(v) -> str:
 
 
 def write_submissions(accelerator, net, task, encoded, cfg, run_dir: Path) -> dict:
+    """{GLUE-server file name (MNLI-m): the TSV written}."""
     from peftkit.data.glue import TASKS
 
-    if not cfg.dataset.name.startswith("glue/"):
-        raise UserError("split=test writes GLUE-server files, so it needs a glue/ dataset")
+    if not task.name.startswith("glue/"):
+        raise UserError(f"split=test writes GLUE-server files, so it needs a glue/ dataset, not {task.name}")
     spec = TASKS[task.task]
     out = run_dir / "eval" / "submission"
     written = {}
@@ -173,6 +182,6 @@ def write_submissions(accelerator, net, task, encoded, cfg, run_dir: Path) -> di
         if accelerator.is_main_process:
             path = report.write_submission(out, file_name, encoded[s].ids, preds.tolist(), task.label_names,
                                            as_names=task.task in ("mnli", "qnli", "rte"))
-            written[s] = str(path)
+            written[file_name] = str(path)
             console.print(f"wrote {path} ({len(preds)} predictions)")
     return written

@@ -104,6 +104,16 @@ class LocalData(_Data):
     metrics: list[Literal["accuracy", "f1", "matthews"]] = Field(min_length=1, description="a list of accuracy, f1, matthews")
 
 
+class MultiTaskData(Section):
+    name: str
+    task: Literal["multitask"]
+    tasks: list[str] = Field(min_length=1, description="a list of classification datasets, e.g. [glue/rte,glue/mrpc]")
+    temperature: float = Field(gt=0, description="a number > 0 (1: tasks drawn in proportion to their size; larger: closer to uniform)")
+    data_dir: Path_ | None = Field(None, description="the folder of the GLUE TSVs, or null")
+    max_train_samples: OptionalCount = Field(description="a whole number ≥ 1 (per task), or null for all rows")
+    max_eval_samples: OptionalCount = Field(description="a whole number ≥ 1 (per task), or null for all rows")
+
+
 class _ImageData(_Data):
     task: Literal["image_classification"]
     dev_fraction: float = Field(gt=0, lt=1, description="a fraction in (0, 1), e.g. 0.1 (of each class, when no val/ folder is given)")
@@ -172,13 +182,15 @@ class Run(BaseModel):
 
 DATASETS = {"glue": GlueData, "local": LocalData, "quickstart": QuickstartData,
             "instruct": InstructData, "math": MathData, "quickstart_lm": QuickstartLMData,
-            "imagefolder": ImageFolderData, "digits": DigitsData}
+            "imagefolder": ImageFolderData, "digits": DigitsData, "multitask": MultiTaskData}
 
 
 def check_run(cfg: dict) -> None:
     """A composed `train` / `eval` config (resolved, as a plain dict)."""
     validate(Run, cfg)
     kind = str(cfg["dataset"].get("name", "")).split("/")[0]
+    if cfg["dataset"].get("task") == "multitask":
+        kind = "multitask"
     if kind not in DATASETS:
         raise UserError(f"dataset.name={cfg['dataset'].get('name')}: unknown dataset kind; choose one of: {', '.join(DATASETS)}")
     validate(DATASETS[kind], cfg["dataset"], "dataset")
@@ -288,7 +300,7 @@ class AdapterFile(BaseModel):
     method: _Named
     base_fingerprint: str
     backbone: _Named | None = None
-    label_names: list[str | int] | None = None
+    label_names: list[str | int] | dict[str, list[str | int] | None] | None = None  # a dict: per task (multi-task)
     trainable_params: int | None = None
     total_params: int | None = None
     task_type: str | None = None

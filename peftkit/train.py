@@ -33,7 +33,7 @@ from peftkit.files import atomic_write_text, fault_point, json_text, newest_comp
 console = Console(stderr=True)
 
 
-def make_accelerator(trainer: DictConfig):
+def make_accelerator(trainer: DictConfig, sparse_gradients: bool = False):
     """One per run. A sweep runs its jobs one after another in one process, each with its own
     precision: accelerate's process-wide state is reset between them (one process only: under
     torchrun or accelerate launch the state holds the process group)."""
@@ -50,7 +50,11 @@ def make_accelerator(trainer: DictConfig):
         raise UserError("trainer.precision=fp16 needs a GPU; on CPU use trainer.precision=bf16")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(cpu=not cuda, mixed_precision=precision, gradient_accumulation_steps=trainer.grad_accum)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if sparse_gradients else []
+    return Accelerator(cpu=not cuda, mixed_precision=precision, gradient_accumulation_steps=trainer.grad_accum,
+                       kwargs_handlers=handlers)
 
 
 def seed_everything(seed: int) -> None:
@@ -130,11 +134,11 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
     keep_snapshots = t.get("keep_checkpoints") or 0
     if t.get("threads"):  # on a shared CPU, fewer threads than cores can be several times faster
         torch.set_num_threads(t.threads)
-    accelerator = make_accelerator(t)
+    kind = tasks.of(cfg.dataset)
+    accelerator = make_accelerator(t, getattr(kind, "SPARSE_GRADIENTS", False))
     main = accelerator.is_main_process
     seed_everything(cfg.seed)
 
-    kind = tasks.of(cfg.dataset)
     tokens = getattr(kind, "TOKENS", True)  # an image task has none: no tokens/s in its log and report
     task = kind.load_data(cfg.dataset)
     seed_everything(cfg.seed)  # the initial adapter and head depend on the seed alone (merge mode=compress rebuilds them)
@@ -146,7 +150,10 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
     world, rank = accelerator.num_processes, accelerator.process_index
 
     def epoch_batches(epoch: int) -> list[list[int]]:
-        all_b = train_batches(train.lengths, t.batch_size, cfg.seed, epoch, t.group_by_length)
+        if hasattr(train, "train_batches"):  # the task's own order (multi-task: one task per batch)
+            all_b = train.train_batches(t.batch_size, cfg.seed, epoch, t.group_by_length)
+        else:
+            all_b = train_batches(train.lengths, t.batch_size, cfg.seed, epoch, t.group_by_length)
         mine = all_b[rank::world][: len(all_b) // world]  # every process takes the same number of steps
         return mine[: len(mine) - len(mine) % t.grad_accum]
 
@@ -225,7 +232,8 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
         train_time = time.perf_counter() - t_start
         best = state["best"] or {}
         n, total = meta["trainable_params"], meta["total_params"]
-        scored = cfg.dataset.name.startswith("glue/") and "score" in best
+        parts = getattr(task, "tasks", {"": task}).values()  # a multi-task run's datasets
+        scored = all(d.name.startswith("glue/") for d in parts) and "score" in best
         return {
             "status": status,
             **({"error": error} if error else {}),
@@ -237,6 +245,7 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
             "seed": cfg.seed,
             "metrics": best.get("metrics", {}),
             "score": best.get("score"),
+            **({"task_scores": best["task_scores"]} if "task_scores" in best else {}),
             **({"samples": best["samples"]} if best.get("samples") else {}),
             **({"truncated": task.truncated} if getattr(task, "truncated", None) else {}),
             "glue_average": best["score"] if scored else None,

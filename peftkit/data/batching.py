@@ -91,8 +91,10 @@ def _unflatten(tensors: dict[str, torch.Tensor]) -> dict[str, list[list[int]]]:
     return out
 
 
-def train_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
-    rng = np.random.default_rng([seed, epoch])
+def train_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool,
+                  stream: tuple[int, ...] = ()) -> list[list[int]]:
+    """`stream`: more numbers for the generator, for several independent orders in one epoch (tasks)."""
+    rng = np.random.default_rng([seed, epoch, *stream])
     order = rng.permutation(len(lengths))
     if not group_by_length:
         return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]

@@ -30,8 +30,9 @@ class Run:
     dir: Path
     report: dict
     config: dict
-    adapter_bytes: int = 0
+    adapter_bytes: float = 0
     label: str = ""
+    multitask: bool = False  # one task of a multi-task run (`per_task`)
 
     @property
     def failed(self) -> bool:
@@ -71,7 +72,7 @@ def find_runs(dirs: list[Path]) -> list[Run]:
             if key in seen or not (run_dir / "config.yaml").is_file():
                 continue
             seen.add(key)
-            runs.append(read_run(run_dir))
+            runs += per_task(read_run(run_dir))
     if not runs:
         raise UserError(f"no runs with eval/report.json under {', '.join(str(d) for d in dirs)}")
     return runs
@@ -102,6 +103,26 @@ def read_run(run_dir: Path) -> Run:
     adapter = run_dir / "adapter"
     size = sum(p.stat().st_size for p in adapter.rglob("*") if p.is_file()) if adapter.is_dir() else 0
     return Run(run_dir, report, config, size)
+
+
+def per_task(run: Run) -> list[Run]:
+    """A multi-task run as one run per task, with that task's score and metrics, so its tasks fill
+    the same columns as single-task runs (in a row of their own: `houlsby multi-task`). Trainable
+    parameters and adapter size are per task: the run's divided by its number of tasks."""
+    scores = run.report.get("task_scores")
+    if run.failed or not isinstance(scores, dict) or not scores:
+        return [run]
+    n = len(scores)
+    out = []
+    for task, score in scores.items():
+        metrics = {k: v for k, v in (run.report.get("metrics") or {}).items() if k == task or k.startswith(task + "/")}
+        report = {**run.report, "task": task, "score": score, "metrics": metrics}
+        if isinstance(report.get("trainable_params"), int):
+            report["trainable_params"] = round(report["trainable_params"] / n)
+        if isinstance(report.get("trainable_pct"), (int, float)):
+            report["trainable_pct"] = report["trainable_pct"] / n
+        out.append(Run(run.dir, report, run.config, run.adapter_bytes / n, multitask=True))
+    return out
 
 
 # ------------------------------------------------------------------------------------------ group
@@ -135,7 +156,8 @@ def label_runs(runs: list[Run]) -> None:
 
 
 def method_name(run: Run) -> str:
-    return str((run.config.get("method") or {}).get("name") or run.report.get("method") or "?")
+    name = str((run.config.get("method") or {}).get("name") or run.report.get("method") or "?")
+    return f"{name} multi-task" if run.multitask else name
 
 
 def _fmt_value(v) -> str:

@@ -37,16 +37,23 @@ def to_markdown(r: dict) -> str:
         f"| {split} | {name} | {_num(value)} |" for split, ms in r["metrics"].items() for name, value in ms.items()
     ]
     status = [] if r.get("status", "ok") == "ok" else [f"**{r['status']}**: {r.get('error', '')}", ""]
+    if r.get("task_scores"):  # a multi-task run
+        summary = (f"**score: {_num(r.get('score'))}** (the mean of its task scores: "
+                   + " · ".join(f"{t} {_num(v)}" for t, v in r["task_scores"].items()) + ")")
+    elif r.get("glue_average") is not None:
+        summary = (f"**{r['task']} score: {_num(r['score'])}** (mean of its metrics) · GLUE average over tasks present: "
+                   f"{_num(r['glue_average'])}")
+    else:
+        summary = f"**score: {_num(r.get('score'))}**"
     lines = [
         f"# {r['dataset']} · {r['method']} on {r['backbone']}",
         "",
         *status,
-        "| split | metric | score |",
+        f"| {'task' if r.get('task_scores') else 'split'} | metric | score |",
         "|---|---|---|",
         *metric_rows,
         "",
-        f"**{r['task']} score: {_num(r['score'])}** (mean of its metrics) · GLUE average over tasks present: "
-        f"{_num(r['glue_average'])}" if r.get("glue_average") is not None else f"**score: {_num(r.get('score'))}**",
+        summary,
         "",
         "| trainable params | % of total | best step | train time | peak RSS |",
         "|---|---|---|---|---|",

@@ -30,8 +30,8 @@ def predict_best(board: dict, data_dir: str | None) -> dict[str, Path]:
             written = evaluate.run(run, "test", overrides)
         except UserError as e:
             raise UserError(f"submission: {task} (best run {run}): {e}") from None
-        for file_name, path in zip(TASKS[task].submission, written.values()):
-            files[file_name] = Path(path)
+        for file_name in TASKS[task].submission:  # a multi-task run writes every task's files
+            files[file_name] = Path(written[file_name])
     if not files:
         raise UserError("submission=true needs GLUE runs (dataset=glue/...); none of these runs is one")
     return files

@@ -10,7 +10,9 @@ interface, one module per task type:
     evaluate(accelerator, net, data, encoded, batch_size) -> {"metrics": {split: {..}}, "score": float}
 
 A module may also declare `UNSUPPORTED = {method: why}`: methods that have nothing to act on in its
-models, refused before anything loads (`check_method`).
+models, refused before anything loads (`check_method`); its `Encoded` train split may bring its own
+`train_batches(batch_size, seed, epoch, group_by_length)` (multi-task: one task per batch); and
+`SPARSE_GRADIENTS = True` says some parameters get no gradient in a step (one task's head).
 
 A dataset's YAML names its task type (`task: causal_lm`); classification (and regression) is the default.
 """
@@ -22,7 +24,7 @@ from types import ModuleType
 
 from peftkit.errors import UserError
 
-KINDS = ("classification", "causal_lm", "image_classification")
+KINDS = ("classification", "causal_lm", "image_classification", "multitask")
 DEFAULT = "classification"
 
 
