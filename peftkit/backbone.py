@@ -207,7 +207,10 @@ def _load(cfg: DictConfig, auto_class, load_kwargs: dict | None = None, **config
 
 def head_module_names(model: nn.Module, head: list[str]) -> list[str]:
     """Full names of the head modules (`classifier`, `score`, ...) that exist in this model, and the
-    modules it was loaded without (`fresh_modules`)."""
+    modules it was loaded without (`fresh_modules`). A model that names its heads itself
+    (`head_modules`: a multi-task model's per-task heads) is taken at its word."""
+    if hasattr(model, "head_modules"):
+        return list(model.head_modules)
     fresh = set(getattr(model, "fresh_modules", ()))
     names = [n for n, _ in model.named_modules() if n and (n in fresh or any(n == h or n.endswith("." + h) for h in head))]
     # keep outermost matches only

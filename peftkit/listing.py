@@ -78,7 +78,10 @@ def show_targets(recipe: str, overrides: list[str]) -> None:
 
     cfg, _ = config.check(recipe, overrides)
     kind = tasks.of(cfg.dataset)
-    a = model.build(cfg.backbone, cfg.method, None if kind.NAME == "causal_lm" else ["0", "1"], kind.NAME)
+    labels = None if kind.NAME == "causal_lm" else ["0", "1"]
+    if kind.NAME == "multitask":  # a head per task, each sized for 2 labels here
+        labels = {str(t if isinstance(t, str) else t.name).rpartition("/")[2].replace(".", "_"): labels for t in cfg.dataset.tasks}
+    a = model.build(cfg.backbone, cfg.method, labels, kind.NAME)
     modules = dict(a.model.named_modules())
     groups: dict[str, dict] = {}
     for name, p in a.model.named_parameters():
@@ -113,4 +116,4 @@ def show_targets(recipe: str, overrides: list[str]) -> None:
     console.print(table)
     n, total = count_params(a.model)
     console.print(f"trainable params: {n:,} of {total:,} ({100 * n / total:.3f}%)"
-                  + ("; the head is sized for 2 labels here" if a.head else ""))
+                  + (f"; the head{' of each task' if kind.NAME == 'multitask' else ''} is sized for 2 labels here" if a.head else ""))

@@ -107,7 +107,7 @@ class LocalData(_Data):
 class MultiTaskData(Section):
     name: str
     task: Literal["multitask"]
-    tasks: list[str] = Field(min_length=1, description="a list of classification datasets, e.g. [glue/rte,glue/mrpc]")
+    tasks: list[str | dict] = Field(min_length=1, description="a list of classification datasets, e.g. [glue/rte,glue/mrpc]")
     temperature: float = Field(gt=0, description="a number > 0 (1: tasks drawn in proportion to their size; larger: closer to uniform)")
     data_dir: Path_ | None = Field(None, description="the folder of the GLUE TSVs, or null")
     max_train_samples: OptionalCount = Field(description="a whole number ≥ 1 (per task), or null for all rows")

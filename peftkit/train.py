@@ -116,25 +116,32 @@ PATH_KEYS = ("backbone.path", "dataset.data_dir", "dataset.train_file", "dataset
 
 
 def absolute_paths(cfg: DictConfig) -> None:
-    """Make user paths absolute, so the saved config works from any directory (`peftkit eval`)."""
-    for key in PATH_KEYS:
-        value = OmegaConf.select(cfg, key)
-        if key == "dataset.train_file" and OmegaConf.select(cfg, "dataset.data_dir"):
-            continue  # dataset=math: a file inside data_dir (an absolute path still wins there)
-        if value:
-            OmegaConf.update(cfg, key, str(Path(value).expanduser().resolve()))
+    """Make user paths absolute, so the saved config works from any directory (`peftkit eval`);
+    a multi-task run's datasets too (`dataset.tasks`)."""
+    nodes = [cfg] + [OmegaConf.create({"dataset": d}) for d in (cfg.dataset.get("tasks") or []) if isinstance(d, DictConfig)]
+    for node in nodes:
+        for key in PATH_KEYS:
+            value = OmegaConf.select(node, key)
+            if key == "dataset.train_file" and OmegaConf.select(node, "dataset.data_dir"):
+                continue  # dataset=math: a file inside data_dir (an absolute path still wins there)
+            if value:
+                OmegaConf.update(node, key, str(Path(value).expanduser().resolve()))
+    if len(nodes) > 1:
+        cfg.dataset.tasks = [OmegaConf.to_container(n.dataset) for n in nodes[1:]]
 
 
 def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
     """`before_writing`: called once the data, the model and the batches are ready, just before the
     run writes its first file (`overwrite=true` clears the earlier run there, and only then)."""
     run_dir = Path(run_dir)
+    kind = tasks.of(cfg.dataset)
+    if hasattr(kind, "expand_config"):  # multi-task: the datasets' own configs in place of their names
+        kind.expand_config(cfg.dataset)
     absolute_paths(cfg)
     t = cfg.trainer
     keep_snapshots = t.get("keep_checkpoints") or 0
     if t.get("threads"):  # on a shared CPU, fewer threads than cores can be several times faster
         torch.set_num_threads(t.threads)
-    kind = tasks.of(cfg.dataset)
     accelerator = make_accelerator(t, getattr(kind, "SPARSE_GRADIENTS", False))
     main = accelerator.is_main_process
     seed_everything(cfg.seed)

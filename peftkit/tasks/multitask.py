@@ -60,13 +60,15 @@ class MultiTaskData:
 
 
 def task_configs(dataset_cfg: DictConfig) -> list[DictConfig]:
-    """Each named dataset's own config, with the keys set once for all (`SHARED_KEYS`) applied."""
+    """Each task's own dataset config: a name (`glue/rte`, a user's `dataset/NAME.yaml`) is read from
+    its YAML, a mapping taken as it is; the keys set once for all (`SHARED_KEYS`) apply to each."""
     options = config.group_options("dataset")
     out = []
-    for name in dataset_cfg.tasks:
-        if name not in options:
-            raise UserError(f"dataset.tasks: unknown dataset '{name}'; choose classification datasets, e.g. glue/rte, glue/mrpc")
-        cfg = OmegaConf.load(options[name])
+    for entry in dataset_cfg.tasks:
+        if isinstance(entry, str) and entry not in options:
+            raise UserError(f"dataset.tasks: unknown dataset '{entry}'; choose classification datasets, e.g. glue/rte, glue/mrpc")
+        cfg = OmegaConf.load(options[entry]) if isinstance(entry, str) else OmegaConf.create(entry)
+        name = entry if isinstance(entry, str) else cfg.get("name")
         if cfg.get("task", "classification") != "classification" or "tasks" in cfg:
             raise UserError(f"dataset.tasks: {name} is a {cfg.get('task')} dataset; a multi-task run takes classification datasets")
         for key in SHARED_KEYS:
@@ -74,6 +76,12 @@ def task_configs(dataset_cfg: DictConfig) -> list[DictConfig]:
                 cfg[key] = dataset_cfg[key]
         out.append(cfg)
     return out
+
+
+def expand_config(dataset_cfg: DictConfig) -> None:
+    """Names in `dataset.tasks` become the datasets' whole configs, so the run's config.yaml says
+    everything about its data and `peftkit eval` needs no recipes dir."""
+    dataset_cfg.tasks = [OmegaConf.to_container(c, resolve=True) for c in task_configs(dataset_cfg)]
 
 
 def load_data(dataset_cfg: DictConfig, splits: tuple[str, ...] = ("train", "validation")) -> MultiTaskData:
@@ -110,7 +118,7 @@ def load_model(backbone_cfg: DictConfig, label_names: dict[str, list[str] | None
     slots = backbone.head_module_names(model, list(backbone_cfg.head))
     std = getattr(model.config, "initializer_range", 0.02)
     model.task_heads = nn.ModuleDict()
-    fresh = []
+    heads = []
     for task, labels in label_names.items():
         holder = nn.Module()
         for slot in slots:
@@ -127,13 +135,13 @@ def load_model(backbone_cfg: DictConfig, label_names: dict[str, list[str] | None
                 if out:
                     head.set_submodule(out, new)
             _set_path(holder, slot, head)
-            fresh.append(f"task_heads.{task}.{slot}")
+            heads.append(f"task_heads.{task}.{slot}")
         model.task_heads[task] = holder
     for slot in slots:
         model.set_submodule(slot, NoHead())
     model.head_slots = slots
     model.task_names = list(label_names)
-    model.fresh_modules = fresh  # every task head trains (the placeholders hold nothing)
+    model.head_modules = heads  # by name: a task may be called `score`, like a head
     return model
 
 
