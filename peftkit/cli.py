@@ -38,6 +38,8 @@ TRAIN_HELP = """usage: peftkit train [-m] recipe=NAME [GROUP=OPTION ...] [KEY=VA
 Train an adapter, write it with a GLUE-style report to outputs/<date>/<time>/.
   recipe=NAME        a recipe from `peftkit ls recipes` (default: quickstart)
   GROUP=OPTION       pick a config: backbone=, method=, dataset=, trainer= (see `peftkit ls`)
+  dataset=[A,B,...]  one multi-task run over several classification datasets (a head each;
+                     dataset.temperature=T draws tasks ∝ size^(1/T)); or dataset=glue/small
   KEY=VALUE          override any value: method.r=16 trainer.lr=3e-4 trainer.max_steps=50 seed=1
   resume=true        continue the newest unfinished run from its last checkpoint (or resume=DIR)
   overwrite=true     replace the run already in hydra.run.dir (without it, peftkit refuses to)
