@@ -13,7 +13,6 @@ singular values. Merges exactly: W' = W + s · P diag(λ) Q.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -110,16 +109,6 @@ def allocate(layers: list[SvdLinear], budget: int) -> None:
         m.rank_mask.copy_(mask)
 
 
-def add_orthogonality_penalty(module, args, output, layers: list[SvdLinear], weight: float):
-    """Forward hook on the whole model: loss += γ · mean over layers of ‖PᵀP − I‖² + ‖QQᵀ − I‖²,
-    when there is a loss to train (the trainer only ever calls model(**batch).loss)."""
-    active = [m for m in layers if not m.merged]
-    if getattr(output, "loss", None) is None or not torch.is_grad_enabled() or not active:
-        return None
-    output.loss = output.loss + weight * torch.stack([m.orthogonality_penalty() for m in active]).mean()
-    return output
-
-
 @register
 class AdaLoRA(Method):
     name = "adalora"
@@ -157,10 +146,15 @@ class AdaLoRA(Method):
             _checks.non_negative("orth_reg_weight", self.orth_reg_weight)
 
     def apply(self, model, exclude):
-        c = self.cfg
         super().apply(model, exclude)
-        if c.orth_reg_weight > 0:
-            model.register_forward_hook(functools.partial(add_orthogonality_penalty, layers=svd_layers(model), weight=c.orth_reg_weight))
+
+    def aux_loss(self, model):
+        """γ · the mean over adapted layers of ‖PᵀP − I‖² + ‖QQᵀ − I‖², added to the training loss
+        (peft adds it too) of any task type; never to an evaluation loss."""
+        active = [m for m in svd_layers(model) if not m.merged]
+        if self.cfg.orth_reg_weight == 0 or not active:
+            return None
+        return self.cfg.orth_reg_weight * torch.stack([m.orthogonality_penalty() for m in active]).mean()
 
     def wrap(self, linear):
         c = self.cfg
