@@ -85,6 +85,15 @@ class Method:
         the report's `method_stats`): MoE LoRA's expert load and router entropy. Most methods have none."""
         return {}
 
+    def materialize(self, model: nn.Module, task: int, names: list[str]) -> tuple[dict, dict[str, torch.Tensor]]:
+        """One task's part of a multi-task adapter as a single-task adapter (`peftkit merge
+        mode=materialize`): the method config to rebuild it with and its tensors by name. `names`: the
+        adapter's own tensors (the heads are not the method's). Default: this method and those
+        tensors as they are; a method whose weights depend on the task (HyperFormer's generated
+        adapters) returns another method's config and the task's tensors."""
+        tensors = adapter_tensors(model)
+        return {"name": self.name, **dataclasses.asdict(self.cfg)}, {n: tensors[n].detach().clone() for n in names}
+
     def training_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """What the method tracks while training besides its tensors (AdaLoRA's importance
         averages): resumable checkpoints hold it, adapters do not. Most methods track nothing."""

@@ -28,6 +28,13 @@ def check_bottleneck(bottleneck: int, activation: str) -> None:
         raise UserError(f"unknown activation '{activation}'; choose one of: {', '.join(sorted(ACT2FN))}")
 
 
+def train_layernorms(model: nn.Module) -> None:
+    """Houlsby's other trained part: every LayerNorm (RMSNorm in decoders) but the embeddings'."""
+    for name, m in model.named_modules():
+        if type(m).__name__.endswith(("LayerNorm", "RMSNorm")) and "embed" not in name:
+            m.requires_grad_(True)
+
+
 class BottleneckAdapter(AdapterLinear):
     def __init__(self, base_layer: nn.Linear, bottleneck: int, activation: str, init_std: float):
         super().__init__(base_layer)
@@ -66,9 +73,7 @@ class Houlsby(Method):
 
     def apply(self, model, exclude):
         if self.cfg.train_layernorm:
-            for name, m in model.named_modules():
-                if type(m).__name__.endswith(("LayerNorm", "RMSNorm")) and "embed" not in name:
-                    m.requires_grad_(True)
+            train_layernorms(model)
         super().apply(model, exclude)
 
     def wrap(self, linear):
