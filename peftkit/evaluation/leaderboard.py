@@ -374,25 +374,35 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def plot_score_vs_params(board: dict) -> bytes:
-    """The PEFT trade-off: how much score each method buys per trainable parameter."""
+def score_vs_params_figure(board: dict):
+    """The PEFT trade-off: how much score each method buys per trainable parameter. Labels are
+    placed by adjustText so methods that sit close (hydra_lora, pfeiffer, houlsby) stay readable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from adjustText import adjust_text
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in board["rows"]:
-        if r["trainable_params"] and r["average"] is not None:
-            ax.scatter(r["trainable_params"], r["average"], s=40)
-            ax.annotate(r["label"], (r["trainable_params"], r["average"]), textcoords="offset points", xytext=(5, 5))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    points = [(r["trainable_params"], r["average"], r["label"]) for r in board["rows"]
+              if r["trainable_params"] and r["average"] is not None]
+    for x, y, _ in points:
+        ax.scatter(x, y, s=40)
     ax.set_xscale("log")
-    ax.margins(x=0.2, y=0.15)  # room for the labels at the edges
+    ax.margins(x=0.25, y=0.2)  # room for the labels at the edges
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel("average score")
     ax.set_title("score vs trainable parameters")
     ax.grid(True, alpha=0.3)
-    return _png(fig)
+    texts = [ax.text(x, y, label, fontsize=9) for x, y, label in points]
+    if len(texts) > 1:
+        adjust_text(texts, ax=ax, x=[p[0] for p in points], y=[p[1] for p in points], ensure_inside_axes=True,
+                    arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
+    return fig
+
+
+def plot_score_vs_params(board: dict) -> bytes:
+    return _png(score_vs_params_figure(board))
 
 
 def read_losses(run_dir: Path) -> tuple[list[int], list[float]]:

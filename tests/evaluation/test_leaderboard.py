@@ -181,3 +181,21 @@ def test_end_to_end_two_tiny_runs(tiny_bert, tmp_path):
     assert sorted(r["label"] for r in data["rows"]) == ["ia3", "lora"]
     assert all(r["adapter_bytes"] > 0 and r["trainable_params"] > 0 for r in data["rows"])
     assert (tmp_path / "sweep" / "leaderboard" / "loss_curves.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_score_vs_params_labels_never_overlap():
+    """Methods that sit close on the plot (as on CoLA and SST-2: diablo, hydra_lora, pfeiffer,
+    houlsby within a point and a factor of 4 in size) get labels whose boxes do not intersect."""
+    near = [("diablo", 155138, 55.04), ("hydra_lora", 215810, 56.04), ("pfeiffer", 347970, 55.36),
+            ("houlsby", 645570, 55.10), ("oft", 78146, 55.83), ("lora", 80642, 57.03), ("dora", 85634, 57.77),
+            ("houlsby m=48", 490000, 55.15), ("lora r=16", 161282, 57.1)]
+    board = {"rows": [{"label": n, "trainable_params": p, "average": a} for n, p, a in near]}
+    fig = leaderboard.score_vs_params_figure(board)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts]
+    assert len(boxes) == len(near)
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), "two labels overlap"
+    axes_box = fig.axes[0].get_window_extent(renderer)
+    assert all(axes_box.x0 <= b.x0 and b.x1 <= axes_box.x1 and axes_box.y0 <= b.y0 and b.y1 <= axes_box.y1 for b in boxes)
