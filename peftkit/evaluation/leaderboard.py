@@ -1,7 +1,9 @@
 """`peftkit report`: compare many runs in one leaderboard (Markdown, CSV, JSON, HTML, plots).
 
 A row is a method configuration (method name plus the hyperparameters that differ between runs),
-a column a task; a cell is the mean ± std of the task score over that configuration's seeds.
+a column a task; a cell is the mean ± std of the task score over that configuration's seeds: a run's
+held-out test score where it has one (dataset.test_file), else its dev score, marked `*` when the
+same dev split chose the run's kept step (trainer.keep_best), which makes it optimistic.
 """
 
 from __future__ import annotations
@@ -42,6 +44,20 @@ class Run:
     @property
     def task(self) -> str:
         return str(self.report.get("task") or self.report.get("dataset") or "?")
+
+    @property
+    def on_test(self) -> bool:
+        return isinstance(self.report.get("test_score"), (int, float))
+
+    @property
+    def score(self) -> float:
+        """What the leaderboard counts: the held-out test score where the run has one, else the dev score."""
+        return float(self.report["test_score"] if self.on_test else self.report["score"])
+
+    @property
+    def optimistic(self) -> bool:
+        """A dev score measured on the split that chose the kept step."""
+        return not self.on_test and bool(self.report.get("selected_on"))
 
 
 @dataclass
@@ -100,6 +116,10 @@ def read_run(run_dir: Path) -> Run:
         report = {**report, "status": "failed", "error": f"unreadable config.yaml: {' '.join(str(e).split())}"}
     if report.get("error", "").startswith("unreadable"):
         print(f"peftkit: warning: {run_dir}: {report['error']}; listed as failed", file=sys.stderr)
+    elif "selected_on" not in report:  # a report written before reports said how their step was chosen
+        from peftkit.evaluation.report import selection
+
+        report = {**report, **selection(run_dir, report)}
     adapter = run_dir / "adapter"
     size = sum(p.stat().st_size for p in adapter.rglob("*") if p.is_file()) if adapter.is_dir() else 0
     return Run(run_dir, report, config, size)
@@ -179,7 +199,7 @@ def build_rows(runs: list[Run]) -> list[Row]:
 
 def _average_key(row: Row) -> float:
     """Best average first: a leaderboard reads top-down."""
-    means = [statistics.fmean(r.report["score"] for r in rs) for rs in row.runs.values()]
+    means = [statistics.fmean(r.score for r in rs) for rs in row.runs.values()]
     return -statistics.fmean(means)
 
 
@@ -211,8 +231,9 @@ def row_record(row: Row, tasks: list[str]) -> dict:
         runs = row.runs.get(task)
         if not runs:
             continue
-        m, s = mean_std([float(r.report["score"]) for r in runs])
-        cells[task] = {"mean": m, "std": s, "n": len(runs), "runs": [str(r.dir) for r in runs]}
+        m, s = mean_std([r.score for r in runs])
+        cells[task] = {"mean": m, "std": s, "n": len(runs), "runs": [str(r.dir) for r in runs],
+                       "on_test": sum(r.on_test for r in runs), "optimistic": sum(r.optimistic for r in runs)}
         losses = [x for x in map(lm_dev_loss, runs) if x is not None]
         if losses:  # a causal LM's reply scores sit at the floor long before its loss stops falling
             cells[task]["loss"] = statistics.fmean(losses)
@@ -233,18 +254,37 @@ def row_record(row: Row, tasks: list[str]) -> dict:
 
 
 def best_runs(runs: list[Run]) -> dict[str, dict]:
-    """The highest-scoring finished run per task: the one to ship or re-evaluate."""
+    """The highest-scoring finished run per task: the one to ship or re-evaluate. Chosen on the dev
+    score, never the test score (choosing on it would make the test score a dev score too)."""
     best: dict[str, Run] = {}
     for r in runs:
         if not r.failed and (r.task not in best or r.report["score"] > best[r.task].report["score"]):
             best[r.task] = r
     return {t: {"label": r.label, "score": r.report["score"], "seed": r.report.get("seed"), "dir": str(r.dir),
-                "dataset": r.report.get("dataset")} for t, r in sorted(best.items())}
+                "dataset": r.report.get("dataset"), **({"test_score": r.score} if r.on_test else {})}
+            for t, r in sorted(best.items())}
+
+
+def warn_mixed_data(runs: list[Run]) -> None:
+    """A task column averages its runs as seeds of one task: runs on different train files under one
+    task name (every train.tsv was task `train` before dataset.task_name) get a warning."""
+    files: dict[str, set] = {}
+    for r in runs:
+        f = (r.config.get("dataset") or {}).get("train_file")
+        if not r.failed and not r.multitask and f:
+            files.setdefault(r.task, set()).add(str(f))
+    for task, fs in sorted(files.items()):
+        if len(fs) > 1:
+            shown = sorted(fs)
+            print(f"peftkit: warning: task '{task}' holds runs on {len(fs)} different train files ({', '.join(shown[:3])}"
+                  f"{', ...' if len(fs) > 3 else ''}), averaged as one task; train each with its own dataset.task_name=NAME",
+                  file=sys.stderr)
 
 
 def collect(dirs: list[Path]) -> dict:
     """The whole leaderboard as plain data: what every writer below renders."""
     runs = find_runs([Path(d) for d in dirs])
+    warn_mixed_data(runs)
     label_runs(runs)
     rows = build_rows(runs)
     tasks = sorted({r.task for r in runs if not r.failed})
@@ -275,7 +315,16 @@ def fmt_cell(cell: dict | None) -> str:
     if not cell:
         return "–"
     text = f"{cell['mean']:.2f}" + (f" ± {cell['std']:.2f}" if cell["std"] is not None else "")
-    return text + (f" (loss {cell['loss']:.3f})" if "loss" in cell else "")
+    return text + (f" (loss {cell['loss']:.3f})" if "loss" in cell else "") + (" *" if cell.get("optimistic") else "")
+
+
+SCORED = "A run with a held-out test file (dataset.test_file) counts with its test score, not its dev score."
+OPTIMISTIC = ("* a dev score of the step chosen on that same dev split (trainer.keep_best), so optimistic; "
+              "a held-out test file (dataset.test_file) gives an unbiased score.")
+
+
+def any_optimistic(board: dict) -> bool:
+    return any(c.get("optimistic") for r in board["rows"] for c in r["scores"].values())
 
 
 def _num(v, spec: str, suffix: str = "") -> str:
@@ -297,10 +346,12 @@ def table(board: dict) -> tuple[list[str], list[list[str]]]:
 
 def to_markdown(board: dict) -> str:
     header, body = table(board)
-    lines = ["# Leaderboard", "", "Task scores: mean ± std over seeds (sample std). Causal-LM tasks: the mean reply "
+    lines = ["# Leaderboard", "", "Task scores: mean ± std over seeds (sample std). " + SCORED + " Causal-LM tasks: the mean reply "
              "metric (exact match, answer accuracy, ...), with the mean dev response-token loss in brackets.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
+    if any_optimistic(board):
+        lines += ["", "\\" + OPTIMISTIC]
     if board["failed"]:
         lines += ["", "## Failed runs", ""] + [f"- `{f['dir']}` ({f['label']}): {f['status']}: {f['error']}" for f in board["failed"]]
     return "\n".join(lines) + "\n"
@@ -308,8 +359,12 @@ def to_markdown(board: dict) -> str:
 
 def best_markdown(board: dict) -> str:
     lines = ["# Best run per task", "", "| task | method | score | seed | run |", "|---|---|---|---|---|"]
-    lines += [f"| {t} | {b['label']} | {b['score']:.2f} | {b['seed']} | `{b['dir']}` |" for t, b in board["best"].items()]
+    lines += [f"| {t} | {b['label']} | {b['score']:.2f}{_test_note(b)} | {b['seed']} | `{b['dir']}` |" for t, b in board["best"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _test_note(best: dict) -> str:
+    return f" (test {best['test_score']:.2f})" if "test_score" in best else ""
 
 
 def to_csv(board: dict) -> str:
@@ -338,17 +393,56 @@ def to_json(board: dict) -> str:
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 10px;text-align:right}
-th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}tr:nth-child(even){background:#fafafa}
+th{background:#f0f0f0;cursor:pointer}th[data-sorted=asc]::after{content:" ▲"}th[data-sorted=desc]::after{content:" ▼"}td:first-child,th:first-child{text-align:left}tr:nth-child(even){background:#fafafa}
 img{max-width:100%;margin:1em 0;border:1px solid #eee}.failed{color:#b00}"""
 
 
+SORT_JS = """
+function sortTable(col, asc) {
+  const table = document.getElementById('leaderboard'), body = table.tBodies[0];
+  const key = tr => { const v = tr.cells[col].dataset.v; return v === '' ? null : (isNaN(v) ? v : Number(v)); };
+  const rows = Array.from(body.rows);
+  rows.sort((a, b) => { const x = key(a), y = key(b);
+    if (x === null || y === null) return (x === null) - (y === null);  // empty cells last, either way
+    return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1); });
+  rows.forEach(r => body.appendChild(r));
+  Array.from(table.tHead.rows[0].cells).forEach((th, i) => th.dataset.sorted = i === col ? (asc ? 'asc' : 'desc') : '');
+  history.replaceState(null, '', '#sort=' + encodeURIComponent(table.tHead.rows[0].cells[col].textContent) + (asc ? ':asc' : ''));
+}
+document.addEventListener('DOMContentLoaded', () => {
+  const heads = Array.from(document.getElementById('leaderboard').tHead.rows[0].cells);
+  heads.forEach((th, i) => th.addEventListener('click', () => sortTable(i, i === 0 ? th.dataset.sorted !== 'asc' : th.dataset.sorted === 'desc')));
+  const m = decodeURIComponent(location.hash).match(/^#sort=([^:]+)(:asc)?$/);  // a shared link keeps its order
+  const col = m ? heads.findIndex(th => th.textContent === m[1]) : -1;
+  if (col >= 0) sortTable(col, !!m[2]);
+});
+window.addEventListener('load', () => {  // a plot that did not load is said, not left as a blank box
+  const broken = Array.from(document.images).filter(img => !img.complete || img.naturalWidth === 0);
+  if (broken.length) document.getElementById('warnings').textContent = 'plots that did not load: ' + broken.map(i => i.alt).join(', ');
+});
+"""
+
+
+def sort_values(board: dict) -> list[list]:
+    """Each displayed row's cells as the numbers they show (score means, parameters, bytes, seconds,
+    MB), for sorting in the page: '2.9 KB' must sort above '850 B'."""
+    out = []
+    for r in board["rows"]:
+        scores = [(r["scores"].get(t) or {}).get("mean") for t in board["tasks"]]
+        out.append([r["label"], *scores, r["average"], r["trainable_params"], r["adapter_bytes"], r["train_time_s"], r["peak_rss_mb"]])
+    return out
+
+
 def to_html(board: dict, images: dict[str, bytes]) -> str:
-    """One self-contained page: inline CSS, the table, plots as base64 data URIs (no external assets)."""
+    """One self-contained page (inline CSS and script, plots as base64 data URIs, no external assets):
+    the leaderboard first (click a column to sort; `#sort=avg` in the address keeps an order),
+    then the plots, the best run per task and the failed runs."""
     from html import escape
 
     header, body = table(board)
-    th = "".join(f"<th>{escape(h)}</th>" for h in header)
-    trs = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    th = "".join(f"<th title='click to sort'>{escape(h)}</th>" for h in header)
+    trs = "".join("<tr>" + "".join(f'<td data-v="{escape("" if v is None else str(v))}">{escape(c)}</td>' for c, v in zip(row, keys))
+                  + "</tr>" for row, keys in zip(body, sort_values(board)))
     best = "".join(f"<tr><td>{escape(t)}</td><td>{escape(b['label'])}</td><td>{b['score']:.2f}</td>"
                    f"<td>{escape(b['dir'])}</td></tr>" for t, b in board["best"].items())
     imgs = "".join(f'<h2>{escape(name)}</h2><img alt="{escape(name)}" src="data:image/png;base64,'
@@ -356,10 +450,11 @@ def to_html(board: dict, images: dict[str, bytes]) -> str:
     failed = "".join(f'<li class="failed">{escape(f["dir"])}: {escape(f["status"])}: {escape(str(f["error"]))}</li>'
                      for f in board["failed"])
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>peftkit leaderboard</title>"
-            f"<style>{CSS}</style></head><body><h1>Leaderboard</h1><p>Task scores: mean ± std over seeds.</p>"
-            f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+            f"<style>{CSS}</style><script>{SORT_JS}</script></head><body><h1>Leaderboard</h1>"
+            f"<p>Task scores: mean ± std over seeds. Click a column to sort.</p><p id='warnings' class='failed'></p>"
+            f"<table id='leaderboard'><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>{imgs}"
             f"<h2>Best run per task</h2><table><tr><th>task</th><th>method</th><th>score</th><th>run</th></tr>{best}</table>"
-            + (f"<h2>Failed runs</h2><ul>{failed}</ul>" if failed else "") + f"{imgs}</body></html>\n")
+            + (f"<h2>Failed runs</h2><ul>{failed}</ul>" if failed else "") + "</body></html>\n")
 
 
 # ------------------------------------------------------------------------------------------ plots
@@ -507,6 +602,8 @@ def print_table(board: dict) -> None:
         t.add_row(*row)
     console = Console()
     console.print(t)
+    if any_optimistic(board):
+        console.print(escape(OPTIMISTIC), highlight=False)
     for f in board["failed"]:
         console.print(f"[red]{f['status']}[/red] {escape(f['dir'])}: {escape(str(f['error']))}", highlight=False)
 

@@ -126,7 +126,7 @@ def test_writes_every_format(sweep, tmp_path):
     html = (out / "leaderboard.html").read_text()
     assert "<table>" in html and "<td>81.00 ± 1.41</td>" in html and "<style>" in html
     assert html.count("data:image/png;base64,") == 2
-    assert "http://" not in html and "https://" not in html and "<link" not in html and "<script" not in html
+    assert "http://" not in html and "https://" not in html and "<link" not in html and "<script src" not in html  # self-contained
     for png in ("loss_curves.png", "score_vs_params.png"):
         assert (out / png).read_bytes().startswith(PNG_MAGIC)
 
