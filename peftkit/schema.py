@@ -91,17 +91,39 @@ class QuickstartData(_Data):
     split_seed: Seed
 
 
+Column = str | Annotated[int, Field(ge=0)]  # a name, or an index (0, 1, ...) in a file without a header row
+
+
 class LocalData(_Data):
     train_file: Path_ | None = Field(description="the path of a csv, tsv, json, jsonl or parquet file")
     dev_file: Path_ | None = Field(None, description="the path of a data file, or null to carve dev out of train")
+    test_file: Path_ | None = Field(None, description="the path of a labelled data file held out from choosing the step, or null")
     dev_fraction: float = Field(gt=0, lt=1, description="a fraction in (0, 1), e.g. 0.1")
     split_seed: Seed
-    text_fields: list[str] = Field(min_length=1, max_length=2, description="a list of one or two column names, e.g. [text] or [question,passage]")
-    label_field: str
+    header: bool = True
+    task_name: Annotated[str, Field(pattern=r"^[^/\s]+$")] | None = Field(
+        None, description="a name without spaces or '/', e.g. sst2, or null for one from the train file's name or folder")
+    text_fields: list[Column] = Field(min_length=1, max_length=2, description="a list of one or two column names, e.g. [text] or "
+                                                                              "[question,passage] (indexes from 0 with dataset.header=false)")
+    label_field: Column = Field(description="a column name, e.g. label, or its index from 0 with dataset.header=false")
     label_names: list[str | int] | None = None
     regression: bool
-    id_field: str | None = None
+    id_field: Column | None = Field(None, description="a column name (an index from 0 with dataset.header=false), or null")
     metrics: list[Literal["accuracy", "f1", "matthews"]] = Field(min_length=1, description="a list of accuracy, f1, matthews")
+
+
+def check_local_columns(d: dict) -> None:
+    """Columns by name in a file with a header row, by index (0, 1, ...) in one without (dataset.header=false)."""
+    header = d.get("header", True)
+    for key in ("text_fields", "label_field", "id_field"):
+        value = d.get(key)
+        items = value if isinstance(value, list) else [value]
+        if header and any(isinstance(v, int) for v in items):
+            raise UserError(f"dataset.{key}={_show(value)}: a column index needs dataset.header=false (a CSV/TSV without a header "
+                            f"row); add dataset.header=false, or name the column, e.g. dataset.{key}={'[text]' if key == 'text_fields' else 'label'}")
+        if not header and any(isinstance(v, str) for v in items):
+            raise UserError(f"dataset.{key}={_show(value)}: with dataset.header=false the columns have no names; give indexes "
+                            f"from 0, e.g. dataset.{key}={'[1]' if key == 'text_fields' else 0}, or set dataset.header=true")
 
 
 class MultiTaskData(Section):
@@ -194,6 +216,8 @@ def check_run(cfg: dict) -> None:
     if kind not in DATASETS:
         raise UserError(f"dataset.name={cfg['dataset'].get('name')}: unknown dataset kind; choose one of: {', '.join(DATASETS)}")
     validate(DATASETS[kind], cfg["dataset"], "dataset")
+    if kind == "local":
+        check_local_columns(cfg["dataset"])
     from peftkit import methods, tasks
 
     methods.build(cfg["method"])

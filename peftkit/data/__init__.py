@@ -42,6 +42,11 @@ class TaskData:
         return [s for s in self.splits if s.startswith("validation")]
 
     @property
+    def held_out_splits(self) -> list[str]:
+        """Labelled test splits (`dataset.test_file`): scored beside the eval splits, never in the score that picks a step."""
+        return [s for s, split in self.splits.items() if s.startswith("test") and split.labels is not None]
+
+    @property
     def problem_type(self) -> str:
         return "regression" if self.label_names is None else "single_label_classification"
 

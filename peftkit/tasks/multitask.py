@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from peftkit import backbone, config
-from peftkit.data import TaskData
+from peftkit.data import TaskData, local
 from peftkit.data.batching import Encoded, train_batches
 from peftkit.errors import UserError
 from peftkit.evaluation.scoring import score
@@ -81,7 +81,11 @@ def task_configs(dataset_cfg: DictConfig) -> list[DictConfig]:
 def expand_config(dataset_cfg: DictConfig) -> None:
     """Names in `dataset.tasks` become the datasets' whole configs, so the run's config.yaml says
     everything about its data and `peftkit eval` needs no recipes dir."""
-    dataset_cfg.tasks = [OmegaConf.to_container(c, resolve=True) for c in task_configs(dataset_cfg)]
+    cfgs = task_configs(dataset_cfg)
+    for c in cfgs:  # a local file's task is named once, here: from another folder, eval would name it otherwise
+        if c.get("name") == "local" and c.get("train_file") and not c.get("task_name"):
+            c.task_name = local.task_name(c)
+    dataset_cfg.tasks = [OmegaConf.to_container(c, resolve=True) for c in cfgs]
 
 
 def load_data(dataset_cfg: DictConfig, splits: tuple[str, ...] = ("train", "validation")) -> MultiTaskData:

@@ -47,7 +47,7 @@ def test_one_text_field_every_format(tmp_path, ext):
     train = write(df, tmp_path / f"train.{ext}")
     dev = write(df.iloc[:5], tmp_path / f"dev.{ext}")
     d = data.load(local_cfg(train_file=str(train), dev_file=str(dev), text_fields=["review"], label_field="stars"))
-    assert d.name == "local" and d.task == "train"
+    assert d.name == "local" and d.task == tmp_path.name  # train.EXT says nothing of the task: its folder's name does
     assert d.label_names == ["neg", "pos"]  # inferred: sorted distinct labels of train
     assert d.metrics == ("accuracy",) and d.problem_type == "single_label_classification"
     tr = d.splits["train"]
@@ -240,3 +240,124 @@ def test_classification_metrics_are_kept(tmp_path):
     f = write(pd.DataFrame({"text": ["a", "b"], "label": ["x", "y"]}), tmp_path / "t.csv")
     d = data.load(local_cfg(train_file=str(f), dev_file=str(f), metrics=["f1", "matthews"]))
     assert d.metrics == ("f1", "matthews")
+
+
+# ---- a CSV/TSV without a header row -------------------------------------------------------------------
+
+@pytest.mark.parametrize("ext, sep", [("tsv", "\t"), ("csv", ",")])
+def test_headerless_file_is_read_by_column_index(tmp_path, ext, sep):
+    rows = [("1", f"a fine film number {i}", f"id{i}") if i % 2 else ("0", f"a dull film number {i}", f"id{i}") for i in range(6)]
+    f = tmp_path / f"sst.{ext}"
+    f.write_text("".join(sep.join(r) + "\n" for r in rows))
+    d = data.load(local_cfg(train_file=str(f), dev_file=str(f), header=False, text_fields=[1], label_field=0, id_field=2))
+    tr = d.splits["train"]
+    assert tr.text_a == [r[1] for r in rows]  # the first row is data, not column names
+    assert d.label_names == ["0", "1"] and tr.labels == [int(r[0]) for r in rows]
+    assert tr.ids == [r[2] for r in rows]
+
+
+def test_headerless_sentence_pairs_and_row_numbers_as_ids(tmp_path):
+    f = tmp_path / "pairs.tsv"
+    f.write_text("A man eats.\tSomeone eats.\tyes\nA dog runs.\tA cat sleeps.\tno\nIt rains.\tIt is wet.\tyes\n")
+    d = data.load(local_cfg(train_file=str(f), dev_file=str(f), header=False, text_fields=[0, 1], label_field=2))
+    tr = d.splits["train"]
+    assert tr.text_a == ["A man eats.", "A dog runs.", "It rains."] and tr.text_b == ["Someone eats.", "A cat sleeps.", "It is wet."]
+    assert tr.labels == [1, 0, 1] and tr.ids == [0, 1, 2]
+
+
+# ---- the task's name -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rel, expected", [
+    ("sst2/train.tsv", "sst2"),  # a split's name says nothing: the folder's does
+    ("sst2/dev.csv", "sst2"),
+    ("imdb/train-00000-of-00001.parquet", "imdb"),
+    ("data/Train.tsv.gz", "data"),
+    ("corpora/reviews.csv", "reviews"),  # a file's own name, when it has one
+    ("corpora/reviews.tsv.gz", "reviews"),
+])
+def test_task_name_from_the_file_or_its_folder(tmp_path, rel, expected):
+    from peftkit.data import local
+
+    assert local.task_name(local_cfg(train_file=str(tmp_path / rel))) == expected
+
+
+def test_task_name_of_a_split_file_in_the_current_folder_is_its_own(tmp_path, monkeypatch):
+    from peftkit.data import local
+
+    monkeypatch.chdir(tmp_path)  # the folder's name would be whatever folder the user happens to be in
+    assert local.task_name(local_cfg(train_file="train.tsv")) == "train"
+    assert local.task_name(local_cfg(train_file=str(tmp_path / "train.tsv"))) == "train"  # absolute, as train passes it
+    assert local.task_name(local_cfg(train_file="train.tsv", task_name="sentiment")) == "sentiment"
+
+
+def test_loaded_task_is_named_by_task_name(tmp_path):
+    (tmp_path / "sst2").mkdir()
+    f = write(pd.DataFrame({"text": ["a", "b", "c", "d"], "label": ["x", "y", "x", "y"]}), tmp_path / "sst2" / "train.csv")
+    assert data.load(local_cfg(train_file=str(f), dev_file=str(f))).task == "sst2"
+    assert data.load(local_cfg(train_file=str(f), dev_file=str(f), task_name="mine")).task == "mine"
+
+
+# ---- a held-out test file --------------------------------------------------------------------------------
+
+def test_test_file_is_a_labelled_split_beside_validation(tmp_path):
+    df = reviews(30)
+    train = write(df, tmp_path / "train.csv")
+    test = write(pd.DataFrame({"review": [f"held out {i}" for i in range(9)], "stars": ["pos"] * 6 + ["neg"] * 3}), tmp_path / "test.jsonl")
+    d = data.load(local_cfg(train_file=str(train), test_file=str(test), text_fields=["review"], label_field="stars", max_eval_samples=2))
+    assert d.eval_splits == ["validation"] and d.held_out_splits == ["test"]  # scored, but never in the score that picks a step
+    assert d.splits["test"].labels == [1] * 6 + [0] * 3 and d.splits["test"].text_a[0] == "held out 0"
+    assert len(d.splits["validation"]) == 2 and len(d.splits["test"]) == 9  # scored in full
+    assert set(d.splits["test"].text_a).isdisjoint(d.splits["train"].text_a + d.splits["validation"].text_a)
+
+
+@pytest.mark.parametrize("same_as", ["train_file", "dev_file"])
+def test_test_file_may_not_be_the_train_or_dev_file(tmp_path, same_as):
+    f = write(reviews(10), tmp_path / "all.csv")
+    dev = write(reviews(4), tmp_path / "dev.csv")
+    paths = {"train_file": str(f), "dev_file": str(dev)}
+    with pytest.raises(UserError) as e:
+        data.load(local_cfg(**paths, test_file=paths[same_as].replace(str(tmp_path), str(tmp_path / ".")),
+                            text_fields=["review"], label_field="stars"))
+    assert f"is also dataset.{same_as}" in str(e.value) and "separate labelled file" in str(e.value)
+
+
+def test_test_file_labels_must_be_known_classes(tmp_path):
+    train = write(reviews(20), tmp_path / "train.csv")
+    test = write(pd.DataFrame({"review": ["a", "b"], "stars": ["pos", "meh"]}), tmp_path / "test.csv")
+    with pytest.raises(UserError, match=r"test\.csv: row 2: label 'meh' is not one of \['neg', 'pos'\]"):
+        data.load(local_cfg(train_file=str(train), test_file=str(test), text_fields=["review"], label_field="stars"))
+
+
+# ---- the schema: names with a header row, indexes without ----------------------------------------------
+
+@pytest.mark.parametrize("overrides, needles", [
+    (["dataset.text_fields=[1]", "dataset.label_field=0"], ["dataset.text_fields=[1]", "needs dataset.header=false"]),
+    (["dataset.label_field=0"], ["dataset.label_field=0", "needs dataset.header=false", "dataset.label_field=label"]),
+    (["dataset.header=false", "dataset.label_field=0"], ["dataset.text_fields=[text]", "header=false", "dataset.text_fields=[1]"]),
+    (["dataset.header=false", "dataset.text_fields=[1]"], ["dataset.label_field=label", "dataset.label_field=0"]),
+    (["dataset.header=false", "dataset.text_fields=[1]", "dataset.label_field=0", "dataset.id_field=uid"], ["dataset.id_field=uid"]),
+    (["dataset.header=false", "dataset.text_fields=[1]", "dataset.label_field=-1"], ["dataset.label_field=-1", "index from 0"]),
+    (["dataset.header=no"], ["dataset.header=no", "true or false"]),
+    (["dataset.task_name=glue/sst2"], ["dataset.task_name=glue/sst2", "without spaces or '/'"]),
+    (["dataset.task_name=''"], ["dataset.task_name=''"]),
+    (["dataset.test_file=''"], ["dataset.test_file=''", "labelled data file"]),
+])
+def test_schema_refuses_columns_that_do_not_fit_the_header_setting(overrides, needles):
+    from peftkit import config
+
+    cfg = config.compose("quickstart", ["dataset=local", "dataset.train_file=reviews.csv", *overrides])
+    with pytest.raises(UserError) as e:
+        config.validate(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for n in needles:
+        assert n in msg, msg
+
+
+def test_schema_takes_indexes_with_header_false(tmp_path):
+    from peftkit import config
+
+    cfg = config.compose("quickstart", ["dataset=local", "dataset.train_file=reviews.tsv", "dataset.header=false",
+                                        "dataset.text_fields=[1,2]", "dataset.label_field=0", "dataset.id_field=3",
+                                        "dataset.task_name=sst2", f"dataset.test_file={tmp_path / 'test.tsv'}"])
+    config.validate(cfg)

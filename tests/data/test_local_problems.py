@@ -27,6 +27,15 @@ def labelled(n: int, classes=("neg", "pos")) -> list[str]:
     return [f"text {i},{classes[i % len(classes)]}" for i in range(n)]
 
 
+def sentences(n: int, label_first: bool = True) -> list[str]:
+    """n headerless CSV rows of a 0/1 label and a sentence (SST-2's `label<TAB>sentence` with sep='\\t')."""
+    rows = [(str(i % 2), f"the film number {i} is {'a delight' if i % 2 else 'a slog'}") for i in range(n)]
+    return [",".join(r if label_first else r[::-1]) for r in rows]
+
+
+HEADERLESS = {"header": False, "text_fields": [1], "label_field": 0}
+
+
 # name: (files, config fields, substrings of the one-line error)
 ERRORS = {
     "empty csv (0 bytes)": ({"t.csv": ""}, {}, ["t.csv is empty", "dataset.train_file"]),
@@ -86,6 +95,41 @@ ERRORS = {
                               ["dev.csv: row 1: regression label '-inf' is not a finite number"]),
     "regression inf parquet": ({"t.parquet": pd.DataFrame({"text": ["a", "b", "c"], "label": [0.5, 1.0, np.inf]})},
                                {"regression": True, "dev_fraction": 0.4}, ["row 3: regression label inf is not a finite number"]),
+    # a file without a header row, read as if it had one: say so, with the settings that read it
+    "headerless tsv, number label first": ({"t.tsv": csv(*sentences(10), sep="\t")}, {},
+                                           ["t.tsv: missing column(s) ['text', 'label']", "its first row looks like data, not column names",
+                                            "'0' is a number", "read it with dataset.header=false dataset.text_fields=[1] dataset.label_field=0"]),
+    "headerless csv, word label last": ({"t.csv": csv(*[f"{'great' if i % 2 else 'dull'} film {i},{'pos' if i % 2 else 'neg'}" for i in range(10)])},
+                                        {}, ["its first row looks like data", "'neg' is also a value in its column",
+                                             "dataset.header=false dataset.text_fields=[0] dataset.label_field=1"]),
+    "headerless csv, a declared label first": ({"t.csv": csv("neg,dull", "pos,fine", "neg,bad")}, {"label_names": ["neg", "pos"]},
+                                               ["'neg' is one of dataset.label_names", "dataset.text_fields=[1] dataset.label_field=0"]),
+    "headerless tsv, a long sentence first": (
+        {"t.tsv": csv("a stirring and funny and finally transporting re-imagining,7", "dull,3", sep="\t")}, {"label_field": "score"},
+        ["missing column(s) ['text', 'score']", "'a stirring and funny and finally transpo'... is a sentence", "dataset.text_fields=[0] dataset.label_field=1"]),
+    "headerless tsv, sentence pairs": ({"t.tsv": csv("A man eats.,Someone is eating a meal.,1", "Dogs run.,Cats sleep all day.,0", sep="\t")},
+                                       {"text_fields": ["s1", "s2"]}, ["looks like data", "dataset.text_fields=[0,1] dataset.label_field=2"]),
+    "headerless dev file": ({"t.csv": csv("text,label", *labelled(6)), "dev.csv": csv(*sentences(4))}, {},
+                            ["dev.csv: missing column(s) ['text', 'label']; its first row looks like data"]),
+    # dataset.header=false
+    "label index out of range": ({"t.tsv": csv(*sentences(10), sep="\t")}, {**HEADERLESS, "label_field": 2},
+                                 ["t.tsv: dataset.label_field asks for column 2, but the file has 2 column(s)", "an index from 0 to 1"]),
+    "text index out of range in the dev file": ({"t.tsv": csv(*sentences(10), sep="\t"), "dev.tsv": csv("0", "1", sep="\t")}, HEADERLESS,
+                                                ["dev.tsv: dataset.text_fields asks for column 1, but the file has 1 column(s)"]),
+    "header=false on jsonl": ({"t.jsonl": jsonl(*[{"text": "a", "label": 1}] * 3)}, HEADERLESS,
+                              ["t.jsonl: dataset.header=false is for CSV/TSV files", "a jsonl file names its columns", "dataset.header=true"]),
+    "header=false, a long row": ({"t.tsv": csv("0,a", "1,b", "0,c,d", sep="\t")}, HEADERLESS,
+                                 ["t.tsv: line 3 has 3 fields, the first row 2", "quote a text that holds a tab"]),
+    "header=false, duplicate cells are data": ({"t.csv": csv("x,x", "y,y")}, {**HEADERLESS, "dev_fraction": 0.5},
+                                               ["the train split has one class only, 'y'"]),
+    # dataset.test_file
+    "test file not found": ({"t.csv": csv("text,label", *labelled(6))}, {"test_file": "nope/test.csv"},
+                            ["nope/test.csv not found", "dataset.test_file=PATH"]),
+    "test file without labels": ({"t.csv": csv("text,label", *labelled(6)), "test.csv": csv("text,label", "a,", "b,")}, {},
+                                 ["test.csv: no usable rows: all 2", "2 with an empty label in 'label'"]),
+    "test file without the label column": ({"t.csv": csv("text,label", *labelled(6)), "test.csv": csv("text,gold", "a,pos")}, {},
+                                           ["test.csv: missing column(s) ['label']"]),
+    "empty test file": ({"t.csv": csv("text,label", *labelled(6)), "test.csv": ""}, {}, ["test.csv is empty", "dataset.test_file"]),
 }
 
 # name: (files, config fields, (train rows, dev rows), substrings of the one warning, or None for no warning)
@@ -111,11 +155,16 @@ LOADS = {
         ["dropped 2 of 5 rows (1 with an empty text in ['text'], 1 with an empty label in 'label'; the first is row 2)"]),
     "blank labels in regression dropped": ({"t.csv": csv("text,label", "a,0.5", "b,", "c,3", "d,2")}, {"regression": True}, (2, 1),
                                            ["1 with an empty label"]),
+    "headerless tsv": ({"t.tsv": csv(*sentences(20), sep="\t")}, HEADERLESS, (18, 2), None),
+    "headerless csv, label last": ({"t.csv": csv(*sentences(20, label_first=False))}, {**HEADERLESS, "text_fields": [0], "label_field": 1},
+                                   (18, 2), None),
+    "headerless, a short row dropped": ({"t.csv": csv(*sentences(10), "1")}, HEADERLESS, (9, 1),
+                                        ["t.csv: dropped 1 of 11 rows (1 with an empty text in [1]; the first is row 11)"]),
 }
 
 
 def write_files(tmp_path, files: dict) -> dict:
-    """Write the files; the first is the train file, one named dev.* the dev file."""
+    """Write the files; the first is the train file, one named dev.* the dev file, one named test.* the test file."""
     fields = {}
     for name, content in files.items():
         path = tmp_path / name
@@ -123,7 +172,7 @@ def write_files(tmp_path, files: dict) -> dict:
             content.to_parquet(path, index=False)
         else:
             path.write_text(content)
-        fields["dev_file" if name.startswith("dev.") else "train_file"] = str(path)
+        fields[{"dev": "dev_file", "test": "test_file"}.get(name.split(".")[0], "train_file")] = str(path)
     return fields
 
 
@@ -179,3 +228,27 @@ def test_null_json_labels_keep_integer_class_names(tmp_path):
     assert d.splits["train"].labels == [1, 0]  # 1.0 (read as float beside the null) is still class 1
     d = local.load(local_cfg(**fields), ("train", "validation"))
     assert d.label_names == ["0", "1"]
+
+
+@pytest.mark.parametrize("header, needle", [
+    ("text,lbl", "columns are ['text', 'lbl']"),  # a typo in a real header: no talk of data
+    ("review,stars", "columns are ['review', 'stars']"),
+])
+def test_a_real_header_is_not_taken_for_data(tmp_path, header, needle):
+    fields = write_files(tmp_path, {"t.csv": csv(header, *labelled(10))})
+    with pytest.raises(UserError) as e:
+        local.load(local_cfg(**fields), ("train", "validation"))
+    assert needle in str(e.value) and "looks like data" not in str(e.value)
+
+
+def test_a_suggested_headerless_reading_loads(tmp_path):
+    """The settings the error suggests read the file: every row, the first included."""
+    import re
+
+    fields = write_files(tmp_path, {"t.tsv": csv(*sentences(20), sep="\t")})
+    with pytest.raises(UserError) as e:
+        local.load(local_cfg(**fields), ("train", "validation"))
+    m = re.search(r"dataset\.header=false dataset\.text_fields=\[(\d)\] dataset\.label_field=(\d)", str(e.value))
+    d = local.load(local_cfg(**fields, header=False, text_fields=[int(m[1])], label_field=int(m[2]), dev_fraction=0.5), ("train", "validation"))
+    texts = d.splits["train"].text_a + d.splits["validation"].text_a
+    assert sorted(texts) == sorted(r.split(",")[1] for r in sentences(20)) and d.label_names == ["0", "1"]
