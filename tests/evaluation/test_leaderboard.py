@@ -124,7 +124,7 @@ def test_writes_every_format(sweep, tmp_path):
     best_md = (out / "best_runs.md").read_text()
     assert "| rte | lora | 64.00 |" in best_md and "| mrpc | lora | 82.00 |" in best_md
     html = (out / "leaderboard.html").read_text()
-    assert "<table>" in html and "<td>81.00 ± 1.41</td>" in html and "<style>" in html
+    assert "<table id='leaderboard'>" in html and '<td data-v="81.0">81.00 ± 1.41</td>' in html and "<style>" in html
     assert html.count("data:image/png;base64,") == 2
     assert "http://" not in html and "https://" not in html and "<link" not in html and "<script src" not in html  # self-contained
     for png in ("loss_curves.png", "score_vs_params.png"):
@@ -199,3 +199,45 @@ def test_score_vs_params_labels_never_overlap():
             assert not a.overlaps(b), "two labels overlap"
     axes_box = fig.axes[0].get_window_extent(renderer)
     assert all(axes_box.x0 <= b.x0 and b.x1 <= axes_box.x1 and axes_box.y0 <= b.y0 and b.y1 <= axes_box.y1 for b in boxes)
+
+
+# ---- dev scores that chose their step, held-out test scores ----------------------------------------------
+
+def test_an_old_report_is_marked_when_its_dev_split_chose_its_step(tmp_path):
+    """Reports written before `selected_on`: the run's config (keep_best) and log (several evaluations) say it."""
+    for i, (keep_best, evals) in enumerate(((True, (2, 4)), (True, (4,)), (False, (2, 4)))):
+        d = make_run(tmp_path / str(i), METHODS["lora"], f"t{i}", 0, 60.0)
+        cfg = OmegaConf.load(d / "config.yaml")
+        cfg.trainer.keep_best = keep_best
+        OmegaConf.save(cfg, d / "config.yaml")
+        (d / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "eval": {}, "score": 60.0}) + "\n" for s in evals))
+    board = leaderboard.collect([tmp_path])
+    assert [board["rows"][0]["scores"][t]["optimistic"] for t in ("t0", "t1", "t2")] == [1, 0, 0]
+    md = leaderboard.to_markdown(board)
+    assert "| 60.00 * | 60.00 | 60.00 |" in md and "\\* a dev score of the step chosen on that same dev split" in md
+
+
+def test_a_test_score_counts_where_a_run_has_one(tmp_path):
+    for seed, test in ((0, 50.0), (1, None)):
+        d = make_run(tmp_path / str(seed), METHODS["lora"], "rte", seed, 60.0 + seed)
+        r = json.loads((d / "eval" / "report.json").read_text())
+        r["selected_on"] = "validation"
+        if test is not None:
+            r.update(test_score=test, metrics={**r["metrics"], "test": {"accuracy": test}})
+        (d / "eval" / "report.json").write_text(json.dumps(r))
+    cell = leaderboard.collect([tmp_path])["rows"][0]["scores"]["rte"]
+    assert cell["mean"] == pytest.approx((50.0 + 61.0) / 2) and (cell["on_test"], cell["optimistic"]) == (1, 1)
+    best = leaderboard.collect([tmp_path])["best"]["rte"]
+    assert best["score"] == 61.0 and "test_score" not in best  # the best run is chosen on its dev score
+
+
+def test_one_task_name_over_different_train_files_is_a_warning(tmp_path, capsys):
+    for i, folder in enumerate(("a", "b", "a")):
+        d = make_run(tmp_path / str(i), METHODS["lora"], "train", i, 60.0)
+        cfg = OmegaConf.load(d / "config.yaml")
+        cfg.dataset = {"name": "local", "train_file": f"/data/{folder}/train.tsv"}
+        OmegaConf.save(cfg, d / "config.yaml")
+    leaderboard.collect([tmp_path])
+    err = capsys.readouterr().err
+    assert err.count("peftkit: warning:") == 1
+    assert "task 'train' holds runs on 2 different train files (/data/a/train.tsv, /data/b/train.tsv)" in err and "dataset.task_name" in err
