@@ -345,6 +345,8 @@ class ReportFile(BaseModel):
     task: str | None = None
     metrics: dict[str, dict[str, float | None]] | None = None
     score: float | None = None
+    selected_on: str | None = None
+    test_score: float | None = None
     trainable_params: int | None = None
     total_params: int | None = None
 

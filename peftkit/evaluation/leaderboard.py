@@ -451,8 +451,9 @@ def to_html(board: dict, images: dict[str, bytes]) -> str:
                      for f in board["failed"])
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>peftkit leaderboard</title>"
             f"<style>{CSS}</style><script>{SORT_JS}</script></head><body><h1>Leaderboard</h1>"
-            f"<p>Task scores: mean ± std over seeds. Click a column to sort.</p><p id='warnings' class='failed'></p>"
-            f"<table id='leaderboard'><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>{imgs}"
+            f"<p>Task scores: mean ± std over seeds. {escape(SCORED)} Click a column to sort.</p><p id='warnings' class='failed'></p>"
+            f"<table id='leaderboard'><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+            + (f"<p>{escape(OPTIMISTIC)}</p>" if any_optimistic(board) else "") + f"{imgs}"
             f"<h2>Best run per task</h2><table><tr><th>task</th><th>method</th><th>score</th><th>run</th></tr>{best}</table>"
             + (f"<h2>Failed runs</h2><ul>{failed}</ul>" if failed else "") + "</body></html>\n")
 

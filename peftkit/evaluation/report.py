@@ -2,16 +2,55 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from peftkit.files import atomic_write_json, atomic_write_text
 
 
-
 def write(run_dir: Path, report: dict) -> None:
+    report = {**report, **selection(run_dir, report)}
     out = Path(run_dir) / "eval"
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", to_markdown(report))
+
+
+def selection(run_dir: Path, r: dict) -> dict:
+    """How far to trust a report's score. `selected_on`: the split whose score chose the kept step among
+    several evaluations (trainer.keep_best), so that score is optimistic; null when nothing was chosen
+    (one evaluation, or keep_best=false: the last step); absent when the run folder has no config.yaml.
+    `test_score`: the mean of the held-out test split's metrics (dataset.test_file), which chose nothing."""
+    from peftkit.evaluation.metrics import task_score
+
+    out = {}
+    test = None if r.get("task_scores") else (r.get("metrics") or {}).get("test")  # multi-task: keys are tasks
+    if isinstance(test, dict) and test and all(isinstance(v, (int, float)) for v in test.values()):
+        out["test_score"] = task_score({"test": test})
+    try:
+        from omegaconf import OmegaConf
+
+        keep_best = OmegaConf.load(Path(run_dir) / "config.yaml").trainer.keep_best is True
+    except Exception:  # no config (a merge's output) or not a run's: say nothing
+        return out
+    out["selected_on"] = "validation" if keep_best and len(eval_steps(run_dir)) > 1 else None
+    return out
+
+
+def eval_steps(run_dir: Path) -> set[int]:
+    """The steps whose evaluation could be kept (train_log.jsonl; step 0 is trainer.eval_before's base model)."""
+    steps = set()
+    try:
+        lines = (Path(run_dir) / "train_log.jsonl").read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError):
+        return steps
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short
+            continue
+        if isinstance(rec, dict) and "eval" in rec and isinstance(rec.get("step"), int) and rec["step"] > 0:
+            steps.add(rec["step"])
+    return steps
 
 
 def write_failed(run_dir: Path, cfg, error: str) -> None:
@@ -45,6 +84,16 @@ def to_markdown(r: dict) -> str:
                    f"{_num(r['glue_average'])}")
     else:
         summary = f"**score: {_num(r.get('score'))}**"
+    step = "the kept adapter" if r.get("best_step") is None else f"the adapter of step {r['best_step']}"
+    if r.get("test_score") is not None:
+        chosen = f", chosen on {r['selected_on']}" if r.get("selected_on") else ""
+        held_out = [f"**test score: {_num(r['test_score'])}**, on the held-out test file (dataset.test_file) with {step}{chosen}; "
+                    "no choice saw it.", ""]
+    elif r.get("selected_on"):
+        held_out = [f"Step {r.get('best_step')} was kept for its {r['selected_on']} score, so that score is optimistic: the split "
+                    "that chose the step also reports it (a held-out split, dataset.test_file=PATH for local data, gives an unbiased one).", ""]
+    else:
+        held_out = []
     lines = [
         f"# {r['dataset']} · {r['method']} on {r['backbone']}",
         "",
@@ -55,6 +104,7 @@ def to_markdown(r: dict) -> str:
         "",
         summary,
         "",
+        *held_out,
         "| trainable params | % of total | best step | train time | peak RSS |",
         "|---|---|---|---|---|",
         f"| {r['trainable_params']:,} | {r['trainable_pct']:.3f}% | {'–' if r.get('best_step') is None else r['best_step']} | "

@@ -37,10 +37,14 @@ def predict(accelerator, net: torch.nn.Module, enc: Encoded, batch_size: int, re
 
 
 def score(accelerator, net, task: data.TaskData, encoded: dict[str, Encoded], batch_size: int) -> dict:
-    """Metrics per eval split, and the task score (the mean of them)."""
+    """Metrics per eval split, and the task score (the mean of them). A held-out test split
+    (`dataset.test_file`) is scored too, under `metrics["test"]`, but never enters the score: the
+    trainer keeps the step whose score is best, and the test split must not choose it. The trainer
+    calls this at every evaluation, so the test split costs one more pass each time."""
     regression = task.label_names is None
     per_split = {}
-    for s in task.eval_splits:
+    for s in task.eval_splits + task.held_out_splits:
         preds = predict(accelerator, net, encoded[s], batch_size, regression)
         per_split[s] = metrics.compute(task.metrics, preds, encoded[s].labels)
-    return {"metrics": per_split, "score": metrics.task_score(per_split)}
+    chosen_on = {s: m for s, m in per_split.items() if s in task.eval_splits}
+    return {"metrics": per_split, "score": metrics.task_score(chosen_on)}

@@ -59,6 +59,50 @@ def test_a_failed_write_leaves_the_previous_report_whole(tmp_path):
     assert {p.name: p.read_bytes() for p in (tmp_path / "eval").iterdir()} == before
 
 
+# ---- how the kept step was chosen ---------------------------------------------------------------------------
+
+def a_run(tmp_path, keep_best: bool = True, eval_steps=(0, 2, 4), cut: bool = False):
+    """A run folder as training leaves it for the report: config.yaml and train_log.jsonl."""
+    (tmp_path / "config.yaml").write_text(f"trainer:\n  keep_best: {str(keep_best).lower()}\n")
+    log = [{"step": s, "loss": 0.5} for s in (1, 2, 3, 4)] + [{"step": s, "eval": {"validation": {"accuracy": 50.0}}, "score": 50.0}
+                                                            for s in eval_steps]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log) + ('{"step": 6, "ev' if cut else ""))
+    return tmp_path
+
+
+@pytest.mark.parametrize("keep_best, steps, expected", [
+    (True, (0, 2, 4), "validation"),  # two evaluations compared (step 0 is the base model, never kept)
+    (True, (0, 4), None),  # one evaluation: nothing was chosen
+    (False, (2, 4), None),  # the last step is kept, whatever it scores
+])
+def test_report_says_whether_its_score_chose_its_step(tmp_path, keep_best, steps, expected):
+    r = a_report(dataset="local", task="reviews", glue_average=None, score=71.25, metrics={"validation": {"accuracy": 71.25}})
+    report.write(a_run(tmp_path, keep_best, steps, cut=True), r)
+    written = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert written["selected_on"] == expected and "test_score" not in written
+    md = (tmp_path / "eval" / "report.md").read_text()
+    assert ("Step 300 was kept for its validation score, so that score is optimistic" in md) == (expected is not None)
+    assert "dataset.test_file=PATH" in md or expected is None
+
+
+def test_report_with_a_test_split_shows_both_scores(tmp_path):
+    r = a_report(dataset="local", task="reviews", glue_average=None, score=71.25,
+                 metrics={"validation": {"accuracy": 71.25, "f1": 70.0}, "test": {"accuracy": 64.0, "f1": 62.0}})
+    report.write(a_run(tmp_path), r)
+    written = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert written["score"] == 71.25 and written["test_score"] == pytest.approx(63.0) and written["selected_on"] == "validation"
+    md = (tmp_path / "eval" / "report.md").read_text()
+    assert "| test | f1 | 62.00 |" in md and "**score: 71.25**" in md
+    assert "**test score: 63.00**, on the held-out test file (dataset.test_file) with the adapter of step 300, chosen on validation" in md
+    assert "optimistic" not in md
+
+
+def test_a_multi_task_run_named_test_is_no_test_split(tmp_path):
+    r = a_report(task="test+rte", metrics={"test": {"accuracy": 60.0}, "rte": {"accuracy": 50.0}}, task_scores={"test": 60.0, "rte": 50.0})
+    report.write(a_run(tmp_path), r)
+    assert "test_score" not in json.loads((tmp_path / "eval" / "report.json").read_text())
+
+
 # ---- submissions -----------------------------------------------------------------------------------------
 
 def read_tsv(path):
