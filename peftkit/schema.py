@@ -290,6 +290,10 @@ class FromPeft(_One):
     trust_remote_code: bool = False
 
 
+class Materialize(_One):
+    pass
+
+
 class Mwa(Section):
     mode: str
     run: Path_ = Field(description="a run directory")
@@ -300,7 +304,8 @@ class Mwa(Section):
 
 
 MERGES = {"task_arithmetic": TaskArithmetic, "ties": Ties, "dare": Dare, "concat": Concat, "svd": Svd,
-          "into_base": IntoBase, "compress": Compress, "to_peft": ToPeft, "from_peft": FromPeft, "mwa": Mwa}
+          "into_base": IntoBase, "compress": Compress, "to_peft": ToPeft, "from_peft": FromPeft, "mwa": Mwa,
+          "materialize": Materialize}
 
 
 def check_merge(cfg: dict) -> None:
