@@ -84,6 +84,8 @@ configs/merge/MODE.yaml (`peftkit ls merges`); a merge recipe fixes some of them
                    peftkit merge mode=to_peft adapter=RUN out=DIR
   from_peft        a peft LoRA/IA³ adapter as a peftkit adapter
                    peftkit merge mode=from_peft adapter=DIR out=OUT [backbone=NAME|backbone_path=DIR]
+  materialize      a multi-task run as one single-task run per task: OUT/<task>/ (hyperformer: houlsby)
+                   peftkit merge mode=materialize adapter=RUN out=DIR; peftkit eval run=DIR/rte
   overwrite=true   replace an out= folder that already holds files (out= never overlaps an input)
 Lists take Hydra syntax: adapters=[outputs/a,outputs/b]. An adapter is an adapter folder or a run
 directory; adapters written by concat/svd/mwa/compress land in OUT/adapter with OUT/config.yaml,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import json
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -27,6 +28,7 @@ MODES = {
     "compress": "compress",  # ComPEFT: top-k% of the task vector, ternarised
     "to_peft": "peft_format",  # write a LoRA-family adapter in Hugging Face peft's format
     "from_peft": "peft_format",  # read a peft LoRA / IA³ adapter as a peftkit adapter
+    "materialize": "materialize",  # a multi-task run as one single-task run per task
 }
 
 
@@ -92,7 +94,20 @@ def not_ours(out: Path) -> list[str]:
     ours = (out / "merge.json").is_file() or (card.is_file() and "peftkit" in card.read_text(errors="replace"))
     if not ours:
         return names
-    foreign = [n for n in names if n not in OUTPUT_NAMES and not fnmatch.fnmatch(n, "model-*-of-*.safetensors")]
+    folders = written_folders(out)
+    foreign = [n for n in names if n not in OUTPUT_NAMES and n not in folders and not fnmatch.fnmatch(n, "model-*-of-*.safetensors")]
+    for n in folders:  # a merge that writes run folders (materialize: one per task): theirs, checked alike
+        if (out / n).is_dir():
+            foreign += [f"{n}/{x}" for x in not_ours(out / n)]
     if (out / "eval").is_dir():
         foreign += [f"eval/{p.name}" for p in (out / "eval").iterdir() if p.name not in EVAL_NAMES]
     return foreign
+
+
+def written_folders(out: Path) -> list[str]:
+    """The folders an earlier merge's merge.json says it wrote into `out` (`folders`), if any."""
+    try:
+        folders = json.loads((out / "merge.json").read_text(encoding="utf-8")).get("folders", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [f for f in folders if isinstance(f, str) and f and "/" not in f and f not in (".", "..")] if isinstance(folders, list) else []

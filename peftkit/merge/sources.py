@@ -55,13 +55,16 @@ def write_model(out: Path, net: torch.nn.Module, tokenizer, meta: dict) -> None:
         (tmp / adapter.CARD).write_text(adapter.model_card(meta, kind="model"))
 
 
-def write_adapter_run(out: Path, tensors: dict[str, torch.Tensor], meta: dict, source: Path | None) -> None:
-    """`OUT/adapter/` from tensors + meta, and `OUT/config.yaml` from the source run with meta's method."""
+def write_adapter_run(out: Path, tensors: dict[str, torch.Tensor], meta: dict, source: Path | None, dataset=None) -> None:
+    """`OUT/adapter/` from tensors + meta, and `OUT/config.yaml` from the source run with meta's method
+    (and `dataset` as its dataset, when given: one task of a multi-task run)."""
     out = Path(out)
     with atomic_dir(out) as tmp:
         adapter.save_tensors(tmp / "adapter", tensors, meta)
         if source is not None and (source / "config.yaml").is_file():
             cfg = OmegaConf.load(source / "config.yaml")
             cfg.method = meta["method"]
+            if dataset is not None:
+                cfg.dataset = dataset
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         (tmp / "merge.json").write_text(json.dumps(meta.get("merge", {}), indent=2) + "\n")
