@@ -100,3 +100,23 @@ def test_test_file_is_scored_with_the_kept_adapter_and_counts_on_the_leaderboard
     assert cell["mean"] == pytest.approx(test) and cell["on_test"] == 1 and cell["optimistic"] == 0
     assert "counts with its test score" in md and "\\* a dev score" not in md
     assert board["best"]["reviews"]["score"] == pytest.approx(dev) and board["best"]["reviews"]["test_score"] == pytest.approx(test)
+
+
+@pytest.mark.parametrize("args, needles", [
+    ([], ["sst/train.tsv: missing column(s) ['text', 'label']; its first row looks like data",
+          "read it with dataset.header=false dataset.text_fields=[1] dataset.label_field=0"]),
+    (["dataset.text_fields=[1]", "dataset.label_field=0"], ["dataset.text_fields=[1]: a column index needs dataset.header=false"]),
+    (["dataset.header=false", "dataset.text_fields=[2]", "dataset.label_field=0"],
+     ["sst/train.tsv: dataset.text_fields asks for column 2, but the file has 2 column(s)"]),
+    (["dataset.header=false", "dataset.text_fields=[1]", "dataset.label_field=0", "dataset.test_file=sst/train.tsv"],
+     ["dataset.test_file=", "is also dataset.train_file"]),
+])
+def test_bad_column_settings_are_one_line_and_exit_2_with_nothing_written(tmp_path, tiny_bert, args, needles):
+    headerless(tmp_path / "sst" / "train.tsv", 30, 0)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    proc = cli("train", *tiny(tiny_bert, "dataset=local", "dataset.train_file=sst/train.tsv", *args), cwd=tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("peftkit: error: "), proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
