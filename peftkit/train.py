@@ -98,6 +98,35 @@ def progress_bar(enabled: bool) -> Progress:
     )
 
 
+class Throughput:
+    """Training speed, defined once: samples (and real tokens, no padding) over the seconds spent in
+    training steps, summed over log windows (one log step to the next, evaluation and saving cut
+    out). The first window of each process is warm-up (first batches, allocator, kernel choice) and
+    counts only while it is the only one. The progress bar, each train_log.jsonl record, report.json
+    and the trackers all show `figures()`."""
+
+    def __init__(self, saved: dict | None = None):
+        saved = saved or {}  # a checkpoint's counts: a resumed run goes on with them
+        self.samples, self.tokens, self.seconds = saved.get("samples", 0), saved.get("tokens", 0), saved.get("seconds", 0.0)
+        self.warmup: tuple[int, int, float] | None = None
+
+    def add(self, samples: int, tokens: int, seconds: float) -> None:
+        if self.warmup is None:
+            self.warmup = (samples, tokens, seconds)
+        else:
+            self.samples, self.tokens, self.seconds = self.samples + samples, self.tokens + tokens, self.seconds + seconds
+
+    def state(self) -> dict:
+        return {"samples": self.samples, "tokens": self.tokens, "seconds": self.seconds}
+
+    def figures(self, tokens: bool = True) -> dict:
+        """{samples_per_s, tokens_per_s}; empty before the first log step."""
+        samples, n_tokens, seconds = (self.samples, self.tokens, self.seconds) if self.seconds else (self.warmup or (0, 0, 0.0))
+        if not seconds:
+            return {}
+        return {"samples_per_s": samples / seconds, **({"tokens_per_s": n_tokens / seconds} if tokens else {})}
+
+
 def snapshots(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, folder) of the run's adapter snapshots (`trainer.keep_checkpoints`), oldest first."""
     found = [(int(p.name.removeprefix("step-")), p) for p in (run_dir / "snapshots").glob("step-*")
@@ -182,7 +211,7 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
     trainable_params = [p for p in net.parameters() if p.requires_grad]
 
     ckpt_dir = run_dir / "checkpoints" / "last"
-    state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "samples": 0, "tokens": 0, "train_time_s": 0.0, "eval_time_s": 0.0}
+    state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "throughput": {}, "train_time_s": 0.0, "eval_time_s": 0.0}
     if cfg.resume and (found := newest_complete(ckpt_dir)):
         state = checkpoint.load(found, raw, a.method, optimizer, scheduler)
         if main:
@@ -263,9 +292,7 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
             "trainable_pct": 100 * n / total,
             "train_time_s": train_time,
             "eval_time_s": state["eval_time_s"],
-            "samples_per_s": state["samples"] / max(1e-9, train_time - state["eval_time_s"]),  # training alone
-            **({"tokens_per_s": state.get("tokens", 0) / max(1e-9, train_time - state["eval_time_s"])}  # real tokens
-               if tokens else {}),
+            **throughput.figures(tokens),  # training steps alone (Throughput)
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             **({"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}),
             "precision": t.precision,
@@ -289,7 +316,9 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
         raise Diverged(message, make_report("diverged", message))
 
     step, epoch, start = state["step"], state["epoch"], state["batch"]
+    throughput = Throughput(state.get("throughput"))  # (older checkpoints lack it)
     window_loss, window_n, window_samples, window_tokens, window_t = 0.0, 0, 0, 0, time.perf_counter()
+    window_s = 0.0  # training seconds of this log window before an evaluation cut it
     eval_loss_sum, eval_loss_n = 0.0, 0  # training loss since the last evaluation (snapshots record it)
     t_start = time.perf_counter() - state["train_time_s"]
     if t.get("eval_before") and step == 0:  # the base model as the run starts: the "before" of a before/after
@@ -328,34 +357,33 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
                 window_n += 1
                 eval_loss_sum, eval_loss_n = eval_loss_sum + loss_value, eval_loss_n + 1
                 window_samples += len(batches[bi]) * world
-                n_tokens = sum(train.lengths[i] for i in batches[bi]) * world  # real tokens, no padding
-                window_tokens += n_tokens
-                state["tokens"] = state.get("tokens", 0) + n_tokens  # (older checkpoints lack it)
+                window_tokens += sum(train.lengths[i] for i in batches[bi]) * world  # real tokens, no padding
                 if (bi + 1) % t.grad_accum:
                     continue
                 scheduler.step()
                 step += 1
-                state["samples"] += t.batch_size * t.grad_accum * world
                 if step % t.log_every == 0 or step == total_steps:
                     now = time.perf_counter()
-                    speed, tokens_per_s = window_samples / (now - window_t), window_tokens / (now - window_t)
+                    throughput.add(window_samples, window_tokens, window_s + now - window_t)
+                    speed = throughput.figures()
                     lr = scheduler.get_last_lr()[0]
                     record = {"step": step, "epoch": round(epoch + (bi + 1) / len(batches), 3),
-                              "loss": window_loss / window_n, "lr": lr, "samples_per_s": speed,
-                              **({"tokens_per_s": tokens_per_s} if tokens else {}), "elapsed_s": now - t_start}
+                              "loss": window_loss / window_n, "lr": lr, "samples_per_s": speed["samples_per_s"],
+                              **({"tokens_per_s": speed["tokens_per_s"]} if tokens else {}), "elapsed_s": now - t_start}
                     stats = a.method.stats(raw)  # the method's numbers since the last log step (MoE LoRA's expert load)
                     record.update(stats)
                     method_stats.update(stats)
                     log(record)
-                    shown = f"{tokens_per_s:.0f} tok/s" if kind.NAME == "causal_lm" else f"{speed:.0f} samples/s"
+                    shown = f"{speed['tokens_per_s']:.0f} tok/s" if kind.NAME == "causal_lm" else f"{speed['samples_per_s']:.0f} samples/s"
                     bar.update(job, loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", speed=shown)
-                    window_loss, window_n, window_samples, window_tokens, window_t = 0.0, 0, 0, 0, now
+                    window_loss, window_n, window_samples, window_tokens, window_t, window_s = 0.0, 0, 0, 0, now, 0.0
                 bar.update(job, completed=step)
                 if step % eval_every == 0 or step == total_steps:
                     t0 = time.perf_counter()
+                    window_s += t0 - window_t
                     evaluate_and_keep(step, eval_loss_sum / eval_loss_n)
                     eval_loss_sum, eval_loss_n = 0.0, 0
-                    state.update(step=step, epoch=epoch, batch=bi + 1)
+                    state.update(step=step, epoch=epoch, batch=bi + 1, throughput=throughput.state())
                     state["eval_time_s"] += time.perf_counter() - t0
                     state["train_time_s"] = time.perf_counter() - t_start
                     if main and t.checkpoint:

@@ -20,10 +20,11 @@ more or fewer (padded) tokens than each other; random batches hold about 3x more
 What is measured, per configuration:
 
   samples_per_s       each framework's own number.
-                      peftkit: `result["samples_per_s"]` = steps x batch / (time from just before
-                      the training loop to its end, minus evaluation time). It counts per-batch
+                      peftkit: `result["samples_per_s"]` = samples / time of the training steps
+                      (`train.Throughput`: log windows, evaluation and saving cut out, the first
+                      window, steps 1-10 at log_every=10, left out as warm-up). It counts per-batch
                       collation, forward, backward, clipping, optimizer, the progress bar and the
-                      JSONL log; not model loading, tokenization or the eval at the last step.
+                      JSONL log; not model loading, tokenization, the first window or evaluation.
                       Trainer: `train_samples_per_second` = max_steps x batch / (time from just
                       after the dataloader (and the length-grouped sampler's length scan) is built
                       to the end of the loop). It counts the dataloader (Arrow reads +

@@ -101,6 +101,33 @@ def test_report_json_and_md(reference):
     assert f"{n:,}" in md and f"{r['trainable_pct']:.3f}%" in md
 
 
+def test_one_throughput_figure_in_the_bar_the_log_and_the_report(reference):
+    """Throughput is defined once (train.Throughput): report.json's figures are the last log record's,
+    and the progress bar ends on the same number."""
+    run, console = reference
+    steps, _ = read_log(run)
+    r = report(run)
+    assert (r["samples_per_s"], r["tokens_per_s"]) == (steps[-1]["samples_per_s"], steps[-1]["tokens_per_s"])
+    bar = re.findall(r"(\d+) samples/s", console)
+    assert bar and bar[-1] == f"{r['samples_per_s']:.0f}", console[-2000:]
+
+
+def test_throughput_leaves_out_each_process_first_window_unless_it_is_the_only_one():
+    from peftkit.train import Throughput
+
+    t = Throughput()
+    assert t.figures() == {}
+    t.add(10, 100, 1.0)  # warm-up: the figure until another window comes
+    assert t.figures() == {"samples_per_s": 10.0, "tokens_per_s": 100.0}
+    t.add(40, 400, 2.0)
+    t.add(20, 200, 1.0)
+    assert t.figures() == {"samples_per_s": 20.0, "tokens_per_s": 200.0}
+    assert t.figures(tokens=False) == {"samples_per_s": 20.0}
+    resumed = Throughput(t.state())  # a checkpoint's counts go on; the resumed process's warm-up is left out too
+    resumed.add(1, 1, 100.0)
+    assert resumed.figures() == t.figures()
+
+
 def test_console_reports_trainable_params(reference):
     run, console = reference
     m = re.search(r"trainable params: ([\d,]+) \((\d+\.\d\d)% of ([\d,]+)\)", console)
