@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from peftkit import tracking
 from peftkit.errors import UserError
 
 GROUPS = ("backbone", "method", "dataset", "trainer")
@@ -158,6 +159,7 @@ def check(recipe: str, overrides: list[str], multirun: bool = False) -> tuple[Di
                 del cfg["hydra"]
             first = cfg
         validate(cfg)
+        tracking.check(cfg.trainer)  # a tracker's package: train needs it, eval does not
     return first, out
 
 

@@ -254,8 +254,9 @@ def hydra_train(recipe: str, overrides: list[str], multirun: bool, passthrough: 
                 owner.clear_previous_run()
             started["writing"] = True
 
+        group = Path(str(HydraConfig.get().sweep.dir)).name if multirun else None  # the trackers' group
         try:
-            result = train.run(cfg, run_dir, before_writing)
+            result = train.run(cfg, run_dir, before_writing, group)
         except KeyboardInterrupt:  # Ctrl-C: keep what resumes the run, say what that is, stop (a sweep too)
             kept = interrupted_state(run_dir)
             if kept is None:

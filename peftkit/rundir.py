@@ -23,7 +23,7 @@ from peftkit.files import make_dir, pid_alive, recover, resolved
 LOCK = ".peftkit.lock"
 # what a run writes in its folder (paths relative to it); `eval/` may hold the user's own files too
 RUN_FILES = ("config.yaml", "adapter", "eval/report.json", "eval/report.md", "eval/submission", "train_log.jsonl",
-             "checkpoints", "snapshots")
+             "checkpoints", "snapshots", "tracking")
 OTHER_PEFTKIT_FILES = ("merge.json",)  # a merge's run-shaped output: replaced with the run it belongs to
 
 _missing: dict[Path, Path] = {}  # run or sweep dir -> the outermost folder on its path that `prepare` created

@@ -61,6 +61,8 @@ class Trainer(Section):
     keep_last_checkpoint: bool
     keep_checkpoints: int = _whole(0, "a whole number ≥ 0 (0: off)")
     eval_before: bool = False
+    log_with: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        [], description="a list of experiment trackers: tensorboard, wandb, mlflow, e.g. [tensorboard] (or [] for none)")
 
 
 class Backbone(Section):

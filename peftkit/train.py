@@ -2,8 +2,8 @@
 
 The loop is plain PyTorch under accelerate (one process, DDP on CPUs or GPUs, multi-node), in
 fp32, bf16 or fp16. Features are small functions it calls: evaluation every N steps, keeping the
-best adapter, resumable checkpoints, adapter snapshots for checkpoint merging, a JSONL log and a
-rich progress bar.
+best adapter, resumable checkpoints, adapter snapshots for checkpoint merging, a JSONL log, a
+rich progress bar and experiment trackers (`peftkit.tracking`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from peftkit import adapter, checkpoint, model, tasks
+from peftkit import adapter, checkpoint, model, tasks, tracking
 from peftkit.data.batching import train_batches
 from peftkit.errors import Diverged, UserError
 from peftkit.evaluation import report
@@ -33,10 +33,11 @@ from peftkit.files import atomic_write_text, fault_point, json_text, newest_comp
 console = Console(stderr=True)
 
 
-def make_accelerator(trainer: DictConfig, sparse_gradients: bool = False):
-    """One per run. A sweep runs its jobs one after another in one process, each with its own
-    precision: accelerate's process-wide state is reset between them (one process only: under
-    torchrun or accelerate launch the state holds the process group)."""
+def make_accelerator(trainer: DictConfig, sparse_gradients: bool = False, trackers: tracking.Trackers | None = None):
+    """One per run, with the run's experiment trackers (`trainer.log_with`). A sweep runs its jobs one
+    after another in one process, each with its own precision: accelerate's process-wide state is
+    reset between them (one process only: under torchrun or accelerate launch the state holds the
+    process group)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -54,7 +55,8 @@ def make_accelerator(trainer: DictConfig, sparse_gradients: bool = False):
 
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if sparse_gradients else []
     return Accelerator(cpu=not cuda, mixed_precision=precision, gradient_accumulation_steps=trainer.grad_accum,
-                       kwargs_handlers=handlers)
+                       kwargs_handlers=handlers, log_with=(trackers.instances() if trackers else None) or None,
+                       project_dir=trackers.dir if trackers and trackers.names else None)
 
 
 def seed_everything(seed: int) -> None:
@@ -159,10 +161,16 @@ def absolute_paths(cfg: DictConfig) -> None:
         cfg.dataset.tasks = [OmegaConf.to_container(n.dataset) for n in nodes[1:]]
 
 
-def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
+def run(cfg: DictConfig, run_dir: Path, before_writing=None, group: str | None = None) -> dict:
     """`before_writing`: called once the data, the model and the batches are ready, just before the
-    run writes its first file (`overwrite=true` clears the earlier run there, and only then)."""
-    run_dir = Path(run_dir)
+    run writes its first file (`overwrite=true` clears the earlier run there, and only then).
+    `group`: the sweep this run belongs to, for the trackers (its directory's name)."""
+    tracking.check(cfg.trainer)
+    with tracking.Trackers(tracking.wanted(cfg.trainer), Path(run_dir), group) as trackers:
+        return _train(cfg, Path(run_dir), before_writing, trackers)
+
+
+def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Trackers) -> dict:
     kind = tasks.of(cfg.dataset)
     if hasattr(kind, "expand_config"):  # multi-task: the datasets' own configs in place of their names
         kind.expand_config(cfg.dataset)
@@ -171,7 +179,7 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
     keep_snapshots = t.get("keep_checkpoints") or 0
     if t.get("threads"):  # on a shared CPU, fewer threads than cores can be several times faster
         torch.set_num_threads(t.threads)
-    accelerator = make_accelerator(t, getattr(kind, "SPARSE_GRADIENTS", False))
+    accelerator = make_accelerator(t, getattr(kind, "SPARSE_GRADIENTS", False), trackers)
     main = accelerator.is_main_process
     seed_everything(cfg.seed)
 
@@ -202,6 +210,8 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
         before_writing()
     if main:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if where := trackers.start(accelerator, OmegaConf.to_container(cfg, resolve=True)):
+        console.print(where)
 
     net = a.model
     optimizer = make_optimizer(net, t)
@@ -239,6 +249,7 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
         if main:
             with open(log_path, "a") as f:
                 f.write(json_text(record, indent=None) + "\n")
+        trackers.log(tracking.record_values(record), record["step"])
 
     meta = {**model.meta(a, cfg.backbone, task.label_names, cfg.dataset.name, kind.NAME), "seed": cfg.seed}
 
@@ -394,6 +405,7 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None) -> dict:
             epoch, start = epoch + 1, 0
 
     result = make_report("ok")
+    trackers.log(tracking.report_values(result), step)
     if main:
         report.write(run_dir, result)
         if not t.keep_last_checkpoint:
