@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 from peftkit.data.instruct import Conversation
 from peftkit.evaluation import generation
 from peftkit.tasks import causal_lm
