@@ -111,6 +111,14 @@ def score_run(run_dir: Path, split: str, cfg, previous: dict | None) -> dict:
             console.print(f"wrote {run_dir / 'eval' / 'test_report.md'}")
         return new
     new = {**first_report(cfg, task, adapter_cfg), **(previous or {}), **result}  # a failed run's report lacks some keys
+    if "collapsed" in result:
+        from peftkit.train import collapse_message
+
+        new.update(status="collapsed", error=collapse_message(result["collapsed"], new.get("best_step"), cfg.trainer.lr))
+    elif new.get("status") == "collapsed":  # scored again (another dataset), it no longer is
+        new.update(status="ok")
+        new.pop("error", None)
+        new.pop("collapsed", None)
     if why := unfinished(run_dir, previous):
         new.update(status=UNFINISHED, error=why)
         print(f"peftkit: notice: {run_dir} is unfinished; its report says so ({why})", file=sys.stderr)

@@ -109,7 +109,9 @@ def finished_report(run_dir: Path, cfg: DictConfig) -> dict | None:
         same = _run_signature(OmegaConf.load(saved)) == _run_signature(cfg)
     except Exception:  # an unreadable earlier run is not a finished one
         return None
-    return done if same and done.get("status", "ok") == "ok" else None
+    from peftkit.evaluation.report import FINISHED
+
+    return done if same and done.get("status", "ok") in FINISHED else None
 
 
 def _report_status(run: Path) -> str | None:

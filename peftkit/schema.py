@@ -395,7 +395,7 @@ def file_problem(schema: type[BaseModel], data, required: tuple[str, ...] = ()) 
         for part in err["loc"]:
             value = value.get(part) if isinstance(value, dict) else None
         return f"{key}={_show(value)}, expected {_expected(err, None)}"
-    if schema is ReportFile and data.get("status", "ok") == "ok":
+    if schema is ReportFile and data.get("status", "ok") in ("ok", "collapsed"):  # evaluation.report.FINISHED
         required = (*required, *REPORT_OK_KEYS)
     missing = [k for k in required if k not in data]
     return f"no {missing[0]}" if missing else None

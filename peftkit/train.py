@@ -161,6 +161,12 @@ def absolute_paths(cfg: DictConfig) -> None:
         cfg.dataset.tasks = [OmegaConf.to_container(n.dataset) for n in nodes[1:]]
 
 
+def collapse_message(collapsed: dict[str, str], step: int, lr: float) -> str:
+    """One line for a report whose kept adapter collapsed (`scoring.collapse`), with what to try."""
+    where = "; ".join(f"{split}: {why}" for split, why in collapsed.items())
+    return f"the kept adapter (step {step}) collapsed to one prediction ({where}); try a lower trainer.lr (now {lr:g})"
+
+
 def run(cfg: DictConfig, run_dir: Path, before_writing=None, group: str | None = None) -> dict:
     """`before_writing`: called once the data, the model and the batches are ready, just before the
     run writes its first file (`overwrite=true` clears the earlier run there, and only then).
@@ -257,11 +263,14 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
         if bad := adapter.nonfinite(adapter_tensors(raw), a.trainable):
             diverged(step, f"{len(bad)} trained tensors hold NaN or infinity (first: {bad[0]})")
         result = kind.evaluate(accelerator, net, task, encoded, t.eval_batch_size)
-        log({"step": step, "eval": result["metrics"], "score": result["score"]})
+        log({"step": step, "eval": result["metrics"], "score": result["score"],
+             **({"collapsed": result["collapsed"]} if "collapsed" in result else {})})
         best = state["best"]
         if main:
             console.print(f"step {step}: {task.task} score {result['score']:.2f} " + " ".join(
                 f"{s}/{k} {v:.2f}" for s, ms in result["metrics"].items() for k, v in ms.items()))
+            for split, why in result.get("collapsed", {}).items():
+                console.print(f"[yellow]step {step}: collapsed on {split}: {why}[/]")
         if best is None or result["score"] > best["score"] or not t.keep_best:
             state["best"] = {"step": step, **result}
             if main:
@@ -293,6 +302,7 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
             "metrics": best.get("metrics", {}),
             "score": best.get("score"),
             **({"task_scores": best["task_scores"]} if "task_scores" in best else {}),
+            **({"collapsed": best["collapsed"]} if "collapsed" in best else {}),  # {split: how}: the kept step's
             **({"samples": best["samples"]} if best.get("samples") else {}),
             **({"truncated": task.truncated} if getattr(task, "truncated", None) else {}),
             "glue_average": best["score"] if scored else None,
@@ -404,7 +414,8 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
                     break
             epoch, start = epoch + 1, 0
 
-    result = make_report("ok")
+    collapsed = (state["best"] or {}).get("collapsed")
+    result = make_report("collapsed", collapse_message(collapsed, state["best"]["step"], t.lr)) if collapsed else make_report("ok")
     trackers.log(tracking.report_values(result), step)
     if main:
         report.write(run_dir, result)

@@ -86,7 +86,7 @@ def finished(run_dir: Path) -> dict | None:
         report = json.loads((run_dir / "eval" / "report.json").read_text())
     except (OSError, ValueError):
         return None
-    return report if report.get("status") == "ok" else None
+    return report if report.get("status") in ("ok", "collapsed") else None  # collapsed: finished, its score the majority's
 
 
 def up_to_date(cell: tuple[str, str, str], args) -> bool:

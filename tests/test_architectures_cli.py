@@ -8,6 +8,7 @@ import json
 
 import pytest
 from conftest import GLUE_DIR, make_tiny_causal_lm, minilm_dir, needs_glue, run_cli
+from peftkit.evaluation.report import FINISHED  # ok, or collapsed (tiny random models often predict one class)
 
 DECODER_SIZES = {
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=256),
@@ -48,7 +49,7 @@ def test_glue_lora_on_a_folder_of_any_family(family, checkpoints, tmp_path):
     if family == "distilbert":  # the fresh pre_classifier trains with the classifier
         assert meta["head"] == ["pre_classifier", "classifier"]
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
-    assert report["status"] == "ok"
+    assert report["status"] in FINISHED  # a tiny random model may collapse to one class: finished all the same
 
 
 def test_ls_targets_and_dry_run_print_the_modules_and_write_nothing(checkpoints, tmp_path):

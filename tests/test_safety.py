@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from peftkit.evaluation.report import FINISHED  # ok, or collapsed (tiny random models often predict one class)
 
 
 
@@ -472,7 +473,7 @@ def test_two_runs_in_one_folder_one_owner(tmp_path, tiny_bert):
     assert first.returncode == 0, err
     from omegaconf import OmegaConf
 
-    assert OmegaConf.load(run / "config.yaml").trainer.lr == 1e-3 and report(run)["status"] == "ok"
+    assert OmegaConf.load(run / "config.yaml").trainer.lr == 1e-3 and report(run)["status"] in FINISHED
     assert not (run / ".peftkit.lock").exists()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from tests.conftest import run_cli
+from peftkit.evaluation.report import FINISHED  # ok, or collapsed (tiny random models often predict one class)
 
 ENV = {"OMP_NUM_THREADS": "1"}
 
@@ -19,7 +20,7 @@ def test_failed_run_is_reported_and_finished_runs_are_skipped(tiny_bert, tmp_pat
     first = run_cli(*args, cwd=tmp_path, env=ENV)
     assert first.returncode != 0  # the sweep as a whole did not succeed...
     ok, failed = (json.loads((sweep / str(i) / "eval" / "report.json").read_text()) for i in (0, 1))
-    assert ok["status"] == "ok" and (sweep / "0" / "adapter" / "adapter.safetensors").is_file()  # ...but run 0 finished
+    assert ok["status"] in FINISHED and (sweep / "0" / "adapter" / "adapter.safetensors").is_file()  # ...but run 0 finished
     assert failed["status"] == "failed" and "missing.csv not found" in failed["error"]
     assert (sweep / "1" / "config.yaml").is_file()
 
@@ -80,5 +81,5 @@ def test_every_method_trains_from_the_quickstart_recipe(tiny_bert, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     for i, name in enumerate(names):
         report = json.loads((sweep / str(i) / "eval" / "report.json").read_text())
-        assert report["status"] == "ok" and report["method"] == name, report
+        assert report["status"] in FINISHED and report["method"] == name, report
         assert (sweep / str(i) / "adapter" / "adapter.safetensors").is_file()

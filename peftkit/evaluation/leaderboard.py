@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from peftkit.errors import UserError
+from peftkit.evaluation.report import FINISHED  # a collapsed run's score is real (the majority class's): averaged, its cell marked
 from peftkit.files import atomic_dir
 
 OUT_NAME = "leaderboard"
@@ -39,7 +40,7 @@ class Run:
     @property
     def failed(self) -> bool:
         """Failed, diverged, or unreadable: listed apart, never averaged."""
-        return self.report.get("status", "ok") != "ok" or not isinstance(self.report.get("score"), (int, float))
+        return self.report.get("status", "ok") not in FINISHED or not isinstance(self.report.get("score"), (int, float))
 
     @property
     def task(self) -> str:
@@ -137,6 +138,9 @@ def per_task(run: Run) -> list[Run]:
     for task, score in scores.items():
         metrics = {k: v for k, v in (run.report.get("metrics") or {}).items() if k == task or k.startswith(task + "/")}
         report = {**run.report, "task": task, "score": score, "metrics": metrics}
+        if report.get("status") == "collapsed":  # only the tasks that did
+            gone = [k for k in report.get("collapsed") or {} if k == task or k.startswith(task + "/")]
+            report["status"] = "collapsed" if gone else "ok"
         if isinstance(report.get("trainable_params"), int):
             report["trainable_params"] = round(report["trainable_params"] / n)
         if isinstance(report.get("trainable_pct"), (int, float)):
@@ -233,7 +237,8 @@ def row_record(row: Row, tasks: list[str]) -> dict:
             continue
         m, s = mean_std([r.score for r in runs])
         cells[task] = {"mean": m, "std": s, "n": len(runs), "runs": [str(r.dir) for r in runs],
-                       "on_test": sum(r.on_test for r in runs), "optimistic": sum(r.optimistic for r in runs)}
+                       "on_test": sum(r.on_test for r in runs), "optimistic": sum(r.optimistic for r in runs),
+                       "collapsed": sum(r.report.get("status") == "collapsed" for r in runs)}
         losses = [x for x in map(lm_dev_loss, runs) if x is not None]
         if losses:  # a causal LM's reply scores sit at the floor long before its loss stops falling
             cells[task]["loss"] = statistics.fmean(losses)
@@ -315,7 +320,8 @@ def fmt_cell(cell: dict | None) -> str:
     if not cell:
         return "–"
     text = f"{cell['mean']:.2f}" + (f" ± {cell['std']:.2f}" if cell["std"] is not None else "")
-    return text + (f" (loss {cell['loss']:.3f})" if "loss" in cell else "") + (" *" if cell.get("optimistic") else "")
+    return (text + (f" (loss {cell['loss']:.3f})" if "loss" in cell else "") + (" *" if cell.get("optimistic") else "")
+            + (f" (collapsed {cell['collapsed']}/{cell['n']})" if cell.get("collapsed") else ""))
 
 
 SCORED = "A run with a held-out test file (dataset.test_file) counts with its test score, not its dev score."

@@ -67,6 +67,9 @@ def write_failed(run_dir: Path, cfg, error: str) -> None:
     atomic_write_text(out / "report.md", f"# {r['dataset']} · {r['method']} on {r['backbone']}\n\n**failed**: {error}\n")
 
 
+FINISHED = ("ok", "collapsed")  # trained to the end and scored; `collapsed`: its kept adapter predicts one thing
+
+
 def _num(v) -> str:
     return "–" if v is None else f"{v:.2f}"
 

@@ -42,9 +42,26 @@ def score(accelerator, net, task: data.TaskData, encoded: dict[str, Encoded], ba
     trainer keeps the step whose score is best, and the test split must not choose it. The trainer
     calls this at every evaluation, so the test split costs one more pass each time."""
     regression = task.label_names is None
-    per_split = {}
+    per_split, collapsed = {}, {}
     for s in task.eval_splits + task.held_out_splits:
         preds = predict(accelerator, net, encoded[s], batch_size, regression)
         per_split[s] = metrics.compute(task.metrics, preds, encoded[s].labels)
+        if why := collapse(preds, task.label_names):
+            collapsed[s] = why
     chosen_on = {s: m for s, m in per_split.items() if s in task.eval_splits}
-    return {"metrics": per_split, "score": metrics.task_score(chosen_on)}
+    return {"metrics": per_split, "score": metrics.task_score(chosen_on), **({"collapsed": collapsed} if collapsed else {})}
+
+
+def collapse(preds: np.ndarray, label_names: list[str] | None) -> str | None:
+    """How the predictions collapsed, or None: one class for every example (the majority-class
+    predictor a too-high learning rate often ends in), or one number for every example (zero
+    variance) in regression. A metric alone hides it: CoLA's MCC is 0, accuracy can look fine."""
+    if len(preds) < 2:
+        return None
+    if label_names is None:
+        if np.std(preds) <= 1e-6 * (1 + abs(float(np.mean(preds)))):
+            return f"predicts {float(np.mean(preds)):.4g} for all {len(preds)} examples"
+        return None
+    if np.all(preds == preds[0]):
+        return f"predicts '{label_names[int(preds[0])]}' for all {len(preds)} examples"
+    return None

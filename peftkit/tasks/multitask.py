@@ -244,12 +244,16 @@ def loss(net, batch, encoded) -> torch.Tensor:
 def evaluate(accelerator, net, data: MultiTaskData, encoded: dict, batch_size: int) -> dict:
     """Each task on its own eval splits with its own head and metrics; the score is their average.
     Metrics are keyed by task (`rte`), or task and split where a task has several (`mnli/validation_matched`)."""
-    per, scores = {}, {}
+    per, scores, collapsed = {}, {}, {}
     for t, (key, task) in enumerate(data.tasks.items()):
         with active(net, t):
             result = score(accelerator, net, task, encoded["tasks"][key], batch_size)
         scores[key] = result["score"]
         for split, ms in result["metrics"].items():
-            per[key if len(result["metrics"]) == 1 else f"{key}/{split}"] = ms
-    return {"metrics": per, "score": float(np.mean(list(scores.values()))), "task_scores": scores}
+            name = key if len(result["metrics"]) == 1 else f"{key}/{split}"
+            per[name] = ms
+            if split in result.get("collapsed", {}):
+                collapsed[name] = result["collapsed"][split]
+    return {"metrics": per, "score": float(np.mean(list(scores.values()))), "task_scores": scores,
+            **({"collapsed": collapsed} if collapsed else {})}
 

@@ -36,14 +36,14 @@ def hypernet_of(m) -> HyperNetwork:
 
 def by_hand(net: HyperNetwork, task: int, layer: int, position: int) -> tuple[torch.Tensor, ...]:
     """W_down, b_down, W_up, b_up from the embeddings, the projector (Linear, ReLU, Linear, LayerNorm)
-    and the generators' own weights, each generated tensor divided by P."""
+    and the generators' own weights, each generated tensor divided by √P."""
     e = torch.cat([net.task_embedding.weight[task], net.layer_embedding.weight[layer], net.position_embedding.weight[position]])
     lin1, _, lin2, norm = net.projector
     u = torch.relu(lin1.weight @ e + lin1.bias) @ lin2.weight.T + lin2.bias
     z = (u - u.mean()) / torch.sqrt(u.var(unbiased=False) + norm.eps) * norm.weight + norm.bias
-    p = z.numel()
+    root_p = z.numel() ** 0.5
     gen = [(net.down_weight, (4, 32)), (net.down_bias, (4,)), (net.up_weight, (32, 4)), (net.up_bias, (32,))]
-    return tuple(((g.weight @ z + g.bias) / p).view(shape) for g, shape in gen)
+    return tuple(((g.weight @ z + g.bias) / root_p).view(shape) for g, shape in gen)
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from peftkit.data import images
 from peftkit.errors import UserError
 from peftkit.methods import METHODS
 from peftkit.tasks import image_classification
+from peftkit.evaluation.report import FINISHED  # ok, or collapsed (tiny random models often predict one class)
 
 LABELS = ["a", "b", "c"]
 
@@ -226,7 +227,7 @@ def runs(tmp_path_factory, models):
 def test_lora_trains_on_each_image_model(arch, runs):
     _, out = runs
     report = json.loads((out[arch] / "eval" / "report.json").read_text())
-    assert report["status"] == "ok" and report["task"] == "digits" and report["total_steps"] == 4
+    assert report["status"] in FINISHED and report["task"] == "digits" and report["total_steps"] == 4
     metrics = report["metrics"]["validation"]
     assert set(metrics) == {"accuracy", "macro_f1"} and report["score"] == metrics["accuracy"]
     assert "tokens_per_s" not in report and report["samples_per_s"] > 0  # an image has no tokens
@@ -321,7 +322,10 @@ def test_every_other_method_trains_reloads_and_merges_on_a_tiny_vit(name, models
     own = [n for n in a.trainable if n in dict(a.model.named_parameters()) and not n.startswith("classifier.")]
     assert own or name == "head", f"{name} trains nothing of its own"
     before = {n: p.detach().clone() for n, p in a.model.named_parameters() if n in own}
-    opt = torch.optim.AdamW([p for p in a.model.parameters() if p.requires_grad], lr=1e-2)
+    # hyperformer at its own lr: a step moves a generated weight up to 0.8·√P times lr (docs/methods.md);
+    # at 1e-2 its loss oscillates on these random images
+    lr = 1e-3 if name == "hyperformer" else 1e-2
+    opt = torch.optim.AdamW([p for p in a.model.parameters() if p.requires_grad], lr=lr)
     a.model.eval()  # no dropout: a deterministic loss
     losses = []
     for _ in range(6):

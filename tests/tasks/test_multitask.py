@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from _train_helpers import THREADS, cli, report
 from peftkit.tasks import multitask
+from peftkit.evaluation.report import FINISHED  # ok, or collapsed (tiny random models often predict one class)
 
 
 class FakePart:
@@ -163,7 +164,7 @@ def mt_run(tmp_path_factory, recipes_dir, tiny_bert):
 
 def test_a_multi_task_run_reports_each_task_and_their_average(mt_run):
     r = report(mt_run)
-    assert r["status"] == "ok" and r["dataset"] == "multitask" and r["task"] == "sent+pair+score"
+    assert r["status"] in FINISHED and r["dataset"] == "multitask" and r["task"] == "sent+pair+score"
     assert list(r["task_scores"]) == ["sent", "pair", "score"]
     assert set(r["metrics"]) == {"sent", "pair", "score"}
     assert set(r["metrics"]["score"]) == {"pearson", "spearman"} and set(r["metrics"]["pair"]) == {"accuracy"}
@@ -177,7 +178,7 @@ def test_a_multi_task_run_reports_each_task_and_their_average(mt_run):
     cfg = OmegaConf.load(mt_run / "config.yaml")
     assert cfg.dataset.temperature == 1.0  # the datasets' whole configs in place of their names: eval needs no recipes dir
     assert [d.train_file for d in cfg.dataset.tasks] == [str(mt_run.parents[1] / f"mt_recipes0/{t}.csv") for t in ("sent", "pair", "score")]
-    assert "task" in (mt_run / "eval" / "report.md").read_text().splitlines()[2]  # the table's first column
+    assert "| task | metric | score |" in (mt_run / "eval" / "report.md").read_text()  # tasks, not splits
 
 
 def test_each_step_trains_one_task_and_every_task_trains(mt_run):
@@ -256,7 +257,7 @@ def test_a_multi_task_run_in_two_processes(recipes_dir, tiny_bert, tmp_path):
     proc = launch([str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "peftkit.cli", *args],
                   tmp_path, {"ACCELERATE_USE_CPU": "true", **THREADS})
     r = report(tmp_path / "run")
-    assert r["processes"] == 2 and r["status"] == "ok" and set(r["task_scores"]) == {"sent", "pair", "score"}, proc.stderr[-2000:]
+    assert r["processes"] == 2 and r["status"] in FINISHED and set(r["task_scores"]) == {"sent", "pair", "score"}, proc.stderr[-2000:]
 
 
 def test_dry_run_shows_a_head_per_task_and_writes_nothing(recipes_dir, tiny_bert, tmp_path):

@@ -1,0 +1,70 @@
+"""Collapse: a kept adapter that predicts one class (or one number) for every dev example is
+reported as `collapsed`, with a hint, never as a plain `ok` (issue 17). Forced through the CLI with
+a dataset whose texts are all the same: no model can tell its examples apart."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from _train_helpers import cli, report
+from peftkit.evaluation.scoring import collapse
+
+
+def test_collapse_by_hand():
+    assert collapse(np.array([1, 1, 1, 1]), ["neg", "pos"]) == "predicts 'pos' for all 4 examples"
+    assert collapse(np.array([1, 0, 1, 1]), ["neg", "pos"]) is None
+    assert collapse(np.array([2.5, 2.5, 2.5]), None) == "predicts 2.5 for all 3 examples"
+    assert collapse(np.array([2.5, 2.5, 2.51]), None) is None  # a narrow spread is still a spread: the metrics judge it
+    assert collapse(np.array([1]), ["neg", "pos"]) is None  # one example tells nothing
+
+
+@pytest.fixture(scope="module")
+def same_text_run(tmp_path_factory, tiny_bert):
+    root = tmp_path_factory.mktemp("collapse")
+    rows = ["text,label"] + [f"the same words every time,{'pos' if i % 3 else 'neg'}" for i in range(60)]
+    (root / "same.csv").write_text("\n".join(rows) + "\n")
+    proc = cli("train", "recipe=quickstart", "dataset=local", f"dataset.train_file={root / 'same.csv'}", "dataset.dev_fraction=0.25",
+               f"backbone.path={tiny_bert}", "trainer.max_steps=4", "trainer.eval_every=2", "trainer.batch_size=8",
+               f"hydra.run.dir={root / 'run'}", cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "run", proc
+
+
+def test_a_collapsed_run_says_so_in_the_report_the_log_and_the_console(same_text_run):
+    run, proc = same_text_run
+    r = report(run)
+    assert r["status"] == "collapsed" and set(r["collapsed"]) == {"validation"}
+    assert "collapsed to one prediction" in r["error"] and "try a lower trainer.lr" in r["error"]
+    assert "**collapsed**" in (run / "eval" / "report.md").read_text()
+    evals = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert evals and all("collapsed" in e for e in evals)
+    assert "collapsed on validation" in proc.stderr
+    assert (run / "adapter" / "adapter.safetensors").is_file()  # the adapter is kept: the report says what it is
+
+
+def test_eval_keeps_the_verdict_and_the_leaderboard_marks_the_cell(same_text_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(same_text_run[0], run)
+    proc = cli("eval", f"run={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert report(run)["status"] == "collapsed"
+    proc = cli("report", str(run), f"out={tmp_path / 'board'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (tmp_path / "board" / "leaderboard" / "leaderboard.md").read_text()
+    assert "(collapsed 1/1)" in md and "Failed runs" not in md  # scored and averaged, and marked
+
+
+def test_a_multi_task_run_marks_only_the_tasks_that_collapsed(tmp_path):
+    from peftkit.evaluation.leaderboard import Run, per_task
+
+    rep = {"status": "collapsed", "score": 60.0, "task_scores": {"rte": 50.0, "mrpc": 70.0},
+           "metrics": {"rte": {"accuracy": 50.0}, "mrpc": {"f1": 80.0, "accuracy": 60.0}},
+           "collapsed": {"rte": "predicts 'entailment' for all 277 examples"}, "trainable_params": 100}
+    runs = {r.task: r for r in per_task(Run(tmp_path, rep, {"method": {"name": "houlsby"}}))}
+    assert runs["rte"].report["status"] == "collapsed" and runs["mrpc"].report["status"] == "ok"
+    assert not runs["rte"].failed  # scored, averaged, marked
