@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from peftkit import adapter, checkpoint, model, tasks, tracking
+from peftkit import adapter, checkpoint, model, tasks, threads, tracking
 from peftkit.data.batching import train_batches
 from peftkit.errors import Diverged, UserError
 from peftkit.evaluation import report
@@ -183,10 +183,11 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
     absolute_paths(cfg)
     t = cfg.trainer
     keep_snapshots = t.get("keep_checkpoints") or 0
-    if t.get("threads"):  # on a shared CPU, fewer threads than cores can be several times faster
-        torch.set_num_threads(t.threads)
+    n_threads, why = threads.choose(t.get("threads"), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     accelerator = make_accelerator(t, getattr(kind, "SPARSE_GRADIENTS", False), trackers)
     main = accelerator.is_main_process
+    if main and accelerator.device.type == "cpu":
+        console.print(f"CPU threads: {n_threads} ({why}; trainer.threads=N sets them)")
     seed_everything(cfg.seed)
 
     tokens = getattr(kind, "TOKENS", True)  # an image task has none: no tokens/s in its log and report
@@ -317,6 +318,7 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             **({"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}),
             "precision": t.precision,
+            "threads": n_threads,
             "processes": world,
             **({"method_stats": dict(method_stats)} if method_stats else {}),
         }
