@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -10,23 +12,39 @@ from peftkit.data.batching import Encoded, eval_batches
 from peftkit.evaluation import metrics
 
 
-@torch.no_grad()
+SHOW_AFTER_S = 3.0  # an evaluation expected to take longer gets a progress bar
+
+
+@torch.inference_mode()
 def predict(accelerator, net: torch.nn.Module, enc: Encoded, batch_size: int, regression: bool) -> np.ndarray:
-    """Predictions in the split's order; batches are sorted by length and shared across processes."""
+    """Predictions in the split's order; batches are sorted by length (longest first, so the first
+    batch's time bounds the rest) and shared across processes. A bar shows once the first batch
+    says the split will take more than `SHOW_AFTER_S`."""
     from accelerate.utils import gather_object
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     net.eval()
     # Forward through the unwrapped model: DDP's forward syncs buffers collectively, which hangs
     # when processes get different numbers of eval batches (e.g. one batch for two processes).
     inner = accelerator.unwrap_model(net)
     batches = eval_batches(enc.lengths, batch_size)[accelerator.process_index :: accelerator.num_processes]
-    idx, out = [], []
-    for b in batches:
-        batch = {k: v.to(accelerator.device) for k, v in enc.batch(b).items() if k != "labels"}
-        with accelerator.autocast():
-            logits = inner(**batch).logits.float()
-        out.append(logits.squeeze(-1) if regression else logits.argmax(-1))
-        idx += b
+    idx, out, t0 = [], [], time.perf_counter()
+    bar = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=Console(stderr=True), transient=True)
+    job = bar.add_task("eval", total=len(batches))
+    try:
+        for k, b in enumerate(batches):
+            batch = {key: v.to(accelerator.device) for key, v in enc.batch(b).items() if key != "labels"}
+            with accelerator.autocast():
+                logits = inner(**batch).logits.float()
+            out.append(logits.squeeze(-1) if regression else logits.argmax(-1))
+            idx += b
+            if k == 0 and accelerator.is_main_process and (time.perf_counter() - t0) * len(batches) > SHOW_AFTER_S:
+                bar.start()
+            bar.update(job, completed=k + 1)
+    finally:
+        bar.stop()
     local = list(zip(idx, torch.cat(out).cpu().tolist())) if out else []
     pairs = gather_object(local) if accelerator.num_processes > 1 else local
     preds = np.empty(len(enc), dtype=np.float64 if regression else np.int64)

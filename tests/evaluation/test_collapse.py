@@ -68,3 +68,52 @@ def test_a_multi_task_run_marks_only_the_tasks_that_collapsed(tmp_path):
     runs = {r.task: r for r in per_task(Run(tmp_path, rep, {"method": {"name": "houlsby"}}))}
     assert runs["rte"].report["status"] == "collapsed" and runs["mrpc"].report["status"] == "ok"
     assert not runs["rte"].failed  # scored, averaged, marked
+
+
+class _Accel:
+    """What predict needs of an Accelerator, in one process."""
+    device, process_index, num_processes, is_main_process = __import__("torch").device("cpu"), 0, 1, True
+
+    def unwrap_model(self, m):
+        return m
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+class _Split:
+    lengths = [5, 3, 4, 2, 6]
+
+    def __len__(self):
+        return 5
+
+    def batch(self, idx):
+        import torch
+
+        return {"x": torch.tensor(idx, dtype=torch.float32)}
+
+
+class _Net(__import__("torch").nn.Module):
+    def forward(self, x):
+        import types
+
+        import torch
+
+        assert torch.is_inference_mode_enabled()  # no autograd bookkeeping while scoring
+        return types.SimpleNamespace(logits=x.unsqueeze(-1))  # one output: a regression head
+
+
+@pytest.mark.parametrize("after, shown", [(0.0, True), (1e9, False)])
+def test_predictions_keep_the_split_order_and_a_long_eval_shows_a_bar(monkeypatch, after, shown):
+    from rich.progress import Progress
+
+    from peftkit.evaluation import scoring
+
+    started = []
+    monkeypatch.setattr(scoring, "SHOW_AFTER_S", after)
+    monkeypatch.setattr(Progress, "start", lambda self: started.append(True))
+    preds = scoring.predict(_Accel(), _Net(), _Split(), 2, regression=True)
+    assert preds.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]  # batched longest first, returned in order
+    assert bool(started) == shown
