@@ -228,9 +228,13 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
     trainable_params = [p for p in net.parameters() if p.requires_grad]
 
     ckpt_dir = run_dir / "checkpoints" / "last"
-    state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "throughput": {}, "train_time_s": 0.0, "eval_time_s": 0.0}
+    state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "throughput": {}, "train_time_s": 0.0, "eval_time_s": 0.0,
+             "threads": n_threads}
     if cfg.resume and (found := newest_complete(ckpt_dir)):
         state = checkpoint.load(found, raw, a.method, optimizer, scheduler)
+        if state.get("threads") and why.startswith("auto"):  # the interrupted run's count: sums in the same order
+            n_threads = state["threads"]
+            torch.set_num_threads(n_threads)
         if main:
             console.print(f"resumed from {found} at step {state['step']}")
     elif cfg.resume and main:

@@ -23,13 +23,17 @@ try:  # rouge-score logs through absl, whose handler closes the stream it was ma
 except ImportError:
     pass
 
+# Runs in this process keep its torch threads (peftkit.threads would probe, and a run on another
+# number of threads sums in another order: two runs of one seed must give the same adapter).
+os.environ.setdefault("OMP_NUM_THREADS", str(__import__("torch").get_num_threads()))
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One torch thread per xdist worker: `make test` runs one worker per core, and workers of two threads
     # each on those cores spin against each other (a 1-second test took 87 s so in a full run).
     import torch
 
     torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"  # and runs keep it (peftkit.threads would probe for more)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE_DIR = ROOT.parent / "shared" / "glue"
