@@ -210,6 +210,7 @@ def test_multirun_writes_one_run_dir_per_combination(sweep):
         r = report(d)
         assert (r["method"], r["seed"]) == (method, seed)
         assert (d / "eval" / "report.md").is_file() and (d / "adapter" / "adapter.safetensors").is_file()
+        assert not list(d.glob("*.log")), "no (empty) Hydra job log in a run folder"
     # ia3 and lora adapters hold different tensors
     assert set(adapter_tensors(runs[("ia3", 0)])) != set(adapter_tensors(runs[("lora", 0)]))
 
