@@ -186,8 +186,6 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
     n_threads, why = threads.choose(t.get("threads"), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     accelerator = make_accelerator(t, getattr(kind, "SPARSE_GRADIENTS", False), trackers)
     main = accelerator.is_main_process
-    if main and accelerator.device.type == "cpu":
-        console.print(f"CPU threads: {n_threads} ({why}; trainer.threads=N sets them)")
     seed_everything(cfg.seed)
 
     tokens = getattr(kind, "TOKENS", True)  # an image task has none: no tokens/s in its log and report
@@ -215,6 +213,8 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
     eval_every = t.eval_every or steps_per_epoch
     if main and before_writing is not None:
         before_writing()
+    if main and accelerator.device.type == "cpu":  # only once every input checked out: a bad one stays one line
+        console.print(f"CPU threads: {n_threads} ({why}; trainer.threads=N sets them)")
     if main:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     if where := trackers.start(accelerator, OmegaConf.to_container(cfg, resolve=True)):
