@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from peftkit import adapter, checkpoint, model, tasks, threads, tracking
 from peftkit.data.batching import train_batches
-from peftkit.errors import Diverged, UserError
+from peftkit.errors import CtrlC, Diverged, UserError
 from peftkit.evaluation import report
 from peftkit.methods.base import adapter_tensors
 from peftkit.files import atomic_write_text, fault_point, json_text, newest_complete
@@ -172,11 +172,11 @@ def run(cfg: DictConfig, run_dir: Path, before_writing=None, group: str | None =
     run writes its first file (`overwrite=true` clears the earlier run there, and only then).
     `group`: the sweep this run belongs to, for the trackers (its directory's name)."""
     tracking.check(cfg.trainer)
-    with tracking.Trackers(tracking.wanted(cfg.trainer), Path(run_dir), group) as trackers:
-        return _train(cfg, Path(run_dir), before_writing, trackers)
+    with tracking.Trackers(tracking.wanted(cfg.trainer), Path(run_dir), group) as trackers, CtrlC() as ctrl_c:
+        return _train(cfg, Path(run_dir), before_writing, trackers, ctrl_c)
 
 
-def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Trackers) -> dict:
+def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Trackers, ctrl_c: CtrlC) -> dict:
     kind = tasks.of(cfg.dataset)
     if hasattr(kind, "expand_config"):  # multi-task: the datasets' own configs in place of their names
         kind.expand_config(cfg.dataset)
@@ -362,6 +362,7 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
         while step < total_steps:
             batches = epoch_batches(epoch)
             for bi in range(start, len(batches)):
+                ctrl_c.check()
                 batch = {k: v.to(accelerator.device) for k, v in train.batch(batches[bi]).items()}
                 with accelerator.accumulate(net):
                     loss = kind.loss(net, batch, train)

@@ -910,3 +910,26 @@ def test_a_non_finite_method_loss_term_is_divergence_too(tmp_path, tiny_bert, mo
     proc = cli("train", *tiny(tiny_bert, "method=moe_lora", f"hydra.run.dir={run}"), cwd=tmp_path)
     one_line(proc, "training diverged at step 1", "moe_lora", "inf")
     assert report(run)["status"] == "diverged"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped exception, as intended
+def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_the_loop():
+    """Python drops an exception raised in a __del__: a Ctrl-C landing there must not be lost (CtrlC's flag)."""
+    import gc
+    import signal
+
+    from peftkit.errors import CtrlC
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(1000))  # the handler runs here, inside the finalizer
+
+    with CtrlC() as ctrl_c:
+        x = Finalized()
+        del x  # the KeyboardInterrupt is raised in __del__ and dropped ("Exception ignored")
+        gc.collect()
+        assert ctrl_c.pressed
+        with pytest.raises(KeyboardInterrupt):
+            ctrl_c.check()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
