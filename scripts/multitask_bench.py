@@ -13,12 +13,12 @@ Every cell is `peftkit train ...` as a user types it, in a fresh process:
   moe_lora multi-task  recipe=glue method=moe_lora dataset=glue/small                  (one run)
 
 All train `--epochs` epochs (default 2) on each task's first `--max-train-samples` rows (default
-4,000: CoLA and STS-B are cut, MRPC and RTE whole; a CPU budget; a multi-task epoch has as many batches as the tasks' own
-epochs together, so both sides take the same number of steps), in fp32 (bf16 autocast ran 20x
-slower on this CPU) with one thread per cell, `--jobs` cells at a time. A single-task run keeps its best epoch per task; a multi-task run keeps
-the epoch with the best average (its tasks cannot stop apart). Parameters per task: a single-task
-row's own run; a multi-task row's run divided by its tasks; AdapterFusion's own run plus its
-share of the four sources' adapters (each source serves four fusions).
+4,000: CoLA and STS-B are cut, MRPC and RTE whole; a CPU budget). A multi-task epoch has as many
+batches as the tasks' own epochs together, so both sides take the same number of steps. fp32 (bf16
+autocast ran 20x slower here), one thread per cell, `--jobs` cells at a time. A single-task run
+keeps its best epoch per task; a multi-task run the epoch with the best average (its tasks cannot
+stop apart). Parameters per task: a single-task row's own run; a multi-task row's run divided by
+its tasks; AdapterFusion's own run plus one source adapter (four sources serve four fusions).
 
 A finished cell is skipped, so an interrupted bench resumes. It prints the table, writes
 `<out>/bench.json` and `<out>/results.md`.
@@ -39,6 +39,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from glue_bench import finished  # a cell's report if it finished (ok or collapsed); scripts/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("cola", "mrpc", "stsb", "rte")
@@ -62,14 +64,6 @@ def cells(row: str, out: Path) -> list[tuple[Path, list[str]]]:
     method = {"houlsby_mt": ["recipe=glue_houlsby"], "hyperformer": ["recipe=glue_houlsby", "method=hyperformer"],
               "moe_lora": ["recipe=glue", "method=moe_lora"]}[row]
     return [(out / row / "small", [*method, "dataset=glue/small"])]
-
-
-def finished(run_dir: Path) -> dict | None:
-    try:
-        report = json.loads((run_dir / "eval" / "report.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return report if report.get("status") in ("ok", "collapsed") else None  # collapsed: finished, its score the majority's
 
 
 def run_cell(run_dir: Path, args: list[str], common: list[str]) -> dict:

@@ -98,3 +98,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+TOY_WORDS = "the a good bad fine dull great poor film plot actor scene".split()
+
+
+def toy_task_datasets(root: Path, sizes: dict[str, int]) -> Path:
+    """Three local datasets as a user adds them, for multi-task runs: a CSV each and a YAML in
+    `root/dataset/toy_<name>.yaml` (pass root as --recipes-dir). `sent`: one text, neg/pos; `pair`:
+    two texts, three classes a/b/c; `score`: two texts, a number (regression). `sizes`: rows per dataset."""
+    import random
+
+    (root / "dataset").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+
+    def text():
+        return " ".join(rng.choice(TOY_WORDS) for _ in range(rng.randint(3, 12)))
+
+    label = {"sent": lambda: rng.choice(["neg", "pos"]), "pair": lambda: rng.choice("abc"), "score": lambda: f"{rng.uniform(0, 5):.2f}"}
+    for name, n in sizes.items():
+        header, row = ("text,label", lambda: text()) if name == "sent" else ("text,text_b,label", lambda: f"{text()},{text()}")
+        (root / f"{name}.csv").write_text("\n".join([header] + [f"{row()},{label[name]()}" for _ in range(n)]) + "\n")
+        fields = "[text]" if name == "sent" else "[text,text_b]"
+        (root / "dataset" / f"toy_{name}.yaml").write_text(
+            f"# @package dataset\n# toy {name}\nname: local\ntrain_file: {root / name}.csv\ndev_file: null\ndev_fraction: 0.25\n"
+            f"split_seed: 0\ntext_fields: {fields}\nlabel_field: label\nlabel_names: null\nregression: {str(name == 'score').lower()}\n"
+            f"id_field: null\nmetrics: [accuracy]\nmax_train_samples: null\nmax_eval_samples: null\n")
+    return root

@@ -7,43 +7,23 @@ Refusals are one line; out= is never replaced without overwrite=true."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from _train_helpers import cli, report
+from _train_helpers import cli, report, toy_task_datasets
 from peftkit import adapter, model
 from peftkit.tasks import multitask
 
 TASKS = {"sent": ["neg", "pos"], "pair": ["a", "b", "c"], "score": None}
-WORDS = "the a good bad fine dull great poor film plot actor scene".split()
 METHODS = {"houlsby": ["method.train_layernorm=false"], "lora": [], "hyperformer": []}  # hyperformer's LayerNorms train (copied too)
 
 
 @pytest.fixture(scope="module")
 def recipes_dir(tmp_path_factory):
-    """Three local datasets as a user adds them: YAMLs in a --recipes-dir, each naming its CSV."""
-    root = tmp_path_factory.mktemp("recipes")
-    (root / "dataset").mkdir()
-    rng = random.Random(0)
-
-    def text():
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
-
-    rows = {"sent": ["text,label"] + [f"{text()},{rng.choice(['neg', 'pos'])}" for _ in range(64)],
-            "pair": ["text,text_b,label"] + [f"{text()},{text()},{rng.choice('abc')}" for _ in range(48)],
-            "score": ["text,text_b,label"] + [f"{text()},{text()},{rng.uniform(0, 5):.2f}" for _ in range(40)]}
-    for name, lines in rows.items():
-        (root / f"{name}.csv").write_text("\n".join(lines) + "\n")
-        fields = "[text]" if name == "sent" else "[text,text_b]"
-        (root / "dataset" / f"toy_{name}.yaml").write_text(
-            f"# @package dataset\n# toy {name}\nname: local\ntrain_file: {root / name}.csv\ndev_file: null\ndev_fraction: 0.25\n"
-            f"split_seed: 0\ntext_fields: {fields}\nlabel_field: label\nlabel_names: null\nregression: {str(name == 'score').lower()}\n"
-            f"id_field: null\nmetrics: [accuracy]\nmax_train_samples: null\nmax_eval_samples: null\n")
-    return root
+    return toy_task_datasets(tmp_path_factory.mktemp("recipes"), {"sent": 64, "pair": 48, "score": 40})
 
 
 _runs: dict[str, object] = {}

@@ -5,16 +5,15 @@ three local datasets of different kinds (binary, three classes on pairs, regress
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from _train_helpers import THREADS, cli, report
-from peftkit.tasks import multitask
+from _train_helpers import THREADS, cli, report, toy_task_datasets
 from peftkit.evaluation.report import FINISHED  # ok, or collapsed (tiny random models often predict one class)
+from peftkit.tasks import multitask
 
 
 class FakePart:
@@ -117,32 +116,10 @@ def test_the_loss_is_cross_entropy_or_mse_on_the_tasks_own_logits(heads_model):
 
 # --- from the command line -------------------------------------------------------------------------
 
-WORDS = "the a good bad fine dull great poor film plot actor scene".split()
-
-
 @pytest.fixture(scope="module")
 def recipes_dir(tmp_path_factory):
     """Three local datasets as a user adds them: YAMLs in a --recipes-dir, each naming its CSV."""
-    root = tmp_path_factory.mktemp("mt_recipes")
-    (root / "dataset").mkdir()
-    rng = random.Random(0)
-
-    def text():
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
-
-    rows = {
-        "sent": ["text,label"] + [f"{text()},{rng.choice(['neg', 'pos'])}" for _ in range(120)],
-        "pair": ["text,text_b,label"] + [f"{text()},{text()},{rng.choice('abc')}" for _ in range(90)],
-        "score": ["text,text_b,label"] + [f"{text()},{text()},{rng.uniform(0, 5):.2f}" for _ in range(60)],
-    }
-    for name, lines in rows.items():
-        (root / f"{name}.csv").write_text("\n".join(lines) + "\n")
-        fields = "[text]" if name == "sent" else "[text,text_b]"
-        (root / "dataset" / f"toy_{name}.yaml").write_text(
-            f"# @package dataset\n# toy {name}\nname: local\ntrain_file: {root / name}.csv\ndev_file: null\ndev_fraction: 0.25\n"
-            f"split_seed: 0\ntext_fields: {fields}\nlabel_field: label\nlabel_names: null\nregression: {str(name == 'score').lower()}\n"
-            f"id_field: null\nmetrics: [accuracy]\nmax_train_samples: null\nmax_eval_samples: null\n")
-    return root
+    return toy_task_datasets(tmp_path_factory.mktemp("mt_recipes"), {"sent": 120, "pair": 90, "score": 60})
 
 
 def mt_args(recipes_dir, tiny_bert, run_dir, *extra):
