@@ -199,7 +199,7 @@ COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip", ".tar")
 def task_name(cfg: DictConfig) -> str:
     """`dataset.task_name`, else the train file's name without its extensions (reviews.csv: reviews), or
     for a file named like a split (train.tsv, dev.csv, data.jsonl) its folder's name (sst2/train.tsv:
-    sst2); a file in the current folder, or in /, keeps its own name."""
+    sst2; a file in / keeps its own). Never the current folder's part: eval elsewhere names it the same."""
     if cfg.get("task_name"):
         return str(cfg.task_name)
     path = Path(cfg.train_file).expanduser()
@@ -209,7 +209,7 @@ def task_name(cfg: DictConfig) -> str:
             break
         stem = stem[: -len(suffix)]
     folder = path.resolve().parent
-    if SPLIT_STEM.fullmatch(stem) and folder.name and folder != Path.cwd().resolve():
+    if SPLIT_STEM.fullmatch(stem) and folder.name:
         return folder.name
     return stem
 

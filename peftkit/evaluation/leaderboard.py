@@ -136,11 +136,12 @@ def per_task(run: Run) -> list[Run]:
     n = len(scores)
     out = []
     for task, score in scores.items():
-        metrics = {k: v for k, v in (run.report.get("metrics") or {}).items() if k == task or k.startswith(task + "/")}
-        report = {**run.report, "task": task, "score": score, "metrics": metrics}
+        def own(d: dict | None) -> dict:  # keyed `rte`, or `mnli/validation_matched`
+            return {k: v for k, v in (d or {}).items() if k == task or k.startswith(task + "/")}
+
+        report = {**run.report, "task": task, "score": score, "metrics": own(run.report.get("metrics"))}
         if report.get("status") == "collapsed":  # only the tasks that did
-            gone = [k for k in report.get("collapsed") or {} if k == task or k.startswith(task + "/")]
-            report["status"] = "collapsed" if gone else "ok"
+            report["status"] = "collapsed" if own(report.get("collapsed")) else "ok"
         if isinstance(report.get("trainable_params"), int):
             report["trainable_params"] = round(report["trainable_params"] / n)
         if isinstance(report.get("trainable_pct"), (int, float)):

@@ -281,12 +281,19 @@ def test_task_name_from_the_file_or_its_folder(tmp_path, rel, expected):
     assert local.task_name(local_cfg(train_file=str(tmp_path / rel))) == expected
 
 
-def test_task_name_of_a_split_file_in_the_current_folder_is_its_own(tmp_path, monkeypatch):
+def test_task_name_does_not_depend_on_the_current_folder(tmp_path, monkeypatch):
+    """`peftkit eval` from another folder must name the task as training did (its report's column)."""
     from peftkit.data import local
 
-    monkeypatch.chdir(tmp_path)  # the folder's name would be whatever folder the user happens to be in
-    assert local.task_name(local_cfg(train_file="train.tsv")) == "train"
-    assert local.task_name(local_cfg(train_file=str(tmp_path / "train.tsv"))) == "train"  # absolute, as train passes it
+    train = tmp_path / "sst2" / "train.tsv"
+    train.parent.mkdir()
+    names = set()
+    for cwd in (tmp_path, train.parent, tmp_path.parent):
+        monkeypatch.chdir(cwd)
+        names.add(local.task_name(local_cfg(train_file=str(train))))
+    assert names == {"sst2"}
+    monkeypatch.chdir(train.parent)
+    assert local.task_name(local_cfg(train_file="train.tsv")) == "sst2"  # relative: the same file, the same name
     assert local.task_name(local_cfg(train_file="train.tsv", task_name="sentiment")) == "sentiment"
 
 
