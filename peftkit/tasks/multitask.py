@@ -92,6 +92,9 @@ def load_data(dataset_cfg: DictConfig, splits: tuple[str, ...] = ("train", "vali
     tasks: dict[str, TaskData] = {}
     for cfg in task_configs(dataset_cfg):
         t = classification.load_data(cfg, splits)
+        if "." in t.task:  # a task's head lives at task_heads.<task>: a module name holds no '.'
+            raise UserError(f"dataset.tasks: task name '{t.task}' (of {cfg.name}) holds a '.', which a head's name cannot; "
+                            f"give that dataset a task_name without one, e.g. task_name={t.task.replace('.', '_')}")
         if t.task in tasks:
             raise UserError(f"dataset.tasks names task '{t.task}' twice ({cfg.name}); give each task once")
         tasks[t.task] = t

@@ -243,3 +243,16 @@ def test_dry_run_shows_a_head_per_task_and_writes_nothing(recipes_dir, tiny_bert
     for task in ("toy_sent", "toy_pair", "toy_score"):
         assert f"task_heads.{task}.classifier" in proc.stdout
     assert "the head of each task" in " ".join(proc.stdout.split()) and list(tmp_path.iterdir()) == []
+
+
+def test_a_task_name_with_a_dot_is_one_line(tmp_path):
+    from peftkit.errors import UserError
+
+    f = tmp_path / "my.reviews.csv"
+    f.write_text("text,label\n" + "".join(f"good film {i},pos\nbad film {i},neg\n" for i in range(10)))
+    entry = {"name": "local", "train_file": str(f), "dev_file": None, "dev_fraction": 0.25, "split_seed": 0,
+             "text_fields": ["text"], "label_field": "label", "label_names": None, "regression": False, "id_field": None,
+             "metrics": ["accuracy"], "max_train_samples": None, "max_eval_samples": None}
+    cfg = OmegaConf.create({"name": "multitask", "task": "multitask", "tasks": [entry], "temperature": 1.0})
+    with pytest.raises(UserError, match=r"task name 'my.reviews'.*task_name=my_reviews"):
+        multitask.load_data(cfg)
