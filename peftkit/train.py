@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from peftkit import adapter, checkpoint, model, tasks, threads, tracking
+from peftkit import adapter, checkpoint, cpu, model, tasks, tracking
 from peftkit.data.batching import train_batches
 from peftkit.errors import CtrlC, Diverged, UserError
 from peftkit.evaluation import report
@@ -48,7 +48,7 @@ def make_accelerator(trainer: DictConfig, sparse_gradients: bool = False, tracke
     if trainer.precision == "auto" and cuda and torch.cuda.is_bf16_supported():
         precision = "bf16"  # on CPU bf16 autocast is many times slower than fp32 for a decoder's matmuls
     if precision == "fp16" and not cuda:
-        raise UserError("trainer.precision=fp16 needs a GPU; on CPU use trainer.precision=bf16")
+        raise UserError("trainer.precision=fp16 needs a GPU; on CPU use trainer.precision=fp32 (or bf16 on a CPU with bf16 units)")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         AcceleratorState._reset_state(reset_partial_state=True)
     from accelerate.utils import DistributedDataParallelKwargs
@@ -183,7 +183,7 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
     absolute_paths(cfg)
     t = cfg.trainer
     keep_snapshots = t.get("keep_checkpoints") or 0
-    n_threads, why = threads.choose(t.get("threads"), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    n_threads, why = cpu.choose_threads(t.get("threads"), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     accelerator = make_accelerator(t, getattr(kind, "SPARSE_GRADIENTS", False), trackers)
     main = accelerator.is_main_process
     seed_everything(cfg.seed)
@@ -215,6 +215,9 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
         before_writing()
     if main and accelerator.device.type == "cpu":  # only once every input checked out: a bad one stays one line
         console.print(f"CPU threads: {n_threads} ({why}; trainer.threads=N sets them)")
+        if accelerator.mixed_precision == "bf16" and (slower := cpu.bf16_slowdown()) > 3:
+            console.print(f"[yellow]trainer.precision=bf16: this CPU multiplies bf16 matrices {slower:.0f}x slower than fp32 "
+                          "(no AVX512-BF16 or AMX units): trainer.precision=fp32 will be much faster here[/]")
     if main:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     if where := trackers.start(accelerator, OmegaConf.to_container(cfg, resolve=True)):

@@ -23,7 +23,7 @@ try:  # rouge-score logs through absl, whose handler closes the stream it was ma
 except ImportError:
     pass
 
-# Runs in this process keep its torch threads (peftkit.threads would probe, and a run on another
+# Runs in this process keep its torch threads (peftkit.cpu would probe, and a run on another
 # number of threads sums in another order: two runs of one seed must give the same adapter).
 os.environ.setdefault("OMP_NUM_THREADS", str(__import__("torch").get_num_threads()))
 

@@ -234,9 +234,13 @@ def test_different_seed_gives_different_adapter(reference, sweep):
 # --- precision -------------------------------------------------------------------------------------
 
 
-def test_bf16_runs_on_cpu(tmp_path, tiny_bert, reference):
+def test_bf16_runs_on_cpu(tmp_path, tiny_bert, reference, monkeypatch):
+    from peftkit import cpu
+
+    monkeypatch.setattr(cpu, "bf16_slowdown", lambda: 57.0)  # as measured on an AVX2-only AMD EPYC
     run = tmp_path / "run"
-    train(tmp_path, *tiny(tiny_bert, "trainer.precision=bf16", "trainer.max_steps=4", f"hydra.run.dir={run}"))
+    proc = train(tmp_path, *tiny(tiny_bert, "trainer.precision=bf16", "trainer.max_steps=4", f"hydra.run.dir={run}"))
+    assert "bf16 matrices 57x slower than fp32" in proc.stderr and "trainer.precision=fp32" in proc.stderr
     r = report(run)
     assert r["precision"] == "bf16" and r["total_steps"] == 4 and "accuracy" in r["metrics"]["validation"]
     steps, _ = read_log(run)
