@@ -193,6 +193,22 @@ def test_tokenize_caches_on_disk(tokenizer, monkeypatch, tmp_path):
 
 
 @needs_minilm
+def test_the_cache_key_is_the_whole_tokenizer_less_its_per_call_state(tokenizer):
+    from tokenizers import normalizers
+    from transformers import AutoTokenizer
+
+    split = pairs(4)
+    key = batching._key(split, tokenizer, 64)
+    tokenizer(["a b c"] * 2, truncation=True, max_length=3, padding="max_length")  # sets both on the backend
+    assert tokenizer.backend_tokenizer.truncation and tokenizer.backend_tokenizer.padding
+    assert batching._key(split, tokenizer, 64) == key
+    other = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    assert batching._key(split, other, 64) == key
+    other.backend_tokenizer.normalizer = normalizers.NFD()  # same vocabulary, other text → other ids
+    assert batching._key(split, other, 64) != key
+
+
+@needs_minilm
 def test_encoded_truncates_and_batches(tokenizer, monkeypatch, tmp_path):
     monkeypatch.setenv(batching.CACHE_ENV, str(tmp_path / "cache"))
     split = Split(["short", "word " * 200, "a bit longer text here"], None, [0, 1, 0], ["x", "y", "z"])
