@@ -103,6 +103,47 @@ def test_packed_loss_equals_unpacked_loss_and_no_attention_crosses_examples(toke
     assert not torch.equal(a[0, 1:n_first], b[0, 1:n_first])
 
 
+@pytest.mark.parametrize("arch, window", [("llama", None), ("qwen2", None), ("mistral", 4)])
+def test_packed_attention_is_transformers_sdpa_with_the_block_mask(tmp_path, tokenizer, arch, window):
+    """One example at a time (causal_lm.packed_sdpa) against transformers' own SDPA over the whole row
+    with the block-diagonal mask: the same logits and gradients, rows padded at the end, 2 query heads
+    per key head. A sliding window shorter than an example falls back to plain SDPA."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_tiny_causal_lm
+
+    extra = {"sliding_window": window, "use_sliding_window": True} if window else {}
+    path = make_tiny_causal_lm(tmp_path, seed=1, arch=arch, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256, **extra)
+    ours = causal_lm.load_model(OmegaConf.create({"name": "t", "path": str(path), "max_length": 64, "trust_remote_code": False}))
+    theirs = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", use_cache=False)  # (a cache: no block mask)
+    assert ours.config._attn_implementation == causal_lm.PACKED_ATTENTION and theirs.config._attn_implementation == "sdpa"
+    convs = [chat("good?", "fresh"), chat("the plot was a mess and the acting wooden", "rotten"), chat("fine", "fresh fresh"),
+             chat("a long and winding film about nothing much at all", "rotten rotten"), chat("yes", "fresh")]
+    enc = EncodedLM([render(c, tokenizer, "chat") for c in convs], tokenizer.pad_token_id, packed=True, max_length=100)
+    assert len(enc) == 2 and len(set(enc.lengths)) > 1 and all(len(r) > 1 for r in enc.rows)  # the shorter row is padded
+    batch = enc.batch(list(range(len(enc))))
+    calls = []
+    real = causal_lm.packed_sdpa
+    with pytest.MonkeyPatch.context() as m:  # count the per-example path's SDPA calls
+        m.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                  lambda *a, _f=torch.nn.functional.scaled_dot_product_attention, **k: calls.append(k.get("is_causal")) or _f(*a, **k))
+        out_ours = ours(**batch)
+    out_theirs = theirs(**batch)
+    for r, n in enumerate(enc.lengths):  # the padding's logits are nobody's (transformers' differ there)
+        torch.testing.assert_close(out_ours.logits[r, :n], out_theirs.logits[r, :n], atol=1e-5, rtol=1e-4)
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+    examples_per_layer = sum(len(r) + (w < max(enc.lengths)) for r, w in zip(enc.rows, enc.lengths))  # + the padding tails
+    if window:  # its sliding-window layers took plain SDPA (and the logits above are still transformers')
+        assert False in calls, calls
+    else:
+        assert calls == [True] * examples_per_layer * 2, calls
+    assert real is causal_lm.packed_sdpa
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_training_loss_with_the_head_at_response_positions_only_is_the_models_own(tokenizer, tiny_lm, packed):
     """`causal_lm.loss` applies the LM head only where a response token is predicted: the same value
