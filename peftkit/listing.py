@@ -54,11 +54,17 @@ def method_param_counts(entries: dict) -> dict[str, str]:
     except (UserError, OSError):
         return {}
     head = backbone.head_module_names(base, list(bb.head))
+    shapes_only = copy.deepcopy(base).to("meta")  # counts need shapes, not values: no copies, no SVD inits
     counts = {}
     for name, path in entries.items():
-        model = copy.deepcopy(base)
+        spec = OmegaConf.to_container(OmegaConf.load(path))
         try:
-            methods.prepare(model, methods.build(OmegaConf.to_container(OmegaConf.load(path))), head)
+            try:
+                model = copy.deepcopy(shapes_only)
+                methods.prepare(model, methods.build(spec), head)
+            except (NotImplementedError, RuntimeError):  # a method whose set-up needs values (a decomposition)
+                model = copy.deepcopy(base)
+                methods.prepare(model, methods.build(spec), head)
         except UserError:
             continue
         n, total = count_params(model)
