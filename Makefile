@@ -12,7 +12,7 @@ quickstart: $(VENV)/.installed
 	$(BIN)/peftkit train recipe=quickstart
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 install: $(VENV)/.installed
 

@@ -35,6 +35,20 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
 
+# Files whose tests take longest (fresh processes, real models, many runs) start first: under
+# `--dist loadfile` a long file that starts last runs alone while the other worker idles. xdist's own
+# order (most tests first, which put the one 45-s SmolLM2 test last) is off in `make test`
+# (--no-loadscope-reorder), so this order is the one the workers take files in.
+LONG_FILES = ("test_resume.py", "test_smollm2.py", "test_safety.py", "test_sweeps.py", "test_distributed.py",
+              "test_train.py", "test_launchers.py", "test_cli_errors.py", "test_merge_materialize.py",
+              "test_multitask.py", "test_trackers.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: each file stays whole
+
+
 ROOT = Path(__file__).resolve().parents[1]
 GLUE_DIR = ROOT.parent / "shared" / "glue"
 
