@@ -249,9 +249,11 @@ def cmd_train(args: list[str]) -> int:
             raise UserError("--dry-run shows one run's targets; drop -m, or give one value per key")
         listing.show_targets(recipe, overrides)
         return 0
-    cfg, out = config.check(recipe, overrides, multirun)
+    cfg, composed, out = config.check(recipe, overrides, multirun)
     overrides, resumed = launch.resolve_resume(recipe, overrides, cfg)
-    return launch.hydra_train(recipe, overrides, multirun, passthrough, overwrite, resumed or out)
+    if resumed:  # resume=DIR became resume=true in DIR's folder: another config
+        composed = None if multirun else config.compose(recipe, overrides, with_hydra=True)
+    return launch.hydra_train(recipe, overrides, multirun, passthrough, overwrite, resumed or out, composed)
 
 
 def cmd_eval(args: list[str]) -> int:

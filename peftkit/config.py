@@ -8,6 +8,7 @@ recipes and group options (`<dir>/method/my_method.yaml`) without touching the p
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 from pathlib import Path
@@ -133,14 +134,17 @@ def multitask_shorthand(overrides: list[str]) -> list[str]:
 
 
 def hydra_overrides() -> list[str]:
+    """Where Hydra finds configs; and Hydra writes nothing into a run folder (no .hydra/, no log file):
+    peftkit writes config.yaml itself, and the folder's owner is known before anything lands in it."""
     dirs = ",".join(f"file://{d}" for d in search_path())
-    return [f"hydra.searchpath=[{dirs}]"]
+    return [f"hydra.searchpath=[{dirs}]", "hydra.output_subdir=null", "hydra/job_logging=none"]
 
 
-def check(recipe: str, overrides: list[str], multirun: bool = False) -> tuple[DictConfig, str | None]:
+def check(recipe: str, overrides: list[str], multirun: bool = False) -> tuple[DictConfig, DictConfig, str | None]:
     """Compose and validate every value a sweep names, so bad input fails before any run starts.
 
-    Returns the config of the first combination and where Hydra would write it (`hydra.run.dir`, or
+    Returns the config of the first combination, the same with Hydra's `hydra:` node (a single run
+    starts from it: `launch.run_composed`), and where Hydra would write it (`hydra.run.dir`, or
     `hydra.sweep.dir` for a sweep), resolved now; None if only a running job could resolve it.
     Errors become one-line `UserError`s.
     """
@@ -150,17 +154,18 @@ def check(recipe: str, overrides: list[str], multirun: bool = False) -> tuple[Di
     for i, c in enumerate(choices):
         for v in c[1:]:
             combos.append([*combos[0][:i], v, *combos[0][i + 1 :]])
-    first, out = None, None
+    first, composed, out = None, None, None
     for combo in itertools.islice(combos, 64):
         cfg = compose(recipe, combo, with_hydra=first is None)
         if first is None:
             out = output_dir(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
+            composed, cfg = cfg, copy.deepcopy(cfg)
             with open_dict(cfg):
                 del cfg["hydra"]
             first = cfg
         validate(cfg)
         tracking.check(cfg.trainer)  # a tracker's package: train needs it, eval does not
-    return first, out
+    return first, composed, out
 
 
 def output_dir(cfg: DictConfig, key: str) -> str | None:

@@ -82,7 +82,7 @@ def show_targets(recipe: str, overrides: list[str]) -> None:
     from peftkit.methods.base import AdapterLinear, count_params
     from peftkit.methods.targets import LinearFromConv1D, layer_roles
 
-    cfg, _ = config.check(recipe, overrides)
+    cfg, _, _ = config.check(recipe, overrides)
     kind = tasks.of(cfg.dataset)
     labels = None if kind.NAME == "causal_lm" else ["0", "1"]
     if kind.NAME == "multitask":  # a head per task, each sized for 2 labels here

@@ -858,7 +858,7 @@ def test_tilde_means_home_in_every_path(tmp_path, tiny_bert, reference, monkeypa
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     copy_run(reference, home / "run")
-    _, out = config.check("quickstart", [f"backbone.path={tiny_bert}", "hydra.run.dir='~/new'"])
+    _, _, out = config.check("quickstart", [f"backbone.path={tiny_bert}", "hydra.run.dir='~/new'"])
     assert out == str(home / "new")
     assert cli("eval", "run=~/run", cwd=tmp_path).returncode == 0
     assert cli("merge", "adapter=~/run", "out='~/merged'", cwd=tmp_path).returncode == 0
@@ -877,7 +877,7 @@ def test_eval_marks_an_unfinished_run_and_resume_still_finds_it(tmp_path, tiny_b
     r = report(run)
     assert r["status"] == "unfinished" and "at step 8" in r["error"] and f"resume={run}" in r["error"]
     monkeypatch.chdir(tmp_path)
-    cfg, _ = config.check("quickstart", tiny(tiny_bert))
+    cfg, _, _ = config.check("quickstart", tiny(tiny_bert))
     _, found = launch.resolve_resume("quickstart", [*tiny(tiny_bert), "resume=true"], cfg)
     assert found is not None and found.resolve() == run.resolve()
     board = cli("report", str(run), f"out={tmp_path}", cwd=tmp_path)
