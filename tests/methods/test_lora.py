@@ -325,3 +325,20 @@ def test_pissa_trains_reloads_bit_exactly_and_merges(which, tiny_bert, tiny_llam
     set_merged(b.model, False)
     for n, p in b.model.named_parameters():
         torch.testing.assert_close(p, weights[n], atol=1e-5, rtol=0)
+
+
+def test_rslora_default_takes_loras_rate_at_loras_scale():
+    """rsLoRA's YAML scales the update as LoRA's does at the default rank (alpha/sqrt(r) = alpha/r = 2),
+    so LoRA's learning rate fits it: at LoRA's alpha (16) its scale was 2.8x LoRA's and the same rate
+    left CoLA at the majority class (docs/results.md). Raising r then keeps rsLoRA's scale growing as
+    sqrt(r), where LoRA's falls as 1/r."""
+    from omegaconf import OmegaConf
+
+    from peftkit import config
+
+    lora, rslora = (OmegaConf.load(config.group_options("method")[n]) for n in ("lora", "rslora"))
+    assert rslora.rslora and not lora.get("rslora", False)
+    assert rslora.r == lora.r and rslora.lr == lora.lr
+    assert rslora.alpha / math.sqrt(rslora.r) == pytest.approx(lora.alpha / lora.r, rel=1e-6)
+    r = 64
+    assert rslora.alpha / math.sqrt(r) > lora.alpha / r * 2
