@@ -230,8 +230,8 @@ def cell_dir(out: Path, side: str, method: str, task: str) -> Path:
 
 def command(side: str, method: str, task: str, run_dir: Path, args) -> list[str]:
     if side == "peftkit":
-        peftkit = Path(sys.executable).parent / "peftkit"
-        return [str(peftkit), "train", *recipe_overrides(method), *task_overrides(task, args), f"hydra.run.dir={run_dir}"]
+        peftkit = [sys.executable, "-m", "peftkit.cli"]  # the `peftkit` command, also where it is not on PATH
+        return [*peftkit, "train", *recipe_overrides(method), *task_overrides(task, args), f"hydra.run.dir={run_dir}"]
     return [sys.executable, __file__, "--peer-job", method, task, str(run_dir), *forwarded(args)]
 
 
