@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         message = str(e) if isinstance(e, Interrupted) and str(e) else f"interrupted (Ctrl-C){INTERRUPTED.get(command, '')}"
         print(f"peftkit: error: {message}", file=sys.stderr)
-        return 130
+        return e.code if isinstance(e, Interrupted) else 130
     except OSError as e:  # the machine's doing (disk full, read-only): one line; a bug's error keeps its traceback
         message = write_error(e)
         if message is None or traceback:

@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from peftkit import config, rundir
-from peftkit.errors import Diverged, Interrupted, UserError
+from peftkit.errors import Diverged, Interrupted, Terminated, UserError
 from peftkit.evaluation import report
 from peftkit.files import newest_complete, user_path, write_error
 
@@ -259,15 +259,16 @@ def hydra_train(recipe: str, overrides: list[str], multirun: bool, passthrough: 
         group = Path(str(HydraConfig.get().sweep.dir)).name if multirun else None  # the trackers' group
         try:
             result = train.run(cfg, run_dir, before_writing, group)
-        except KeyboardInterrupt:  # Ctrl-C: keep what resumes the run, say what that is, stop (a sweep too)
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: keep what resumes the run, say what that is, stop (a sweep too)
+            what, code = ("stopped (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted (Ctrl-C)", 130)
             kept = interrupted_state(run_dir)
             if kept is None:
                 if owner.owned and started["writing"]:
                     owner.remove_created()
-                raise Interrupted("interrupted (Ctrl-C) before the run's first evaluation; nothing was kept") from None
+                raise Interrupted(f"{what} before the run's first evaluation; nothing was kept", code) from None
             go_on = (f"; continue it with peftkit train resume={run_dir}"
                      if newest_complete(run_dir / "checkpoints" / "last") else "")
-            raise Interrupted(f"interrupted (Ctrl-C); {kept}{go_on}") from None
+            raise Interrupted(f"{what}; {kept}{go_on}", code) from None
         except Diverged as e:  # its adapter and checkpoint stay: the last finite ones
             if owner.owned:
                 report.write(run_dir, e.report)

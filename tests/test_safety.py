@@ -753,8 +753,11 @@ def test_prompt_tuning_too_long_names_num_virtual_tokens(tmp_path, tiny_bert):
 
 # ---- Ctrl-C ----------------------------------------------------------------------------------------------
 
-def test_ctrl_c_during_training_says_what_was_kept(tmp_path, tiny_bert):
-    import signal
+@pytest.mark.parametrize("signum,code,said", [(2, 130, "interrupted (Ctrl-C)"), (15, 143, "stopped (SIGTERM)")],
+                         ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_during_training_says_what_was_kept(tmp_path, tiny_bert, signum, code, said):
+    """Ctrl-C, or SIGTERM (a cluster's time limit, `timeout`, `docker stop`), keeps the checkpoint and says
+    how to go on."""
     import time
 
     run = tmp_path / "run"
@@ -767,14 +770,14 @@ def test_ctrl_c_during_training_says_what_was_kept(tmp_path, tiny_bert):
         while not (run / "checkpoints" / "last" / "trainer_state.json").exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == code, err[-3000:]
     assert "Traceback" not in out + err, err[-3000:]
     last = [line for line in err.splitlines() if line.strip()][-1]
-    assert last.startswith("peftkit: error: interrupted (Ctrl-C)") and "kept the checkpoint of step" in last
+    assert last.startswith(f"peftkit: error: {said}") and "kept the checkpoint of step" in last
     assert f"resume={run}" in last and len([x for x in err.splitlines() if x.startswith("peftkit: error:")]) == 1
     assert not (run / ".peftkit.lock").exists() and (run / "checkpoints" / "last" / "state.safetensors").is_file()
 
