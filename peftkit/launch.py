@@ -214,6 +214,7 @@ def hydra_train(recipe: str, overrides: list[str], multirun: bool, passthrough: 
     starts from it instead of composing it again)."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from peftkit import train
 
@@ -306,7 +307,7 @@ def hydra_train(recipe: str, overrides: list[str], multirun: bool, passthrough: 
         return result
 
     try:
-        if composed is not None and not multirun and not passthrough and composed.hydra.mode != "MULTIRUN":
+        if composed is not None and not multirun and not passthrough and composed.hydra.mode != RunMode.MULTIRUN:
             run_composed(task, composed, recipe, out)
         else:
             sys.argv = ["peftkit", *(["--multirun"] if multirun else []), *passthrough, *extra, *overrides]
