@@ -32,6 +32,18 @@ def test_failed_run_is_reported_and_finished_runs_are_skipped(tiny_bert, tmp_pat
     assert json.loads((sweep / "1" / "eval" / "report.json").read_text())["status"] == "failed"
 
 
+def test_hydra_mode_multirun_without_m_sweeps_as_hydra_does(tiny_bert, tmp_path):
+    """A single run starts from the config peftkit composed (launch.run_composed); a config that asks for
+    Hydra's multirun mode still goes through Hydra: the job lands in the sweep folder."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli("train", f"backbone.path={tiny_bert}", "hydra.mode=MULTIRUN", f"hydra.sweep.dir={sweep}",
+                   "dataset.max_train_samples=64", "dataset.max_eval_samples=32", "trainer.max_steps=2",
+                   cwd=tmp_path, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((sweep / "0" / "eval" / "report.json").read_text())["status"] in FINISHED
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_optuna_sweeper_searches_the_dev_score_and_resumes(tiny_bert, tmp_path):
     """hydra/sweeper=optuna: n trials with sampled lr and rank, results file, and a re-run trains nothing."""
     import yaml
