@@ -18,7 +18,9 @@ SST-2 trains for 1 epoch on its first `--sst2-rows` rows (default 20,000 of 67,3
 the others train the recipes' 3 epochs on the whole train split.
 
 A finished cell (eval/report.json with status ok, trained with the recipe as it is now) is
-skipped, so an interrupted bench resumes where it stopped and a retuned recipe reruns its cells. At the end the script runs `peftkit report` over `--out`, checks the targets
+skipped, so an interrupted bench resumes where it stopped and a retuned recipe reruns its cells; a
+peftkit cell stopped mid-training (Ctrl-C, SIGTERM) resumes from its last evaluation's checkpoint
+(`resume=DIR`), a peer cell starts over. At the end the script runs `peftkit report` over `--out`, checks the targets
 (LoRA within 1.0 point of full fine-tuning on the 5-task average, every other method within 2.5,
 each method at least its peer), prints them and writes `<out>/bench.json` and `<out>/results.md`.
 
@@ -91,12 +93,24 @@ def finished(run_dir: Path) -> dict | None:
 
 def up_to_date(cell: tuple[str, str, str], args) -> bool:
     """Finished with the recipe as it is now: a retuned recipe (lr, epochs, rank...) reruns its cells."""
-    from omegaconf import OmegaConf
-
     side, method, task = cell
     run_dir = cell_dir(args.out, side, method, task)
-    if not finished(run_dir):
-        return False
+    return bool(finished(run_dir)) and same_recipe(run_dir, method, task, args)
+
+
+def resumable(cell: tuple[str, str, str], args) -> bool:
+    """A peftkit cell cut short (Ctrl-C, SIGTERM from a time limit) after at least one evaluation,
+    with the recipe as it is now: it resumes from its checkpoint (`resume=DIR`) instead of starting over."""
+    side, method, task = cell
+    run_dir = cell_dir(args.out, side, method, task)
+    return (side == "peftkit" and (run_dir / "checkpoints" / "last").is_dir() and (run_dir / "config.yaml").is_file()
+            and same_recipe(run_dir, method, task, args))
+
+
+def same_recipe(run_dir: Path, method: str, task: str, args) -> bool:
+    """The run's saved config.yaml trains what the cell's command composes now."""
+    from omegaconf import OmegaConf
+
     want = OmegaConf.to_container(cell_config(method, task, args), resolve=True)
     have = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
     def same(key: str) -> bool:
@@ -228,10 +242,11 @@ def cell_dir(out: Path, side: str, method: str, task: str) -> Path:
     return out / side / method / task
 
 
-def command(side: str, method: str, task: str, run_dir: Path, args) -> list[str]:
+def command(side: str, method: str, task: str, run_dir: Path, args, resume: bool = False) -> list[str]:
     if side == "peftkit":
         peftkit = [sys.executable, "-m", "peftkit.cli"]  # the `peftkit` command, also where it is not on PATH
-        return [*peftkit, "train", *recipe_overrides(method), *task_overrides(task, args), f"hydra.run.dir={run_dir}"]
+        where = f"resume={run_dir}" if resume else f"hydra.run.dir={run_dir}"  # resume=DIR continues in DIR
+        return [*peftkit, "train", *recipe_overrides(method), *task_overrides(task, args), where]
     return [sys.executable, __file__, "--peer-job", method, task, str(run_dir), *forwarded(args)]
 
 
@@ -247,13 +262,15 @@ def run_cell(cell: tuple[str, str, str], args, counter: dict) -> None:
     run_dir = cell_dir(args.out, side, method, task)
     log = args.out / "logs" / f"{side}_{method}_{task}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished cell starts over
+    resume = resumable(cell, args)
+    if not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished cell without a checkpoint starts over
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     if args.threads:
         env |= {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     t0 = time.perf_counter()
-    with open(log, "w") as f:
-        rc = subprocess.run(command(side, method, task, run_dir, args), stdout=f, stderr=subprocess.STDOUT,
+    with open(log, "a" if resume else "w") as f:
+        rc = subprocess.run(command(side, method, task, run_dir, args, resume), stdout=f, stderr=subprocess.STDOUT,
                             env=env, cwd=ROOT).returncode
     counter["done"] += 1
     rep = finished(run_dir)
@@ -344,6 +361,8 @@ def main(argv=None) -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(lambda c: run_cell(c, args, counter), todo))
     wall = time.perf_counter() - t0
+    if not any(finished(cell_dir(args.out, *c)) for c in cells):
+        sys.exit("no cell has finished: nothing to report")
 
     from peftkit.evaluation import leaderboard
 
