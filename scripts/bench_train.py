@@ -1,12 +1,14 @@
 """Training throughput of peftkit against Hugging Face peft + transformers' Trainer, on CPU or CUDA.
 
 The job, identical on every side: LoRA r=8, alpha=16, dropout 0 on the attention's query and value
-Linears of a `--backbone` plus a trained classifier head, on the first `--rows` rows of GLUE SST-2
-train; batch 32, max_length 128 with dynamic padding, AdamW lr 1e-3 (weight decay 0, grad-norm clip
-1.0), constant LR without warmup, seed 42, `--steps` optimizer steps, fp32 weights with fp32 or bf16
-autocast (`--precision`), the backbone's own dropout on, on `--device` cpu or cuda. Each side keeps
-its defaults otherwise: peftkit's `torch.optim.AdamW` (per-tensor loop on CPU), Trainer's
-`adamw_torch_fused`. Three configurations, each in its own fresh subprocess:
+Linears of a `--backbone` plus a trained classifier head, on the first `--rows` rows (default 8,000,
+or all there are) of GLUE SST-2 train (`--data mrpc`: MRPC's sentence pairs, 3,668 rows); batch
+32, max_length 128 with dynamic padding, AdamW lr 1e-3 (weight decay 0, grad-norm clip 1.0), constant LR without warmup, seed 42, `--steps` optimizer steps, fp32 weights with fp32 or bf16
+autocast (`--precision`), the backbone's own dropout on, on `--device` cpu or cuda. Both sides use
+fused AdamW (peftkit's `torch.optim.AdamW(fused=True)`, Trainer's `adamw_torch_fused`).
+`--method full` trains the whole model instead (glue_full's lr 5e-5 and weight decay 0.01 on both
+sides, biases and LayerNorm weights exempt on both) against plain `Trainer`, no peft. Three
+configurations, each in its own fresh subprocess:
 
   peftkit       `peftkit.config.compose("glue_lora", overrides)` + `peftkit.train.run`
                 (`trainer.device=cpu` on cpu, `auto` on cuda; `trainer.precision=fp32|bf16`;
@@ -17,6 +19,8 @@ its defaults otherwise: peftkit's `torch.optim.AdamW` (per-tensor loop on CPU), 
                 dtype=float32)`, `TrainingArguments(use_cpu=device == "cpu", bf16=precision == "bf16")`.
   peft_grouped  the same with `train_sampling_strategy="group_by_length"` (`LengthGroupedSampler`,
                 lengths taken from `input_ids` when the dataloader is built).
+  With `--method full`: peftkit `compose("glue_full", ...)`, and `trainer_default` /
+  `trainer_grouped`, the two Trainer sides above without `get_peft_model`.
 
 The two length-grouped sides shuffle differently, so their first N batches hold a few percent
 more or fewer (padded) tokens than each other; random batches hold about 3x more on SST-2.
@@ -70,11 +74,12 @@ What is measured, per configuration:
                       counting adds no synchronization). `padded_tokens_per_s`: `input_ids.numel()`
                       instead, the positions actually computed.
   model_tflops        an ESTIMATE of the achieved model FLOP/s, in TFLOP/s:
-                        (4 x N_frozen + 6 x N_lora) x tokens_per_s / 1e12
+                        (4 x N_frozen + 6 x N_trained) x tokens_per_s / 1e12
                       N_frozen: the frozen 2-D weights (Linears) inside the transformer layers
                       (`<...>.layer.N.`/`.layers.N.`), each 2 FLOPs per token forward and 2 for the
-                      input gradient (frozen: no weight gradient); N_lora: the trained 2-D weights
-                      in the layers (LoRA A and B: forward, input gradient, weight gradient, 6).
+                      input gradient (frozen: no weight gradient); N_trained: the trained 2-D
+                      weights in the layers (LoRA A and B, or all of them with --method full:
+                      forward, input gradient, weight gradient, 6).
                       Counted on each side's own model (`flop_params`). Left out: attention's
                       score and context matmuls (small at SST-2's ~25-token sentences, not at long
                       sequences), embeddings, the head, elementwise work, and padding: it counts
@@ -97,12 +102,13 @@ run several times slower (OpenMP threads wait on descheduled peers); `--threads 
 idle box but far steadier on a busy one. `--repeat N` runs N rounds (each round every
 configuration once, in turn) and reports the median of each number, with the per-run values.
 
-`--json PATH` writes {peftkit, peft_default, peft_grouped: {samples_per_s, loop_samples_per_s,
+`--json PATH` writes {peftkit, <peer>, <peer>: {samples_per_s, loop_samples_per_s,
 tokens_per_s, padded_tokens_per_s, model_tflops, peak_fraction, peak_rss_mb, peak_gpu_mb, wall_s,
-steps, precision, device, threads, flop_params: {frozen, lora}, repeats, <measure>_runs} or null
-when not run, ratio_vs_peft_default, ratio_vs_peft_grouped: peftkit's samples_per_s over theirs
-(null when a side is missing), setup: {task, device, precision, backbone, backbone_dir, model_type,
-targets, rows, steps, batch_size, max_length, peak_tflops, flops}, machine: {cpu_count, platform,
+steps, precision, device, threads, flop_params: {frozen, trained}, repeats, <measure>_runs} or null
+when not run, ratio_vs_<peer> for both peers (peft_default, peft_grouped; trainer_default,
+trainer_grouped with --method full): peftkit's samples_per_s over theirs (null when a side is
+missing), setup: {task, method, lr, weight_decay, device, precision, backbone, backbone_dir, model_type,
+targets, data, rows, steps, batch_size, max_length, peak_tflops, flops}, machine: {cpu_count, platform,
 python, cuda, versions: {torch, transformers, peft, accelerate}}}.
 
 `--task causal_lm` runs `scripts/llm_bench.py speed` instead (peftkit's packed rows against peft +
@@ -118,7 +124,7 @@ without one. Its LoRA targets are q,k,v,o (`--targets` does not apply) and `--st
 apply (one epoch). minilm and bert-base are encoders: causal_lm takes llama-0.4b or a PATH.
 
 Usage:
-    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_train.py [--steps 150] [--rows 8000]
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_train.py [--method lora|full] [--data sst2|mrpc] [--steps 150] [--rows 8000]
         [--device cpu|cuda] [--precision fp32|bf16] [--backbone minilm|bert-base|llama-0.4b|PATH]
         [--targets a,b] [--peak-tflops X] [--threads N] [--repeat N] [--only peftkit,peft_grouped]
         [--json out.json] [--glue-dir DIR]
@@ -158,13 +164,17 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = ("peftkit", "peft_default", "peft_grouped")
+CONFIGS = ("peftkit", "peft_default", "peft_grouped", "trainer_default", "trainer_grouped")
+PEERS = {"lora": ("peft_default", "peft_grouped"), "full": ("trainer_default", "trainer_grouped")}
 BACKBONES = ("minilm", "bert-base", "llama-0.4b")
 SEED = 42
 BATCH_SIZE = 32
 MAX_LENGTH = 128
 DEFAULT_ROWS = 8000
-LR = 1e-3
+# --data: GLUE folder, TSV columns (text_a, text_b or None, label); MRPC's file starts with a BOM
+DATA = {"sst2": ("SST-2", "sentence", None, "label"), "mrpc": ("MRPC", "#1 String", "#2 String", "Quality")}
+LR = {"lora": 1e-3, "full": 5e-5}  # glue_lora's and glue_full's rates
+WEIGHT_DECAY = {"lora": 0.0, "full": 0.01}  # glue_full's; both sides exempt biases and LayerNorm weights
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 8, 16, 0.0
 BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert", "electra")  # query/key/value Linears
 SKIP_STEPS = 5  # first optimizer steps left out of loop_samples_per_s
@@ -176,7 +186,7 @@ LLAMA_04B = dict(vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_a
                  num_key_value_heads=8, intermediate_size=4096, max_position_embeddings=2048,
                  tie_word_embeddings=True)
 LAYER = re.compile(r"\.(layer|layers|h|blocks?)\.\d+\.")  # a parameter inside a transformer layer
-FLOPS = "(4 x N_frozen + 6 x N_lora) x real tokens/s (2-D weights in the transformer layers; an estimate)"
+FLOPS = "(4 x N_frozen + 6 x N_trained) x real tokens/s (2-D weights in the transformer layers; an estimate)"
 DEFAULT_GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "glue"
 
 
@@ -292,14 +302,14 @@ class TokenCounter:
         self._found = True
         self._finder.remove()
         module.register_forward_pre_hook(self._count, with_kwargs=True)
-        frozen = lora = 0
+        frozen = trained = 0
         for name, p in module.named_parameters():
             if p.ndim == 2 and LAYER.search("." + name):
                 if p.requires_grad:
-                    lora += p.numel()
+                    trained += p.numel()
                 else:
                     frozen += p.numel()
-        self.flop_params = {"frozen": frozen, "lora": lora}
+        self.flop_params = {"frozen": frozen, "trained": trained}
 
     def _count(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -323,7 +333,7 @@ def train_peftkit(args, work: Path) -> dict:
     from peftkit import config, train
 
     overrides = [
-        "dataset=glue/sst2",
+        f"dataset=glue/{args.data}",
         f"dataset.data_dir={args.glue_dir}",
         f"dataset.max_train_samples={args.rows}",
         "dataset.max_eval_samples=64",
@@ -335,32 +345,35 @@ def train_peftkit(args, work: Path) -> dict:
         "trainer.checkpoint=false",
         f"trainer.precision={args.precision}",
         f"trainer.device={'auto' if args.device == 'cuda' else 'cpu'}",
-        f"trainer.lr={LR}",
-        f"method.r={LORA_R}",
-        f"method.alpha={LORA_ALPHA}",
-        f"method.dropout={LORA_DROPOUT}",
-        f"method.target_modules=[{','.join(args.targets)}]",
+        f"trainer.lr={LR[args.method]}",
+        f"trainer.weight_decay={WEIGHT_DECAY[args.method]}",
         f"backbone.max_length={MAX_LENGTH}",
         f"seed={SEED}",
     ]
+    if args.method == "lora":
+        overrides += [f"method.r={LORA_R}", f"method.alpha={LORA_ALPHA}", f"method.dropout={LORA_DROPOUT}",
+                      f"method.target_modules=[{','.join(args.targets)}]"]
     if args.backbone != "minilm":  # minilm: the recipe's own backbone (its package's folder)
         overrides += [f"backbone.path={args.backbone_dir}", f"backbone.name=bench-{args.backbone_dir.name}"]
-    cfg = config.compose("glue_lora", overrides)
+    cfg = config.compose(f"glue_{args.method}", overrides)
     result = train.run(cfg, work / "run")
     return {"samples_per_s": result["samples_per_s"], "steps": result["total_steps"]}
 
 
-def load_sst2(glue_dir: Path, rows: int) -> tuple[list[str], list[int]]:
+def load_glue(glue_dir: Path, data: str, rows: int) -> dict[str, list]:
+    """The first `rows` rows of a GLUE train TSV: {text_a, [text_b,] label}."""
     import csv
 
     import pandas as pd
 
-    df = pd.read_csv(glue_dir / "SST-2" / "train.tsv", sep="\t", quoting=csv.QUOTE_NONE, dtype=str,
-                     keep_default_na=False, nrows=rows)
-    return df["sentence"].tolist(), [int(x) for x in df["label"]]
+    folder, a, b, label = DATA[data]
+    df = pd.read_csv(glue_dir / folder / "train.tsv", sep="\t", quoting=csv.QUOTE_NONE, dtype=str,
+                     keep_default_na=False, nrows=rows, encoding="utf-8-sig")
+    return {"text_a": df[a].tolist(), **({"text_b": df[b].tolist()} if b else {}), "label": [int(x) for x in df[label]]}
 
 
-def train_hf_peft(args, work: Path, sampling: str) -> dict:
+def train_hf(args, work: Path, sampling: str) -> dict:
+    """peft's LoRA (`--method lora`) or the whole model (`--method full`) under transformers' Trainer."""
     import datasets
     import torch
     import transformers
@@ -375,21 +388,23 @@ def train_hf_peft(args, work: Path, sampling: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
     if tokenizer.pad_token is None:  # as peftkit: decoders pad with eos
         tokenizer.pad_token = tokenizer.eos_token
-    sentences, labels = load_sst2(args.glue_dir, args.rows)
-    train_set = datasets.Dataset.from_dict({"sentence": sentences, "label": labels}).map(
-        lambda b: tokenizer(b["sentence"], truncation=True, max_length=MAX_LENGTH),
-        batched=True, remove_columns=["sentence"],
+    rows = load_glue(args.glue_dir, args.data, args.rows)
+    texts = [c for c in ("text_a", "text_b") if c in rows]
+    train_set = datasets.Dataset.from_dict(rows).map(
+        lambda b: tokenizer(*(b[c] for c in texts), truncation=True, max_length=MAX_LENGTH),
+        batched=True, remove_columns=texts,
     )
     # fp32 weights as peftkit loads them (transformers 5 would keep a checkpoint's own dtype)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=torch.float32)
     if model.config.pad_token_id is None:  # a decoder finds each row's last token by it
         model.config.pad_token_id = tokenizer.pad_token_id
-    lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=list(args.targets),
-                      task_type="SEQ_CLS")
-    model = get_peft_model(model, lora)
+    if args.method == "lora":
+        lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
+                          target_modules=list(args.targets), task_type="SEQ_CLS")
+        model = get_peft_model(model, lora)
     training_args = TrainingArguments(
         output_dir=str(work / "trainer"), per_device_train_batch_size=BATCH_SIZE, max_steps=args.steps,
-        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, seed=SEED, report_to=[],
+        learning_rate=LR[args.method], weight_decay=WEIGHT_DECAY[args.method], lr_scheduler_type="constant", warmup_steps=0, seed=SEED, report_to=[],
         save_strategy="no", eval_strategy="no", logging_strategy="no", use_cpu=args.device == "cpu",
         dataloader_num_workers=0, bf16=args.precision == "bf16", train_sampling_strategy=sampling,
     )
@@ -401,8 +416,10 @@ def train_hf_peft(args, work: Path, sampling: str) -> dict:
 
 RUNNERS = {
     "peftkit": train_peftkit,
-    "peft_default": lambda args, work: train_hf_peft(args, work, "random"),
-    "peft_grouped": lambda args, work: train_hf_peft(args, work, "group_by_length"),
+    "peft_default": lambda args, work: train_hf(args, work, "random"),
+    "peft_grouped": lambda args, work: train_hf(args, work, "group_by_length"),
+    "trainer_default": lambda args, work: train_hf(args, work, "random"),
+    "trainer_grouped": lambda args, work: train_hf(args, work, "group_by_length"),
 }
 
 
@@ -419,7 +436,7 @@ def child(name: str, args, out: Path) -> None:
         raise RuntimeError(f"{name}: {len(clock.stamps)} optimizer steps seen, {measured['steps']} reported")
     tokens, padded = counter.tokens_per_s(clock.window(), len(clock.stamps) - SKIP_STEPS)
     fp = counter.flop_params
-    flops_per_token = 4 * fp["frozen"] + 6 * fp["lora"] if fp else None
+    flops_per_token = 4 * fp["frozen"] + 6 * fp["trained"] if fp else None
     measured |= {
         "loop_samples_per_s": clock.samples_per_s(BATCH_SIZE),
         "tokens_per_s": tokens,
@@ -449,9 +466,9 @@ def run_child(name: str, args, tmp: Path) -> dict:
     """One configuration in a fresh interpreter; its output goes to a log shown only on failure."""
     out, log = tmp / f"{name}.json", tmp / f"{name}.log"
     cmd = [sys.executable, __file__, "--child", name, "--child-out", str(out), "--steps", str(args.steps),
-           "--rows", str(args.rows), "--precision", args.precision, "--glue-dir", str(args.glue_dir),
+           "--rows", str(args.rows), "--data", args.data, "--precision", args.precision, "--glue-dir", str(args.glue_dir),
            "--device", args.device, "--backbone", args.backbone, "--backbone-dir", str(args.backbone_dir),
-           "--targets", ",".join(args.targets)]
+           "--targets", ",".join(args.targets), "--method", args.method]
     t0 = time.perf_counter()
     with open(log, "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(args, tmp, name)).returncode
@@ -500,7 +517,8 @@ def print_report(results: dict, args) -> None:
     from rich.table import Table
 
     median = f", median of {args.repeat} runs (min-max)" if args.repeat > 1 else ""
-    table = Table(title=f"LoRA {','.join(args.targets)} on {args.backbone_label} ({args.model_type}), SST-2 ({args.rows} "
+    job = f"LoRA {','.join(args.targets)}" if args.method == "lora" else "full fine-tuning"
+    table = Table(title=f"{job} on {args.backbone_label} ({args.model_type}), {DATA[args.data][0]} ({args.rows} "
                         f"rows), {args.steps} steps, batch {BATCH_SIZE}, {args.precision} on {args.device}{median}")
     cols = [("samples/s (own)", "samples_per_s", ".1f"), ("samples/s (loop)", "loop_samples_per_s", ".1f"),
             ("tokens/s (loop)", "tokens_per_s", ".0f"), ("TFLOP/s (est.)", "model_tflops", ".3g"),
@@ -532,8 +550,8 @@ def print_report(results: dict, args) -> None:
     console.print(table)
     fp = next((r["flop_params"] for r in results.values() if r.get("flop_params")), None)
     if fp:
-        console.print(f"TFLOP/s is an estimate: {FLOPS}; N_frozen {fp['frozen']:,}, N_lora {fp['lora']:,}")
-    for other in ("peft_default", "peft_grouped"):
+        console.print(f"TFLOP/s is an estimate: {FLOPS}; N_frozen {fp['frozen']:,}, N_trained {fp['trained']:,}")
+    for other in PEERS[args.method]:
         own, loop = ratio(results, "samples_per_s", other), ratio(results, "loop_samples_per_s", other)
         if own is not None:
             console.print(f"peftkit / {other}: {own:.2f}x (own samples/s), {fmt(loop, '.2f')}x (loop samples/s)")
@@ -543,8 +561,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=("classification", "causal_lm"), default="classification",
                    help="causal_lm: run scripts/llm_bench.py speed (see the docstring)")
+    p.add_argument("--method", choices=tuple(PEERS), default="lora",
+                   help="lora (against peft + Trainer) or full fine-tuning (against plain Trainer)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per configuration (default 150)")
-    p.add_argument("--rows", type=int, help=f"first N rows of SST-2 train (default {DEFAULT_ROWS}); causal_lm: llm_bench --train")
+    p.add_argument("--data", choices=tuple(DATA), default="sst2", help="GLUE train split: sst2 (one sentence) or mrpc (pairs)")
+    p.add_argument("--rows", type=int, help=f"first N rows of --data's train split (default {DEFAULT_ROWS}); causal_lm: llm_bench --train")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--backbone", default="minilm", help=f"{'|'.join(BACKBONES)}|PATH (a local HF model folder)")
@@ -555,18 +576,20 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--glue-dir", type=Path, default=DEFAULT_GLUE, help=f"GLUE TSVs (default {DEFAULT_GLUE})")
     p.add_argument("--math-dir", type=Path, help="causal_lm: llm_bench's --math-dir (default its own)")
-    p.add_argument("--only", default=",".join(CONFIGS), help=f"comma list of configurations (default {','.join(CONFIGS)})")
+    p.add_argument("--only", help="comma list of configurations (default: peftkit and --method's two peers)")
     p.add_argument("--save-backbone", type=Path, metavar="DIR", help="build --backbone (bert-base, llama-0.4b) into DIR, then exit")
     p.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--backbone-dir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.glue_dir = args.glue_dir.resolve()
-    args.only = [c.strip() for c in args.only.split(",") if c.strip()]
+    configs = ("peftkit",) + PEERS[args.method]
+    args.only = [c.strip() for c in (args.only or ",".join(configs)).split(",") if c.strip()]
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
-    unknown = set(args.only) - set(CONFIGS)
-    if unknown or not args.only:
-        p.error(f"--only takes a comma list of {', '.join(CONFIGS)}")
+    if set(args.only) - set(configs) or not args.only:
+        p.error(f"--only takes a comma list of {', '.join(configs)} (--method {args.method})")
+    if args.method == "full" and args.task == "causal_lm":
+        p.error("--method full is for classification; --task causal_lm measures LoRA (llm_bench.py speed)")
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
     if args.steps <= SKIP_STEPS + 1:
@@ -581,10 +604,11 @@ def parse_args(argv=None):
         if args.backbone in ("minilm", "bert-base"):
             p.error("--task causal_lm needs a decoder: --backbone llama-0.4b or a PATH to a causal LM folder")
         return args
-    if args.rows is None:
-        args.rows = DEFAULT_ROWS
-    if not (args.glue_dir / "SST-2" / "train.tsv").is_file():
-        p.error(f"no SST-2/train.tsv under {args.glue_dir}; pass --glue-dir")
+    train_tsv = args.glue_dir / DATA[args.data][0] / "train.tsv"
+    if not train_tsv.is_file():
+        p.error(f"no {DATA[args.data][0]}/train.tsv under {args.glue_dir}; pass --glue-dir")
+    with open(train_tsv, encoding="utf-8-sig") as f:
+        args.rows = min(args.rows or DEFAULT_ROWS, sum(1 for _ in f) - 1)  # MRPC has 3,668
     return args
 
 
@@ -645,12 +669,13 @@ def main(argv=None) -> None:
     results = {name: summarize(r, args.peak_tflops) for name, r in runs.items()}
     print_report(results, args)
     if args.json:
-        report = {name: results.get(name) for name in CONFIGS} | {
-            "ratio_vs_peft_default": ratio(results, "samples_per_s", "peft_default"),
-            "ratio_vs_peft_grouped": ratio(results, "samples_per_s", "peft_grouped"),
-            "setup": {"task": args.task, "device": args.device, "precision": args.precision, "backbone": args.backbone,
+        peers = PEERS[args.method]
+        report = {name: results.get(name) for name in ("peftkit",) + peers} | {
+            f"ratio_vs_{peer}": ratio(results, "samples_per_s", peer) for peer in peers} | {
+            "setup": {"task": args.task, "method": args.method, "lr": LR[args.method],
+                      "weight_decay": WEIGHT_DECAY[args.method], "device": args.device, "precision": args.precision, "backbone": args.backbone,
                       "backbone_dir": str(args.backbone_dir), "model_type": args.model_type, "targets": args.targets,
-                      "rows": args.rows, "steps": args.steps, "batch_size": BATCH_SIZE, "max_length": MAX_LENGTH,
+                      "data": args.data, "rows": args.rows, "steps": args.steps, "batch_size": BATCH_SIZE, "max_length": MAX_LENGTH,
                       "peak_tflops": args.peak_tflops, "flops": FLOPS},
             "machine": machine(),
         }
