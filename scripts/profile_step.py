@@ -8,7 +8,9 @@ Two steps it knows, each built with peftkit's own recipe, task and model code:
     .venv/bin/python scripts/profile_step.py lm --math-dir ../shared/llm/math [--threads 1]
 
 It prints the step's throughput without the profiler, then the top ops with their share of the
-profiled time; `--json` writes both.
+profiled time; `--json` writes both. `--compile` runs the model through `torch.compile(dynamic=True)`
+(inductor) and also reports how long the warm-up steps took, which is where it compiles: compare
+with the same command without it (the same batches are timed either way).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from peftkit import config, model, tasks  # noqa: E402
 from peftkit.data.batching import train_batches  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+WARMUP_STEPS = 8
 
 
 def build(part: str, data_dir: str):
@@ -50,6 +53,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--steps", type=int, default=None, help="steps timed and profiled (default: 20 cls, 1 lm)")
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes) before the warm-up steps")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.threads:
@@ -58,6 +62,8 @@ def main() -> None:
     kind, net, train, batches = build(args.part, args.glue_dir if args.part == "cls" else args.math_dir)
     net.train()
     opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=1e-4)
+    if args.compile:
+        net = torch.compile(net, dynamic=True)
     unit = "samples" if args.part == "cls" else "tokens"
 
     def step(b):
@@ -69,9 +75,12 @@ def main() -> None:
     def size(b):
         return len(b) if unit == "samples" else sum(train.lengths[i] for i in b)
 
-    warm, timed, profiled = batches[:2], batches[2 : 2 + steps], batches[2 + steps : 2 + 2 * steps]
+    w = WARMUP_STEPS  # enough batch shapes for a dynamic-shape compile to settle
+    warm, timed, profiled = batches[:w], batches[w : w + steps], batches[w + steps : w + 2 * steps]
+    t0 = time.perf_counter()
     for b in warm:
         step(b)
+    warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for b in timed:
         step(b)
@@ -87,13 +96,15 @@ def main() -> None:
     total = sum(e.self_cpu_time_total for e in ops)
     top = [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total, "calls": e.count}
            for e in ops[: args.top]]
-    print(f"{args.part}: {speed:.1f} {unit}/s over {steps} steps ({seconds / steps:.2f} s a step, "
-          f"{torch.get_num_threads()} threads); profiled {total / 1e6:.2f} s over {steps} more")
+    print(f"{args.part}{' compiled' if args.compile else ''}: {speed:.1f} {unit}/s over {steps} steps "
+          f"({seconds / steps:.2f} s a step, {torch.get_num_threads()} threads) after {w} warm-up steps in {warmup_s:.1f} s; "
+          f"profiled {total / 1e6:.2f} s over {steps} more")
     for t in top:
         print(f"  {t['share'] * 100:5.1f}%  {t['self_s']:7.2f} s  {t['calls']:6d}  {t['op']}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"part": args.part, f"{unit}_per_s": speed, "threads": torch.get_num_threads(),
-                                               "steps": steps, "profiled_s": total / 1e6, "top": top}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"part": args.part, "compile": args.compile, f"{unit}_per_s": speed,
+                                               "threads": torch.get_num_threads(), "steps": steps, "warmup_steps": w,
+                                               "warmup_s": warmup_s, "profiled_s": total / 1e6, "top": top}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
