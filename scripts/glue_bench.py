@@ -37,8 +37,10 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,6 +53,16 @@ PEERS = {"full": "full · Trainer", "lora": "lora · peft+Trainer", "ia3": "ia3 
 SIDES = ("peftkit", "peer")
 TARGETS = {"lora": 1.0}  # max points below full fine-tuning on the average; every other method: 2.5
 DEFAULT_GAP = 2.5
+RUNNING: set[subprocess.Popen] = set()  # the cells training now
+STOPPING = threading.Event()
+
+
+def stop_cells(signum, frame) -> None:
+    """SIGTERM to the bench (a time limit, `kill`): its running cells get it too and stop as on Ctrl-C
+    (a peftkit cell keeps its checkpoint and resumes on the next run); no new cell starts."""
+    STOPPING.set()
+    for proc in list(RUNNING):
+        proc.send_signal(signal.SIGTERM)
 
 
 def task_overrides(task: str, args) -> list[str]:
@@ -258,6 +270,8 @@ def forwarded(args) -> list[str]:
 
 
 def run_cell(cell: tuple[str, str, str], args, counter: dict) -> None:
+    if STOPPING.is_set():
+        return
     side, method, task = cell
     run_dir = cell_dir(args.out, side, method, task)
     log = args.out / "logs" / f"{side}_{method}_{task}.log"
@@ -270,12 +284,19 @@ def run_cell(cell: tuple[str, str, str], args, counter: dict) -> None:
         env |= {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     t0 = time.perf_counter()
     with open(log, "a" if resume else "w") as f:
-        rc = subprocess.run(command(side, method, task, run_dir, args, resume), stdout=f, stderr=subprocess.STDOUT,
-                            env=env, cwd=ROOT).returncode
+        proc = subprocess.Popen(command(side, method, task, run_dir, args, resume), stdout=f, stderr=subprocess.STDOUT,
+                                env=env, cwd=ROOT)
+        RUNNING.add(proc)
+        if STOPPING.is_set():  # the signal came while this cell was starting
+            proc.send_signal(signal.SIGTERM)
+        rc = proc.wait()
+        RUNNING.discard(proc)
     counter["done"] += 1
     rep = finished(run_dir)
     where = f"[{counter['done']}/{counter['total']}] {side} {method} {task}"
-    if rc or rep is None:
+    if rc and STOPPING.is_set():
+        print(f"{where}: stopped" + (", resumes on the next run" if resumable(cell, args) else ""), flush=True)
+    elif rc or rep is None:
         print(f"{where}: FAILED (exit {rc}); see {log}", flush=True)
     else:
         print(f"{where}: {rep['score']:.2f} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -358,9 +379,13 @@ def main(argv=None) -> None:
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run", flush=True)
     counter = {"done": 0, "total": len(todo)}
     t0 = time.perf_counter()
+    signal.signal(signal.SIGTERM, stop_cells)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(lambda c: run_cell(c, args, counter), todo))
     wall = time.perf_counter() - t0
+    if STOPPING.is_set():
+        print("stopped (SIGTERM): the same command continues (stopped peftkit cells resume from their checkpoints)", flush=True)
+        sys.exit(143)
     if not any(finished(cell_dir(args.out, *c)) for c in cells):
         sys.exit("no cell has finished: nothing to report")
 
