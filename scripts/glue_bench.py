@@ -26,7 +26,7 @@ each method at least its peer), prints them and writes `<out>/bench.json` and `<
 
 Usage:
     .venv/bin/python scripts/glue_bench.py [--out outputs/glue_bench] [--precision fp32|bf16]
-        [--jobs 2] [--threads 1] [--methods full,lora,ia3,houlsby (any registered method)] [--tasks cola,sst2,mrpc,stsb,rte]
+        [--jobs 2] [--threads 1] [--methods full,lora,ia3,houlsby (any registered methods, or all)] [--tasks cola,sst2,mrpc,stsb,rte]
         [--sides peftkit,peer] [--sst2-rows 20000] [--glue-dir ../shared/glue] [--override trainer.lr=3e-3 ...]
 """
 
@@ -53,6 +53,11 @@ PEERS = {"full": "full · Trainer", "lora": "lora · peft+Trainer", "ia3": "ia3 
 SIDES = ("peftkit", "peer")
 TARGETS = {"lora": 1.0}  # max points below full fine-tuning on the average; every other method: 2.5
 DEFAULT_GAP = 2.5
+NOT_IN_ALL = {  # `--methods all`: every registered method but these, which do not train alone on one GLUE task
+    "adapter_fusion": "fuses adapters trained on other tasks first",
+    "scalearn": "combines adapters trained on other tasks first",
+    "llama_adapter": "needs a decoder (it prefixes a causal LM's upper layers)",
+}
 RUNNING: set[subprocess.Popen] = set()  # the cells training now
 STOPPING = threading.Event()
 
@@ -352,7 +357,8 @@ def main(argv=None) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--jobs", type=int, default=1, help="cells trained at once (default 1)")
     p.add_argument("--threads", type=int, help="torch threads per cell (default: torch's)")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma list of registered methods, or all (every one but {', '.join(NOT_IN_ALL)})")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--sides", default=",".join(SIDES))
     p.add_argument("--sst2-rows", type=int, default=20000)
@@ -370,6 +376,8 @@ def main(argv=None) -> None:
         f"choose from {', '.join(allowed)}")
     from peftkit.methods import METHODS as REGISTERED
 
+    if args.methods == "all":
+        args.methods = ",".join(m for m in sorted(REGISTERED) if m not in NOT_IN_ALL)
     methods, tasks, sides = pick(args.methods, sorted(REGISTERED)), pick(args.tasks, TASKS), pick(args.sides, SIDES)
     if not (args.glue_dir / "RTE" / "dev.tsv").is_file():
         p.error(f"no GLUE TSVs under {args.glue_dir}; pass --glue-dir")
