@@ -20,9 +20,10 @@ the others train the recipes' 3 epochs on the whole train split.
 A finished cell (eval/report.json with status ok, trained with the recipe as it is now) is
 skipped, so an interrupted bench resumes where it stopped and a retuned recipe reruns its cells; a
 peftkit cell stopped mid-training (Ctrl-C, SIGTERM) resumes from its last evaluation's checkpoint
-(`resume=DIR`), a peer cell starts over. At the end the script runs `peftkit report` over `--out`, checks the targets
-(LoRA within 1.0 point of full fine-tuning on the 5-task average, every other method within 2.5,
-each method at least its peer), prints them and writes `<out>/bench.json` and `<out>/results.md`.
+(`resume=DIR`), a peer cell starts over. At the end the script runs `peftkit report` over
+`--out`, checks the targets (LoRA within 1.0 point of full fine-tuning on the 5-task average,
+every other method within 2.5, each method at least its peer), prints them and writes
+`<out>/bench.json` and `<out>/results.md`.
 
 Usage:
     .venv/bin/python scripts/glue_bench.py [--out outputs/glue_bench] [--precision fp32|bf16]
