@@ -3,7 +3,8 @@
 The job, identical on every side: LoRA r=8, alpha=16, dropout 0 on the attention's query and value
 Linears of a `--backbone` plus a trained classifier head, on the first `--rows` rows (default 8,000,
 or all there are) of GLUE SST-2 train (`--data mrpc`: MRPC's sentence pairs, 3,668 rows); batch
-32, max_length 128 with dynamic padding, AdamW lr 1e-3 (weight decay 0, grad-norm clip 1.0), constant LR without warmup, seed 42, `--steps` optimizer steps, fp32 weights with fp32 or bf16
+32, max_length 128 with dynamic padding, AdamW lr 1e-3 (weight decay 0, grad-norm clip 1.0),
+constant LR without warmup, seed 42, `--steps` optimizer steps, fp32 weights with fp32 or bf16
 autocast (`--precision`), the backbone's own dropout on, on `--device` cpu or cuda. Both sides use
 fused AdamW (peftkit's `torch.optim.AdamW(fused=True)`, Trainer's `adamw_torch_fused`).
 `--method full` trains the whole model instead (glue_full's lr 5e-5 and weight decay 0.01 on both
@@ -150,6 +151,7 @@ describes. Not run on a GPU yet; by estimate (GPU.md measured 60-80 ms a step on
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -404,7 +406,8 @@ def train_hf(args, work: Path, sampling: str) -> dict:
         model = get_peft_model(model, lora)
     training_args = TrainingArguments(
         output_dir=str(work / "trainer"), per_device_train_batch_size=BATCH_SIZE, max_steps=args.steps,
-        learning_rate=LR[args.method], weight_decay=WEIGHT_DECAY[args.method], lr_scheduler_type="constant", warmup_steps=0, seed=SEED, report_to=[],
+        learning_rate=LR[args.method], weight_decay=WEIGHT_DECAY[args.method], lr_scheduler_type="constant",
+        warmup_steps=0, seed=SEED, report_to=[],
         save_strategy="no", eval_strategy="no", logging_strategy="no", use_cpu=args.device == "cpu",
         dataloader_num_workers=0, bf16=args.precision == "bf16", train_sampling_strategy=sampling,
     )
@@ -416,10 +419,9 @@ def train_hf(args, work: Path, sampling: str) -> dict:
 
 RUNNERS = {
     "peftkit": train_peftkit,
-    "peft_default": lambda args, work: train_hf(args, work, "random"),
-    "peft_grouped": lambda args, work: train_hf(args, work, "group_by_length"),
-    "trainer_default": lambda args, work: train_hf(args, work, "random"),
-    "trainer_grouped": lambda args, work: train_hf(args, work, "group_by_length"),
+} | {  # the same two Trainer sides; --method decides whether peft wraps the model
+    name: functools.partial(train_hf, sampling=sampling)
+    for peers in PEERS.values() for name, sampling in zip(peers, ("random", "group_by_length"))
 }
 
 
