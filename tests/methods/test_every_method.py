@@ -111,3 +111,13 @@ def test_every_method_has_a_docs_entry():
     for name in METHODS:
         assert f"(`{name}`)\n" in text, name
         assert f"[`{name}`]" in text, name
+
+
+def test_docs_table_names_each_yamls_learning_rate():
+    """The summary table's lr column is the rate `trainer.lr` defaults to: the method's YAML `lr`."""
+    rows = [line.split("|") for line in (ROOT / "docs" / "methods.md").read_text().splitlines()
+            if line.startswith("| ") and "[`" in line]
+    lr_in_docs = {row[2].split("`")[1]: float(row[-2]) for row in rows}
+    for name in METHODS:
+        yaml_lr = OmegaConf.load(ROOT / "configs" / "method" / f"{name}.yaml").lr
+        assert lr_in_docs[name] == float(yaml_lr), (name, lr_in_docs[name], yaml_lr)
