@@ -89,6 +89,13 @@ What is measured, per configuration:
                       `--peak-tflops X` (e.g. 989 for an H200's dense bf16), `peak_fraction` =
                       model_tflops / X.
   peak_rss_mb         `resource.getrusage(RUSAGE_SELF).ru_maxrss` in the child at the end, in MB.
+                      glibc keeps freed blocks for reuse, so this is live memory plus the
+                      allocator's cache, which depends on each side's order of allocations (on
+                      MRPC the cache alone made peftkit's peak 8% above peft's). `--live-memory`
+                      runs the children with MALLOC_MMAP_THRESHOLD_=131072: every block of
+                      128 KiB or more is mmapped and returned when freed, so the peak is the live
+                      peak (tensors, libraries, the model); the steps are slower then, so take
+                      speed from a run without it.
   peak_gpu_mb         cuda only (null on cpu): `torch.cuda.max_memory_allocated() / 2**20` in the
                       child at the end (the whole child, model loading included; the measure
                       peftkit's run report uses too).
@@ -128,7 +135,7 @@ Usage:
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_train.py [--method lora|full] [--data sst2|mrpc] [--steps 150] [--rows 8000]
         [--device cpu|cuda] [--precision fp32|bf16] [--backbone minilm|bert-base|llama-0.4b|PATH]
         [--targets a,b] [--peak-tflops X] [--threads N] [--repeat N] [--only peftkit,peft_grouped]
-        [--json out.json] [--glue-dir DIR]
+        [--live-memory] [--json out.json] [--glue-dir DIR]
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_train.py --task causal_lm --backbone llama-0.4b|PATH
         [--rows N] [--device cpu|cuda] [--math-dir DIR] [--json out.json]
     .venv/bin/python scripts/bench_train.py --backbone bert-base|llama-0.4b --save-backbone DIR   # build only
@@ -189,6 +196,7 @@ LLAMA_04B = dict(vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_a
                  tie_word_embeddings=True)
 LAYER = re.compile(r"\.(layer|layers|h|blocks?)\.\d+\.")  # a parameter inside a transformer layer
 FLOPS = "(4 x N_frozen + 6 x N_trained) x real tokens/s (2-D weights in the transformer layers; an estimate)"
+LIVE_MEMORY_MMAP_THRESHOLD = 128 * 1024  # --live-memory: glibc serves blocks this big by mmap and unmaps them when freed
 DEFAULT_GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "glue"
 
 
@@ -461,6 +469,8 @@ def child_env(args, tmp: Path, name: str) -> dict:
     env = os.environ | {"HF_HUB_OFFLINE": "1", "PEFTKIT_CACHE": str(tmp / f"cache_{name}")}
     if args.threads:
         env |= {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    if args.live_memory:
+        env |= {"MALLOC_MMAP_THRESHOLD_": str(LIVE_MEMORY_MMAP_THRESHOLD)}
     return env
 
 
@@ -524,7 +534,7 @@ def print_report(results: dict, args) -> None:
                         f"rows), {args.steps} steps, batch {BATCH_SIZE}, {args.precision} on {args.device}{median}")
     cols = [("samples/s (own)", "samples_per_s", ".1f"), ("samples/s (loop)", "loop_samples_per_s", ".1f"),
             ("tokens/s (loop)", "tokens_per_s", ".0f"), ("TFLOP/s (est.)", "model_tflops", ".3g"),
-            ("peak RSS MB", "peak_rss_mb", ".0f")]
+            ("peak live RSS MB" if args.live_memory else "peak RSS MB", "peak_rss_mb", ".0f")]
     if args.device == "cuda":
         cols.append(("peak GPU MB", "peak_gpu_mb", ".0f"))
     cols.append(("wall s", "wall_s", ".1f"))
@@ -575,6 +585,8 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s (e.g. 989: H200 dense bf16)")
     p.add_argument("--threads", type=int, help="torch threads per configuration (default: torch's, one per core)")
     p.add_argument("--repeat", type=int, default=1, help="rounds of all configurations; medians are reported")
+    p.add_argument("--live-memory", action="store_true",
+                   help="peak RSS of live memory, not glibc's cache of freed blocks (slower; see the docstring)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--glue-dir", type=Path, default=DEFAULT_GLUE, help=f"GLUE TSVs (default {DEFAULT_GLUE})")
     p.add_argument("--math-dir", type=Path, help="causal_lm: llm_bench's --math-dir (default its own)")
@@ -678,7 +690,8 @@ def main(argv=None) -> None:
                       "weight_decay": WEIGHT_DECAY[args.method], "device": args.device, "precision": args.precision, "backbone": args.backbone,
                       "backbone_dir": str(args.backbone_dir), "model_type": args.model_type, "targets": args.targets,
                       "data": args.data, "rows": args.rows, "steps": args.steps, "batch_size": BATCH_SIZE, "max_length": MAX_LENGTH,
-                      "peak_tflops": args.peak_tflops, "flops": FLOPS},
+                      "peak_tflops": args.peak_tflops, "flops": FLOPS,
+                      "malloc_mmap_threshold": LIVE_MEMORY_MMAP_THRESHOLD if args.live_memory else None},
             "machine": machine(),
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
