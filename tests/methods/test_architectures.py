@@ -23,8 +23,7 @@ from peftkit.methods.targets import candidate_layers, folded, roles_of
 
 from conftest import minilm_dir
 
-from ._helpers import LABELS, SENTENCES, backbone_cfg, with_sources
-from .test_every_method import shipped_config
+from ._helpers import LABELS, SENTENCES, backbone_cfg, shipped_config, with_sources
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
 DECODER = dict(num_key_value_heads=2, tie_word_embeddings=False)
@@ -213,11 +212,11 @@ def test_every_method_on_every_decoder_as_a_causal_lm(family, name, lm_folders, 
     from transformers import AutoTokenizer
 
     from .test_every_method_lm import CONVS, greedy_full_recompute, lm_backbone, logits
-    from .test_every_method_lm import shipped_config as lm_config
+
     from peftkit.tasks import causal_lm
 
     path = lm_folders[family]
-    cfg = with_sources(name, lm_config(name), lm_backbone(path), tmp_path, None, "causal_lm")
+    cfg = with_sources(name, shipped_config(name), lm_backbone(path), tmp_path, None, "causal_lm")
     torch.manual_seed(0)
     if (name, family) in LM_REFUSED:
         with pytest.raises(UserError, match=LM_REFUSED[name, family]):

@@ -13,14 +13,7 @@ from peftkit.errors import UserError
 from peftkit.methods import METHODS
 from peftkit.methods.base import AdapterLinear, set_merged
 
-from ._helpers import LABELS, ROOT, SENTENCES, backbone_cfg, build, with_sources
-
-
-def shipped_config(name: str) -> dict:
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "method" / f"{name}.yaml"))
-    if name == "llama_adapter":
-        cfg["adapter_layers"] = 2  # the tiny models have 2 layers; the shipped 8 is refused on them (tested)
-    return cfg
+from ._helpers import LABELS, ROOT, SENTENCES, backbone_cfg, build, shipped_config, with_sources
 
 
 def inputs(path):

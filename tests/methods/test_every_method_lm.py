@@ -15,18 +15,11 @@ from peftkit.methods import METHODS
 from peftkit.methods.base import AdapterLinear
 from peftkit.tasks import causal_lm
 
-from ._helpers import ROOT, with_sources
+from ._helpers import ROOT, shipped_config, with_sources
 
 # methods a causal LM has no place for, and why (the refusal must say so)
 REFUSED = {"bitfit": "has none",  # Llama has no bias terms
            "head": "a causal LM has none"}  # a linear probe trains a new head only
-
-
-def shipped_config(name: str) -> dict:
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "method" / f"{name}.yaml"))
-    if name == "llama_adapter":
-        cfg["adapter_layers"] = 2  # the tiny models have 2 layers; the shipped 8 is refused on them (tested)
-    return cfg
 
 
 def lm_backbone(path) -> OmegaConf:
