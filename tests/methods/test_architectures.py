@@ -212,7 +212,6 @@ def test_every_method_on_every_decoder_as_a_causal_lm(family, name, lm_folders, 
     from transformers import AutoTokenizer
 
     from .test_every_method_lm import CONVS, greedy_full_recompute, lm_backbone, logits
-
     from peftkit.tasks import causal_lm
 
     path = lm_folders[family]
