@@ -29,6 +29,7 @@ Usage:
     .venv/bin/python scripts/glue_bench.py [--out outputs/glue_bench] [--precision fp32|bf16]
         [--jobs 2] [--threads 1] [--methods full,lora,ia3,houlsby (any registered methods, or all)] [--tasks cola,sst2,mrpc,stsb,rte]
         [--sides peftkit,peer] [--sst2-rows 20000] [--glue-dir ../shared/glue] [--override trainer.lr=3e-3 ...]
+        [--start-cells-for MIN]
 """
 
 from __future__ import annotations
@@ -276,7 +277,7 @@ def forwarded(args) -> list[str]:
 
 
 def run_cell(cell: tuple[str, str, str], args, counter: dict) -> None:
-    if STOPPING.is_set():
+    if STOPPING.is_set() or (args.start_until and time.time() > args.start_until):
         return
     side, method, task = cell
     run_dir = cell_dir(args.out, side, method, task)
@@ -366,6 +367,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-train-samples", type=int, help="cap every task's train split (smoke tests)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every cell, both sides (e.g. trainer.lr=3e-3); repeatable")
+    p.add_argument("--start-cells-for", type=float, metavar="MIN",
+                   help="start no cell after MIN minutes; the running ones finish (a time-limited allocation)")
     p.add_argument("--peer-job", nargs=3, metavar=("METHOD", "TASK", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.glue_dir, args.out = args.glue_dir.resolve(), args.out.resolve()
@@ -383,15 +386,20 @@ def main(argv=None) -> None:
     if not (args.glue_dir / "RTE" / "dev.tsv").is_file():
         p.error(f"no GLUE TSVs under {args.glue_dir}; pass --glue-dir")
 
-    cells = [(side, m, t) for t in tasks for m in methods for side in sides if side == "peftkit" or m in PEERS]
+    # method by method, so a grid cut short (a time limit) leaves whole rows
+    cells = [(side, m, t) for m in methods for t in tasks for side in sides if side == "peftkit" or m in PEERS]
     todo = [c for c in cells if not up_to_date(c, args)]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run", flush=True)
     counter = {"done": 0, "total": len(todo)}
     t0 = time.perf_counter()
+    args.start_until = time.time() + 60 * args.start_cells_for if args.start_cells_for else None
     signal.signal(signal.SIGTERM, stop_cells)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(lambda c: run_cell(c, args, counter), todo))
     wall = time.perf_counter() - t0
+    if args.start_until and counter["done"] < len(todo):
+        print(f"--start-cells-for {args.start_cells_for:g} ran out with {len(todo) - counter['done']} cells to go: "
+              "the same command continues", flush=True)
     if STOPPING.is_set():
         print("stopped (SIGTERM): the same command continues (stopped peftkit cells resume from their checkpoints)", flush=True)
         sys.exit(143)
