@@ -96,7 +96,7 @@ REPORT_HELP = """usage: peftkit report DIR... [out=DIR] [submission=true [data_d
 
 Collect every run under the DIRs (any folder with eval/report.json and config.yaml), print a
 leaderboard and write it to OUT/leaderboard/: leaderboard.{md,csv,json,html}, best_runs.md,
-score_vs_params.png and loss_curves.png. One row per method configuration, one column per task
+score_vs_params.png, scores.png (a heat map) and loss_curves.png. One row per method configuration, one column per task
 (mean ± std over seeds); failed runs are listed apart and left out of the means.
   DIR...             run directories or folders holding them (a sweep, outputs/)
   out=DIR            where to write leaderboard/ (default: the first DIR)

@@ -508,6 +508,45 @@ def plot_score_vs_params(board: dict) -> bytes:
     return _png(score_vs_params_figure(board))
 
 
+def scores_figure(board: dict):
+    """Every row on every task at a glance, for boards too large to read as a table (a method grid):
+    each column shaded from its lowest score to its highest (CoLA's MCC and SST-2's accuracy live on
+    different scales), the number written in, and a cell with a collapsed run marked `!`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks, rows = board["tasks"], board["rows"]
+    columns = [*tasks, "avg"] if len(tasks) > 1 else list(tasks)
+    values = np.full((len(rows), len(columns)), np.nan)
+    for i, r in enumerate(rows):
+        for j, t in enumerate(tasks):
+            if t in r["scores"]:
+                values[i, j] = r["scores"][t]["mean"]
+        if len(columns) > len(tasks) and r["average"] is not None:
+            values[i, -1] = r["average"]
+    low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)  # every column has a score: tasks come from runs
+    shade = np.where(high > low, (values - low) / np.where(high > low, high - low, 1.0), 0.5)
+    fig, ax = plt.subplots(figsize=(2.5 + 1.0 * len(columns), 1.2 + 0.3 * len(rows)))
+    ax.imshow(np.ma.masked_invalid(shade), cmap="RdYlGn", vmin=-0.3, vmax=1.3, aspect="auto")  # no darkest ends: the numbers stay legible
+    for i, r in enumerate(rows):
+        for j, col in enumerate(columns):
+            collapsed = col in r["scores"] and r["scores"][col].get("collapsed")
+            text = "–" if np.isnan(values[i, j]) else f"{values[i, j]:.1f}" + ("!" if collapsed else "")
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, fontweight="bold" if collapsed else "normal")
+    ax.set_xticks(range(len(columns)), columns)
+    ax.xaxis.tick_top()
+    ax.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=8)
+    ax.set_xlabel("each column shaded from its lowest to its highest score; ! a run collapsed to one prediction")
+    return fig
+
+
+def plot_scores(board: dict) -> bytes:
+    return _png(scores_figure(board))
+
+
 def read_losses(run_dir: Path) -> tuple[list[int], list[float]]:
     """(steps, losses) from train_log.jsonl, skipping eval records and lines cut short."""
     steps, losses = [], []
@@ -561,7 +600,7 @@ def plot_loss_curves(board: dict) -> bytes:
 
 # what `write` puts in out/leaderboard/: the folder is replaced whole, so it may hold nothing else
 FILES = {"leaderboard.md", "leaderboard.csv", "leaderboard.json", "leaderboard.html", "best_runs.md",
-         "score_vs_params.png", "loss_curves.png", "submission", "submission.zip"}
+         "score_vs_params.png", "scores.png", "loss_curves.png", "submission", "submission.zip"}
 
 
 def check_target(out: Path, key: str) -> None:
@@ -582,7 +621,8 @@ def write(board: dict, out: Path, submission_files: dict[str, Path] | None = Non
     """Everything into out/leaderboard/ in one atomic rename: readers never see a half-built folder."""
     from peftkit.evaluation import submission
 
-    images = {"score_vs_params.png": plot_score_vs_params(board), "loss_curves.png": plot_loss_curves(board)}
+    images = {"score_vs_params.png": plot_score_vs_params(board), "scores.png": plot_scores(board),
+              "loss_curves.png": plot_loss_curves(board)}
     target = Path(out) / OUT_NAME
     with atomic_dir(target) as tmp:
         (tmp / "leaderboard.md").write_text(to_markdown(board), encoding="utf-8")

@@ -109,7 +109,7 @@ def test_writes_every_format(sweep, tmp_path):
     assert out == tmp_path / "out" / "leaderboard"
     names = sorted(p.name for p in out.iterdir())
     assert names == ["best_runs.md", "leaderboard.csv", "leaderboard.html", "leaderboard.json", "leaderboard.md",
-                     "loss_curves.png", "score_vs_params.png"]  # and no temp files
+                     "loss_curves.png", "score_vs_params.png", "scores.png"]  # and no temp files
     md = (out / "leaderboard.md").read_text()
     assert "| method | mrpc | rte | avg | trainable | adapter | train time | peak mem |" in md
     assert "| lora | 81.00 ± 1.41 | 62.00 ± 2.83 | 71.50 | 2,626 (0.263%) | 2.9 KB | 10 s | 550 MB |" in md
@@ -125,9 +125,9 @@ def test_writes_every_format(sweep, tmp_path):
     assert "| rte | lora | 64.00 |" in best_md and "| mrpc | lora | 82.00 |" in best_md
     html = (out / "leaderboard.html").read_text()
     assert "<table id='leaderboard'>" in html and '<td data-v="81.0">81.00 ± 1.41</td>' in html and "<style>" in html
-    assert html.count("data:image/png;base64,") == 2
+    assert html.count("data:image/png;base64,") == 3
     assert "http://" not in html and "https://" not in html and "<link" not in html and "<script src" not in html  # self-contained
-    for png in ("loss_curves.png", "score_vs_params.png"):
+    for png in ("loss_curves.png", "score_vs_params.png", "scores.png"):
         assert (out / png).read_bytes().startswith(PNG_MAGIC)
 
 
@@ -181,6 +181,25 @@ def test_end_to_end_two_tiny_runs(tiny_bert, tmp_path):
     assert sorted(r["label"] for r in data["rows"]) == ["ia3", "lora"]
     assert all(r["adapter_bytes"] > 0 and r["trainable_params"] > 0 for r in data["rows"])
     assert (tmp_path / "sweep" / "leaderboard" / "loss_curves.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_scores_plot_shades_each_column_on_its_own_scale_and_marks_collapse():
+    """CoLA's MCC (0-30 here) and SST-2's accuracy (80-90) each span the full shade range; the
+    numbers are written in, a collapsed cell carries `!`, a missing one `–`."""
+    board = {"tasks": ["cola", "sst2"], "rows": [
+        {"label": "lora", "scores": {"cola": {"mean": 29.1}, "sst2": {"mean": 85.0}}, "average": 57.05},
+        {"label": "lokr", "scores": {"cola": {"mean": 0.0, "collapsed": 1}, "sst2": {"mean": 81.3}}, "average": 40.65},
+        {"label": "vera", "scores": {"sst2": {"mean": 83.0}}, "average": 83.0},
+    ]}
+    fig = leaderboard.scores_figure(board)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts] == ["29.1", "85.0", "57.0", "0.0!", "81.3", "40.6", "–", "83.0", "83.0"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["cola", "sst2", "avg"]
+    shade = ax.images[0].get_array()
+    assert shade[0, 0] == 1 and shade[1, 0] == 0 and shade[0, 1] == 1 and shade[1, 1] == 0  # each column its own range
+    assert shade[2, 1] == pytest.approx((83.0 - 81.3) / (85.0 - 81.3)) and shade.mask[2, 0]  # vera has no CoLA
+    one = leaderboard.scores_figure({"tasks": ["rte"], "rows": [{"label": "lora", "scores": {"rte": {"mean": 60.0}}, "average": 60.0}]})
+    assert one.axes[0].images[0].get_array()[0, 0] == 0.5  # one score: no best or worst, mid shade, no avg column
 
 
 def test_score_vs_params_labels_never_overlap():
