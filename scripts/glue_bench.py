@@ -277,7 +277,7 @@ def forwarded(args) -> list[str]:
 
 
 def run_cell(cell: tuple[str, str, str], args, counter: dict) -> None:
-    if STOPPING.is_set() or (args.start_until and time.time() > args.start_until):
+    if STOPPING.is_set() or (args.start_until is not None and time.time() > args.start_until):
         return
     side, method, task = cell
     run_dir = cell_dir(args.out, side, method, task)
@@ -392,12 +392,12 @@ def main(argv=None) -> None:
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run", flush=True)
     counter = {"done": 0, "total": len(todo)}
     t0 = time.perf_counter()
-    args.start_until = time.time() + 60 * args.start_cells_for if args.start_cells_for else None
+    args.start_until = time.time() + 60 * args.start_cells_for if args.start_cells_for is not None else None
     signal.signal(signal.SIGTERM, stop_cells)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(lambda c: run_cell(c, args, counter), todo))
     wall = time.perf_counter() - t0
-    if args.start_until and counter["done"] < len(todo):
+    if args.start_until is not None and counter["done"] < len(todo):
         print(f"--start-cells-for {args.start_cells_for:g} ran out with {len(todo) - counter['done']} cells to go: "
               "the same command continues", flush=True)
     if STOPPING.is_set():
