@@ -24,6 +24,12 @@ from pathlib import Path
 from peftkit.errors import UserError
 
 
+def folder_bytes(path: Path) -> int:
+    """Bytes of every file under `path`, 0 when it is not there: an adapter's size on disk."""
+    path = Path(path)
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from peftkit.data.batching import train_batches
 from peftkit.errors import CtrlC, Diverged, UserError
 from peftkit.evaluation import report
 from peftkit.methods.base import adapter_tensors
-from peftkit.files import atomic_write_text, fault_point, json_text, newest_complete
+from peftkit.files import atomic_write_text, fault_point, folder_bytes, json_text, newest_complete
 
 console = Console(stderr=True)
 
@@ -319,6 +319,7 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
             "trainable_params": n,
             "total_params": total,
             "trainable_pct": 100 * n / total,
+            "adapter_bytes": folder_bytes(run_dir / "adapter"),  # `peftkit report` shows it after the adapter moves
             "train_time_s": train_time,
             "eval_time_s": state["eval_time_s"],
             **throughput.figures(tokens),  # training steps alone (Throughput)

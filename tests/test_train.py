@@ -96,6 +96,8 @@ def test_report_json_and_md(reference):
     assert r["score"] == r["metrics"]["validation"]["accuracy"]
     assert r["method"] == "lora" and r["dataset"] == "quickstart" and r["seed"] == 0
     assert r["total_steps"] == 8 and r["processes"] == 1 and r["precision"] == "fp32"
+    on_disk = sum(f.stat().st_size for f in (run / "adapter").rglob("*") if f.is_file())
+    assert r["adapter_bytes"] == on_disk > 0  # so `peftkit report` can show it once the adapter is moved
     md = (run / "eval" / "report.md").read_text()
     assert f"{r['metrics']['validation']['accuracy']:.2f}" in md
     assert f"{n:,}" in md and f"{r['trainable_pct']:.3f}%" in md

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from peftkit.errors import UserError
 from peftkit.evaluation.report import FINISHED  # a collapsed run's score is real (the majority class's): averaged, its cell marked
-from peftkit.files import atomic_dir
+from peftkit.files import atomic_dir, folder_bytes
 
 OUT_NAME = "leaderboard"
 
@@ -121,8 +121,9 @@ def read_run(run_dir: Path) -> Run:
         from peftkit.evaluation.report import selection
 
         report = {**report, **selection(run_dir, report)}
-    adapter = run_dir / "adapter"
-    size = sum(p.stat().st_size for p in adapter.rglob("*") if p.is_file()) if adapter.is_dir() else 0
+    # the folder as it is now; the size the run recorded where the adapter was moved or deleted to save space
+    recorded = report.get("adapter_bytes")
+    size = folder_bytes(run_dir / "adapter") or (recorded if isinstance(recorded, int) else 0)
     return Run(run_dir, report, config, size)
 
 

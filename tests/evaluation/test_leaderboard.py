@@ -131,6 +131,20 @@ def test_writes_every_format(sweep, tmp_path):
         assert (out / png).read_bytes().startswith(PNG_MAGIC)
 
 
+def test_adapter_size_comes_from_the_report_once_the_adapter_is_gone(tmp_path):
+    """A grid whose heavy adapters were deleted (or never copied back) still shows their size: the
+    folder when it is there, else the size the run recorded in its report."""
+    import shutil
+
+    for task, size in (("rte", 3000), ("mrpc", 5000)):
+        d = make_run(tmp_path / task, METHODS["lora"], task, 0, 60.0, adapter_bytes=size)
+        rep = json.loads((d / "eval" / "report.json").read_text())
+        (d / "eval" / "report.json").write_text(json.dumps({**rep, "adapter_bytes": size + 2}))  # + adapter_config.json
+    shutil.rmtree(tmp_path / "mrpc" / "adapter")
+    (tmp_path / "rte" / "adapter" / "extra.bin").write_bytes(b"x" * 10)  # the folder wins where it is there
+    assert leaderboard.collect([tmp_path])["rows"][0]["adapter_bytes"] == ((3012) + (5002)) / 2
+
+
 def test_read_losses_skips_eval_and_cut_lines(sweep):
     steps, losses = leaderboard.read_losses(sweep / "day" / "0")
     assert steps == [1, 2, 3, 4] and losses[0] == pytest.approx(1.0)
