@@ -386,7 +386,9 @@ def main(argv=None) -> None:
     if not (args.glue_dir / "RTE" / "dev.tsv").is_file():
         p.error(f"no GLUE TSVs under {args.glue_dir}; pass --glue-dir")
 
-    # method by method, so a grid cut short (a time limit) leaves whole rows
+    # method by method, so a grid cut short (a time limit) leaves whole rows; full fine-tuning first,
+    # the reference every other row is measured against
+    methods = sorted(methods, key=lambda m: m != "full")
     cells = [(side, m, t) for m in methods for t in tasks for side in sides if side == "peftkit" or m in PEERS]
     todo = [c for c in cells if not up_to_date(c, args)]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run", flush=True)
