@@ -570,30 +570,41 @@ def read_losses(run_dir: Path) -> tuple[list[int], list[float]]:
     return steps, losses
 
 
-def plot_loss_curves(board: dict) -> bytes:
-    """Training loss per task (one subplot each), one line per method row: its first run on that task."""
+def loss_curves_figure(board: dict):
+    """Training loss per task (one subplot each), one line per method row: its first run on that task.
+    A row keeps its colour and line style in every subplot, and one legend beside them names each row
+    once, so a board of 30 methods stays readable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = board["tasks"] or ["?"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False)
+    tasks, rows = board["tasks"] or ["?"], board["_rows"]
+    palette = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
+    look = {row.label: {"color": palette(i % palette.N), "linestyle": ("-", "--", ":")[i // palette.N % 3]}
+            for i, row in enumerate(rows)}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False, layout="constrained")
     for ax, task in zip(axes[0], tasks):
-        for row in board["_rows"]:
+        for row in rows:
             runs = row.runs.get(task)
             if runs:
                 steps, losses = read_losses(runs[0].dir)
                 if steps:
-                    ax.plot(steps, losses, marker="." if len(steps) < 20 else None, label=row.label)
+                    ax.plot(steps, losses, marker="." if len(steps) < 20 else None, label=row.label, **look[row.label])
         ax.set_title(task)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
         ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
-    fig.tight_layout()
-    return _png(fig)
+    drawn = {line.get_label(): line for ax in axes[0] for line in ax.get_lines()}
+    if drawn:
+        labels = [row.label for row in rows if row.label in drawn]  # the board's order: best average first
+        fig.legend([drawn[x] for x in labels], labels, loc="outside right upper", fontsize="small",
+                   ncol=1 + len(labels) // 18)
+    return fig
+
+
+def plot_loss_curves(board: dict) -> bytes:
+    return _png(loss_curves_figure(board))
 
 
 # ------------------------------------------------------------------------------------------ write

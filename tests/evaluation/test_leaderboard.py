@@ -216,6 +216,20 @@ def test_scores_plot_shades_each_column_on_its_own_scale_and_marks_collapse():
     assert one.axes[0].images[0].get_array()[0, 0] == 0.5  # one score: no best or worst, mid shade, no avg column
 
 
+def test_loss_curves_name_each_row_once_in_one_legend(tmp_path):
+    """A 12-row board on two tasks: one legend beside the plots (none inside them) naming each row
+    once, in the board's order, and each row drawn alike in both subplots and unlike any other row."""
+    for k in range(12):
+        for task in ("mrpc", "rte"):
+            make_run(tmp_path / str(k) / task, {"name": "lora", "r": k + 1, "alpha": 16}, task, 0, 60.0 + k)
+    board = leaderboard.collect([tmp_path])
+    fig = leaderboard.loss_curves_figure(board)
+    assert len(fig.axes) == 2 and all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [r["label"] for r in board["rows"]]
+    looks = [{line.get_label(): (line.get_color(), line.get_linestyle()) for line in ax.get_lines()} for ax in fig.axes]
+    assert looks[0] == looks[1] and len(set(looks[0].values())) == 12
+
+
 def test_score_vs_params_labels_never_overlap():
     """Methods that sit close on the plot (as on CoLA and SST-2: diablo, hydra_lora, pfeiffer,
     houlsby within a point and a factor of 4 in size) get labels whose boxes do not intersect."""
