@@ -20,16 +20,18 @@ the others train the recipes' 3 epochs on the whole train split.
 A finished cell (eval/report.json with status ok, trained with the recipe as it is now) is
 skipped, so an interrupted bench resumes where it stopped and a retuned recipe reruns its cells; a
 peftkit cell stopped mid-training (Ctrl-C, SIGTERM) resumes from its last evaluation's checkpoint
-(`resume=DIR`), a peer cell starts over. At the end the script runs `peftkit report` over
-`--out`, checks the targets (LoRA within 1.0 point of full fine-tuning on the 5-task average,
-every other method within 2.5, each method at least its peer), prints them and writes
-`<out>/bench.json` and `<out>/results.md`.
+(`resume=DIR`), a peer cell starts over. `--keep DIR` mirrors each finished cell's config.yaml and
+report into DIR and starts from what DIR holds, so a grid longer than one machine's lease (a CPU
+day, a GPU allocation) continues elsewhere: commit DIR, run the same command with it. At the end
+the script runs `peftkit report` over `--out`, checks the targets (LoRA within 1.0 point of full
+fine-tuning on the 5-task average, every other method within 2.5, each method at least its peer),
+prints them and writes `<out>/bench.json` and `<out>/results.md`.
 
 Usage:
     .venv/bin/python scripts/glue_bench.py [--out outputs/glue_bench] [--precision fp32|bf16]
         [--jobs 2] [--threads 1] [--methods full,lora,ia3,houlsby (any registered methods, or all)] [--tasks cola,sst2,mrpc,stsb,rte]
         [--sides peftkit,peer] [--sst2-rows 20000] [--glue-dir ../shared/glue] [--override trainer.lr=3e-3 ...]
-        [--start-cells-for MIN]
+        [--start-cells-for MIN] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -261,6 +263,37 @@ def cell_dir(out: Path, side: str, method: str, task: str) -> Path:
     return out / side / method / task
 
 
+KEPT = ("config.yaml", "eval/report.json")  # what `--keep` holds of a cell: enough to skip it and to report it
+
+
+def keep_cell(run_dir: Path, kept_dir: Path) -> None:
+    """A finished cell's small files into `kept_dir` (its adapter's size goes into the kept report,
+    as `peftkit report` reads it when the adapter folder is absent)."""
+    from peftkit.files import atomic_write_text, folder_bytes
+
+    report = finished(run_dir)
+    if report is None:
+        return
+    report.setdefault("adapter_bytes", folder_bytes(run_dir / "adapter"))  # cells trained before reports recorded it
+    (kept_dir / "eval").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(kept_dir / "config.yaml", (run_dir / "config.yaml").read_text())
+    atomic_write_text(kept_dir / "eval" / "report.json", json.dumps(report, indent=2) + "\n")
+
+
+def restore_kept(cells, args) -> int:
+    """Cells kept in `--keep` that `--out` lacks are copied into `--out`: a fresh machine resumes there."""
+    restored = 0
+    for cell in cells:
+        src, dst = cell_dir(args.keep, *cell), cell_dir(args.out, *cell)
+        if finished(src) and not finished(dst) and not (dst / "checkpoints").exists():  # a checkpoint resumes instead
+            shutil.rmtree(dst, ignore_errors=True)  # what an unfinished cell left (it would start over anyway)
+            for name in KEPT:
+                (dst / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src / name, dst / name)
+            restored += 1
+    return restored
+
+
 def command(side: str, method: str, task: str, run_dir: Path, args, resume: bool = False) -> list[str]:
     if side == "peftkit":
         peftkit = [sys.executable, "-m", "peftkit.cli"]  # the `peftkit` command, also where it is not on PATH
@@ -300,6 +333,8 @@ def run_cell(cell: tuple[str, str, str], args, counter: dict) -> None:
         RUNNING.discard(proc)
     counter["done"] += 1
     rep = finished(run_dir)
+    if rep and args.keep:
+        keep_cell(run_dir, cell_dir(args.keep, side, method, task))
     where = f"[{counter['done']}/{counter['total']}] {side} {method} {task}"
     if rc and STOPPING.is_set():
         print(f"{where}: stopped" + (", resumes on the next run" if resumable(cell, args) else ""), flush=True)
@@ -367,11 +402,15 @@ def main(argv=None) -> None:
     p.add_argument("--max-train-samples", type=int, help="cap every task's train split (smoke tests)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every cell, both sides (e.g. trainer.lr=3e-3); repeatable")
+    p.add_argument("--keep", type=Path, metavar="DIR",
+                   help="mirror each finished cell's config.yaml and eval/report.json into DIR, and start from the "
+                        "cells DIR holds: a grid that outlives its machine (commit DIR, rerun the command elsewhere)")
     p.add_argument("--start-cells-for", type=float, metavar="MIN",
                    help="start no cell after MIN minutes; the running ones finish (a time-limited allocation)")
     p.add_argument("--peer-job", nargs=3, metavar=("METHOD", "TASK", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.glue_dir, args.out = args.glue_dir.resolve(), args.out.resolve()
+    args.keep = args.keep.resolve() if args.keep else None
     if args.peer_job:
         method, task, run_dir = args.peer_job
         peer_job(method, task, Path(run_dir), args)
@@ -390,6 +429,11 @@ def main(argv=None) -> None:
     # the reference every other row is measured against
     methods = sorted(methods, key=lambda m: m != "full")
     cells = [(side, m, t) for m in methods for t in tasks for side in sides if side == "peftkit" or m in PEERS]
+    if args.keep:
+        print(f"{restore_kept(cells, args)} finished cells restored from {args.keep}", flush=True)
+        for c in cells:
+            if up_to_date(c, args):
+                keep_cell(cell_dir(args.out, *c), cell_dir(args.keep, *c))
     todo = [c for c in cells if not up_to_date(c, args)]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run", flush=True)
     counter = {"done": 0, "total": len(todo)}

@@ -1,6 +1,7 @@
 """scripts/glue_bench.py end to end, on a tiny BERT and a 24-row RTE written here: each cell is a
 `peftkit train` or a peft + Trainer process, a rerun skips the finished cells, a retuned recipe
-reruns them, `--start-cells-for 0` starts none, and the targets land in bench.json."""
+reruns them, `--start-cells-for 0` starts none, `--keep` carries finished cells to a fresh `--out`,
+and the targets land in bench.json."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def bench(out: Path, glue: Path, backbone: Path, *extra: str) -> subprocess.Comp
 
 
 def test_cells_run_resume_and_report(tiny_bert, tmp_path):
-    glue, out = write_rte(tmp_path / "glue"), tmp_path / "grid"
-    proc = bench(out, glue, tiny_bert)
+    glue, out, kept = write_rte(tmp_path / "glue"), tmp_path / "grid", tmp_path / "kept"
+    proc = bench(out, glue, tiny_bert, "--keep", str(kept))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 cells, 0 already finished, 2 to run" in proc.stdout
     for side, method in (("peftkit", "lora"), ("peer", "lora")):
@@ -48,6 +49,18 @@ def test_cells_run_resume_and_report(tiny_bert, tmp_path):
 
     again = bench(out, glue, tiny_bert, "--start-cells-for", "0")  # everything finished: nothing to start anyway
     assert again.returncode == 0 and "2 cells, 2 already finished, 0 to run" in again.stdout
+
+    # another machine: only the kept files (no adapters), and the same command resumes from them
+    assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file()) == [
+        "peer/lora/rte/config.yaml", "peer/lora/rte/eval/report.json",
+        "peftkit/lora/rte/config.yaml", "peftkit/lora/rte/eval/report.json"]
+    elsewhere = bench(tmp_path / "elsewhere", glue, tiny_bert, "--keep", str(kept), "--start-cells-for", "0")
+    assert elsewhere.returncode == 0, elsewhere.stderr[-3000:]
+    assert "2 finished cells restored from" in elsewhere.stdout and "2 cells, 2 already finished, 0 to run" in elsewhere.stdout
+    board = json.loads((tmp_path / "elsewhere" / "leaderboard" / "leaderboard.json").read_text())
+    sizes = {r["label"]: r["adapter_bytes"] for r in board["rows"]}
+    on_disk = sum(f.stat().st_size for f in (out / "peftkit" / "lora" / "rte" / "adapter").rglob("*") if f.is_file())
+    assert sizes["lora"] == on_disk > 0 and sizes["lora · peft+Trainer"] > 0  # as recorded, the adapters stayed behind
 
     retuned = bench(out, glue, tiny_bert, "--override", "trainer.lr=0.002", "--start-cells-for", "0")
     assert retuned.returncode == 0, retuned.stderr[-3000:]
