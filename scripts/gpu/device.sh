@@ -5,7 +5,7 @@
 #                                           ARGS go to glue_bench.py (a smoke test: --methods lora --max-train-samples 32)
 #   bash scripts/gpu/device.sh speed        issue 15: bench_train.py --device cuda, MiniLM / BERT-base / Llama 0.4B
 #   bash scripts/gpu/device.sh tests [S]    the test suite on CUDA, 14 workers, stopped after S seconds (240)
-# Results land in $OUT (the device tool brings them back): JSON, logs, the grid's small per-cell files.
+# Results land in $OUT (the device tool brings them back): JSON, logs, the grid's small per-cell files (kept/).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 : "${OUT:=/tmp/out}"; mkdir -p "$OUT"
@@ -35,12 +35,13 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/de
 
 case "${1:-}" in
 grid)
+  # state: .gpu/grid on a warm machine; docs/bench/glue_grid_gpu (committed) on a cold one. $OUT/kept comes
+  # back with every finished cell's config.yaml and report: copy it over docs/bench/glue_grid_gpu and commit
+  mkdir -p "$OUT/kept" && { [ -d docs/bench/glue_grid_gpu ] && cp -r docs/bench/glue_grid_gpu/. "$OUT/kept/" || true; }
   $PY scripts/glue_bench.py --out .gpu/grid --glue-dir .gpu/glue --methods all --sides peftkit --precision bf16 \
-      --jobs 14 --threads 1 --start-cells-for "${2:-8}" "${@:3}" 2>&1 | tee "$OUT/grid.log"
-  # the small files of every cell (no adapters): `peftkit report` reads them back on the CPU machine
-  (cd .gpu && find grid -path '*/adapter' -prune -o -path '*/checkpoints' -prune -o -type f \
-      \( -name report.json -o -name config.yaml -o -name train_log.jsonl -o -name '*.log' -o -name bench.json -o -name results.md \) \
-      -print | tar -czf "$OUT/grid.tar.gz" -T -)
+      --jobs 14 --threads 1 --keep "$OUT/kept" --start-cells-for "${2:-8}" "${@:3}" 2>&1 | tee "$OUT/grid.log"
+  cp .gpu/grid/bench.json .gpu/grid/results.md "$OUT/" 2>/dev/null
+  (cd .gpu/grid && tar -czf "$OUT/logs.tar.gz" logs)
   ;;
 speed)
   # as bench_train.py's docstring: three classifiers, then the decoder as a causal LM through llm_bench
