@@ -47,9 +47,6 @@ def test_cells_run_resume_and_report(tiny_bert, tmp_path):
     assert checks == {"lora >= lora · peft+Trainer"}  # no full fine-tuning row here: no gap to it
     assert (out / "results.md").is_file() and (out / "leaderboard" / "scores.png").is_file()
 
-    again = bench(out, glue, tiny_bert, "--start-cells-for", "0")  # everything finished: nothing to start anyway
-    assert again.returncode == 0 and "2 cells, 2 already finished, 0 to run" in again.stdout
-
     # another machine: only the kept files (no adapters), and the same command resumes from them
     assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file()) == [
         "peer/lora/rte/config.yaml", "peer/lora/rte/eval/report.json",
