@@ -200,13 +200,15 @@ def build_rows(runs: list[Run]) -> list[Row]:
             continue
         row = rows.setdefault(r.label, Row(r.label, method_name(r)))
         row.runs.setdefault(r.task, []).append(r)
-    return sorted(rows.values(), key=_average_key)
+    tasks = len({t for row in rows.values() for t in row.runs})
+    return sorted(rows.values(), key=lambda row: _average_key(row, tasks))
 
 
-def _average_key(row: Row) -> float:
-    """Best average first: a leaderboard reads top-down."""
+def _average_key(row: Row, tasks: int) -> tuple[int, float]:
+    """Best average first: a leaderboard reads top-down. A row missing tasks (a grid still running, a
+    failed run) goes below the complete ones: its average is over other tasks, not comparable."""
     means = [statistics.fmean(r.score for r in rs) for rs in row.runs.values()]
-    return -statistics.fmean(means)
+    return tasks - len(means), -statistics.fmean(means)
 
 
 # ------------------------------------------------------------------------------------------ stats
@@ -251,6 +253,7 @@ def row_record(row: Row, tasks: list[str]) -> dict:
         "method": row.method,
         "scores": cells,
         "average": statistics.fmean(c["mean"] for c in cells.values()) if cells else None,
+        "tasks_scored": len(cells),  # the average is over these; fewer than the board's tasks: not comparable
         "trainable_params": first.get("trainable_params"),
         "trainable_pct": first.get("trainable_pct"),
         "adapter_bytes": round(statistics.fmean(r.adapter_bytes for r in everything)),
@@ -326,6 +329,12 @@ def fmt_cell(cell: dict | None) -> str:
             + (f" (collapsed {cell['collapsed']}/{cell['n']})" if cell.get("collapsed") else ""))
 
 
+def fmt_average(row: dict, tasks: int) -> str:
+    """The row's average, with how many tasks it covers when that is not all of them."""
+    n = row.get("tasks_scored", tasks)
+    return _num(row["average"], ".2f") + (f" ({n}/{tasks} tasks)" if row["average"] is not None and n < tasks else "")
+
+
 SCORED = "A run with a held-out test file (dataset.test_file) counts with its test score, not its dev score."
 OPTIMISTIC = ("* a dev score of the step chosen on that same dev split (trainer.keep_best), so optimistic; "
               "a held-out test file (dataset.test_file) gives an unbiased score.")
@@ -345,7 +354,7 @@ def table(board: dict) -> tuple[list[str], list[list[str]]]:
     body = []
     for r in board["rows"]:
         body.append([
-            r["label"], *[fmt_cell(r["scores"].get(t)) for t in board["tasks"]], _num(r["average"], ".2f"),
+            r["label"], *[fmt_cell(r["scores"].get(t)) for t in board["tasks"]], fmt_average(r, len(board["tasks"])),
             f"{_num(r['trainable_params'], ',')} ({_num(r['trainable_pct'], '.3f', '%')})",
             human_bytes(r["adapter_bytes"]), _num(r["train_time_s"], ".0f", " s"), _num(r["peak_rss_mb"], ".0f", " MB"),
         ])
@@ -526,7 +535,7 @@ def scores_figure(board: dict):
         for j, t in enumerate(tasks):
             if t in r["scores"]:
                 values[i, j] = r["scores"][t]["mean"]
-        if len(columns) > len(tasks) and r["average"] is not None:
+        if len(columns) > len(tasks) and len(r["scores"]) == len(tasks):  # a partial average compares with nothing
             values[i, -1] = r["average"]
     low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)  # every column has a score: tasks come from runs
     shade = np.where(high > low, (values - low) / np.where(high > low, high - low, 1.0), 0.5)

@@ -199,7 +199,8 @@ def test_end_to_end_two_tiny_runs(tiny_bert, tmp_path):
 
 def test_scores_plot_shades_each_column_on_its_own_scale_and_marks_collapse():
     """CoLA's MCC (0-30 here) and SST-2's accuracy (80-90) each span the full shade range; the
-    numbers are written in, a collapsed cell carries `!`, a missing one `–`."""
+    numbers are written in, a collapsed cell carries `!`, a missing one `–` (and so does the average
+of a row that lacks a task: it compares with nothing)."""
     board = {"tasks": ["cola", "sst2"], "rows": [
         {"label": "lora", "scores": {"cola": {"mean": 29.1}, "sst2": {"mean": 85.0}}, "average": 57.05},
         {"label": "lokr", "scores": {"cola": {"mean": 0.0, "collapsed": 1}, "sst2": {"mean": 81.3}}, "average": 40.65},
@@ -207,13 +208,27 @@ def test_scores_plot_shades_each_column_on_its_own_scale_and_marks_collapse():
     ]}
     fig = leaderboard.scores_figure(board)
     ax = fig.axes[0]
-    assert [t.get_text() for t in ax.texts] == ["29.1", "85.0", "57.0", "0.0!", "81.3", "40.6", "–", "83.0", "83.0"]
+    assert [t.get_text() for t in ax.texts] == ["29.1", "85.0", "57.0", "0.0!", "81.3", "40.6", "–", "83.0", "–"]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["cola", "sst2", "avg"]
     shade = ax.images[0].get_array()
     assert shade[0, 0] == 1 and shade[1, 0] == 0 and shade[0, 1] == 1 and shade[1, 1] == 0  # each column its own range
     assert shade[2, 1] == pytest.approx((83.0 - 81.3) / (85.0 - 81.3)) and shade.mask[2, 0]  # vera has no CoLA
     one = leaderboard.scores_figure({"tasks": ["rte"], "rows": [{"label": "lora", "scores": {"rte": {"mean": 60.0}}, "average": 60.0}]})
     assert one.axes[0].images[0].get_array()[0, 0] == 0.5  # one score: no best or worst, mid shade, no avg column
+
+
+def test_a_row_missing_tasks_goes_below_the_complete_ones_and_says_so(tmp_path):
+    """A grid still running: ia3 has only RTE, at a score above lora's two-task average. Its average is
+    over one task, so it is marked and ranked below lora, and the heat map leaves its avg cell empty."""
+    make_run(tmp_path / "l1", METHODS["lora"], "rte", 0, 60.0)
+    make_run(tmp_path / "l2", METHODS["lora"], "mrpc", 0, 70.0)
+    make_run(tmp_path / "i1", METHODS["ia3"], "rte", 0, 90.0)
+    board = leaderboard.collect([tmp_path])
+    assert [(r["label"], r["tasks_scored"]) for r in board["rows"]] == [("lora", 2), ("ia3", 1)]
+    md = leaderboard.to_markdown(board)
+    assert "| lora | 70.00 | 60.00 | 65.00 |" in md and "| ia3 | – | 90.00 | 90.00 (1/2 tasks) |" in md
+    texts = [t.get_text() for t in leaderboard.scores_figure(board).axes[0].texts]
+    assert texts == ["70.0", "60.0", "65.0", "–", "90.0", "–"]
 
 
 def test_loss_curves_name_each_row_once_in_one_legend(tmp_path):
