@@ -529,6 +529,11 @@ def scores_figure(board: dict):
     import numpy as np
 
     tasks, rows = board["tasks"], board["rows"]
+    if not rows:  # every run failed or diverged: they are listed apart, nothing to shade
+        fig, ax = plt.subplots(figsize=(4, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no finished runs", ha="center", va="center")
+        return fig
     columns = [*tasks, "avg"] if len(tasks) > 1 else list(tasks)
     values = np.full((len(rows), len(columns)), np.nan)
     for i, r in enumerate(rows):
@@ -592,7 +597,9 @@ def loss_curves_figure(board: dict):
     palette = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
     look = {row.label: {"color": palette(i % palette.N), "linestyle": ("-", "--", ":")[i // palette.N % 3]}
             for i, row in enumerate(rows)}
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False, layout="constrained")
+    columns = 1 + len(rows) // 18
+    legend_in = 0.4 + 0.055 * max((len(row.label) for row in rows), default=0) * columns  # room for the legend: no squeezed axes
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks) + legend_in, 3.5), squeeze=False, layout="constrained")
     for ax, task in zip(axes[0], tasks):
         for row in rows:
             runs = row.runs.get(task)
@@ -607,8 +614,7 @@ def loss_curves_figure(board: dict):
     drawn = {line.get_label(): line for ax in axes[0] for line in ax.get_lines()}
     if drawn:
         labels = [row.label for row in rows if row.label in drawn]  # the board's order: best average first
-        fig.legend([drawn[x] for x in labels], labels, loc="outside right upper", fontsize="small",
-                   ncol=1 + len(labels) // 18)
+        fig.legend([drawn[x] for x in labels], labels, loc="outside right upper", fontsize="small", ncol=columns)
     return fig
 
 

@@ -215,6 +215,8 @@ of a row that lacks a task: it compares with nothing)."""
     assert shade[2, 1] == pytest.approx((83.0 - 81.3) / (85.0 - 81.3)) and shade.mask[2, 0]  # vera has no CoLA
     one = leaderboard.scores_figure({"tasks": ["rte"], "rows": [{"label": "lora", "scores": {"rte": {"mean": 60.0}}, "average": 60.0}]})
     assert one.axes[0].images[0].get_array()[0, 0] == 0.5  # one score: no best or worst, mid shade, no avg column
+    nothing = leaderboard.scores_figure({"tasks": [], "rows": []})  # every run failed: a note, not a crash
+    assert [t.get_text() for t in nothing.axes[0].texts] == ["no finished runs"]
 
 
 def test_a_row_missing_tasks_goes_below_the_complete_ones_and_says_so(tmp_path):
