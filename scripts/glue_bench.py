@@ -431,10 +431,11 @@ def main(argv=None) -> None:
     cells = [(side, m, t) for m in methods for t in tasks for side in sides if side == "peftkit" or m in PEERS]
     if args.keep:
         print(f"{restore_kept(cells, args)} finished cells restored from {args.keep}", flush=True)
-        for c in cells:
-            if up_to_date(c, args):
-                keep_cell(cell_dir(args.out, *c), cell_dir(args.keep, *c))
-    todo = [c for c in cells if not up_to_date(c, args)]
+    current = {c for c in cells if up_to_date(c, args)}  # composes each cell's config once: seconds for a grid
+    if args.keep:
+        for c in current:
+            keep_cell(cell_dir(args.out, *c), cell_dir(args.keep, *c))
+    todo = [c for c in cells if c not in current]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run", flush=True)
     counter = {"done": 0, "total": len(todo)}
     t0 = time.perf_counter()
