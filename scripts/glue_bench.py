@@ -135,11 +135,12 @@ def same_recipe(run_dir: Path, method: str, task: str, args) -> bool:
     want = OmegaConf.to_container(cell_config(method, task, args), resolve=True)
     have = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
     def same(key: str) -> bool:
-        # a key added since the cell ran (a new feature, off by default: keep_checkpoints=0) changes nothing
+        # a key added since the cell ran (a new feature, off by default: keep_checkpoints=0), or one removed
+        # that the cell left off (loreft's train_pooler: false), changes nothing;
         # method.lr is compared as trainer.lr (the cells before it existed have none)
         skip = ("name", "lr") if key == "method" else ("name",)
         now = {k: v for k, v in want[key].items() if k not in skip and (k in have[key] or v)}
-        return now == {k: v for k, v in have[key].items() if k not in skip}
+        return now == {k: v for k, v in have[key].items() if k not in skip and (k in want[key] or v)}
 
     return same("trainer") and same("method") and want["seed"] == have["seed"]
 

@@ -17,7 +17,6 @@ from torch import nn
 from peftkit.errors import UserError
 from peftkit.methods import _checks
 from peftkit.methods.base import Method, register
-from peftkit.methods.targets import candidate_layers, roles_of
 
 
 def select_positions(attention_mask: torch.Tensor, prefix: int, suffix: int) -> torch.Tensor:
@@ -109,7 +108,6 @@ class LoReFT(Method):
         prefix_positions: int = 1
         suffix_positions: int = 1
         dropout: float = 0.0
-        train_pooler: bool = False  # an encoder's pooler (dense + tanh on [CLS]) trains with the head, as pyreft's RoBERTa head
 
         def __post_init__(self):
             # r against the hidden size and layer indices against the layer count: apply
@@ -138,11 +136,3 @@ class LoReFT(Method):
             stack[i].loreft = LoReFTIntervention(d, c.r, c.dropout, positions, like)
             # first among the layer's hooks, so output_hidden_states records the edited state
             stack[i].register_forward_hook(stack[i].loreft.edit_layer_output, prepend=True)
-        if c.train_pooler:
-            linears = candidate_layers(model, exclude)
-            poolers = roles_of(linears).get("pooler")
-            if not poolers:
-                raise UserError(f"method.train_pooler=true: this {type(model).__name__} has no pooler (a dense layer on [CLS]); "
-                                f"set method.train_pooler=false")
-            for name in poolers:
-                linears[name].requires_grad_(True)

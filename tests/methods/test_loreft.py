@@ -163,13 +163,17 @@ def test_gradients_reach_only_interventions_and_head(tiny_bert, batch):
     assert_gradients_exactly(a.model, expected, batch, torch.tensor([1, 0, 1]), steps=1)
 
 
-def test_train_pooler_trains_the_pooler_with_the_head_and_saves_it(tiny_bert, batch, tmp_path):
+def test_a_head_that_names_the_pooler_trains_it_and_the_adapter_carries_it(tiny_bert, batch, tmp_path):
     """pyreft trains RoBERTa's whole head (dense + tanh + projection); BERT's analog is the pooler plus
-    the classifier, so train_pooler makes the pooler's dense layer train, and the adapter carries it."""
-    a = build(tiny_bert, {"name": "loreft", "layers": [1], "train_pooler": True})
+    the classifier: `backbone.head=[classifier,score,pooler]` makes the pooler's dense layer train, and
+    the adapter carries it (the one way to do it for any method)."""
+    cfg = backbone_cfg(tiny_bert)
+    cfg.head = ["classifier", "score", "pooler"]
+    torch.manual_seed(0)
+    a = model.build(cfg, {"name": "loreft", "layers": [1]}, list(LABELS))
     expected = {f"bert.encoder.layer.1.loreft.{p}" for p in ("rotation", "learned_source.weight", "learned_source.bias")}
     expected |= {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"}
-    assert set(a.trainable) == expected
+    assert set(a.trainable) == expected and a.head == ["bert.pooler", "classifier"]
     labels = torch.tensor([1, 0, 1])
     assert_gradients_exactly(a.model, expected, batch, labels, steps=1)
     opt = torch.optim.AdamW([p for p in a.model.parameters() if p.requires_grad], lr=0.05)
@@ -179,17 +183,12 @@ def test_train_pooler_trains_the_pooler_with_the_head_and_saves_it(tiny_bert, ba
         opt.zero_grad()
     pooler = a.model.bert.pooler.dense.weight.detach().clone()
     assert not torch.equal(pooler, hf_model(tiny_bert).bert.pooler.dense.weight)  # it trained
-    adapter.save(tmp_path / "a", a.model, a.trainable, model.meta(a, backbone_cfg(tiny_bert), LABELS, "t"))
+    adapter.save(tmp_path / "a", a.model, a.trainable, model.meta(a, cfg, LABELS, "t"))
     b, _ = model.from_adapter(tmp_path / "a")
     assert torch.equal(b.model.bert.pooler.dense.weight, pooler)
     a.model.eval(), b.model.eval()
     with torch.no_grad():
         assert torch.equal(a.model(**batch).logits, b.model(**batch).logits)
-
-
-def test_train_pooler_on_a_model_without_one_is_a_user_error(tiny_llama):
-    with pytest.raises(UserError, match="train_pooler=true: this LlamaForSequenceClassification has no pooler"):
-        methods.prepare(hf_model(tiny_llama), methods.build({"name": "loreft", "train_pooler": True}), head=["score"])
 
 
 def test_trainable_count_is_r_times_2d_plus_1_per_layer_plus_head(tiny_bert):
