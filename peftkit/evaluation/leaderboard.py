@@ -155,8 +155,12 @@ def per_task(run: Run) -> list[Run]:
 
 
 def _method_params(run: Run) -> dict:
+    """The method's options, without its `lr`: that is only trainer.lr's default, and the rate a run
+    trained at is trainer.lr (a run that set trainer.lr before its YAML's lr changed is the same
+    configuration as one after)."""
     method = dict(run.config.get("method") or {})
     method.pop("name", None)
+    method.pop("lr", None)
     return method
 
 

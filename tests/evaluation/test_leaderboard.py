@@ -104,6 +104,15 @@ def test_labels_name_only_what_varies(tmp_path):
     assert labels == ["ia3", "lora r=16 lr=0.0003", "lora r=8 lr=0.001"]
 
 
+def test_one_row_for_one_rate_whatever_the_method_yaml_said(tmp_path):
+    """method.lr only names trainer.lr's default: a run that set trainer.lr=3e-3 while the YAML said
+    1e-3, and one after the YAML said 3e-3, trained the same configuration, so they share a row."""
+    make_run(tmp_path / "a", {"name": "lora", "r": 8, "lr": 1e-3}, "rte", 0, 60.0, lr=3e-3)
+    make_run(tmp_path / "b", {"name": "lora", "r": 8, "lr": 3e-3}, "mrpc", 0, 80.0, lr=3e-3)
+    rows = leaderboard.collect([tmp_path])["rows"]
+    assert [(r["label"], sorted(r["scores"])) for r in rows] == [("lora", ["mrpc", "rte"])]
+
+
 def test_writes_every_format(sweep, tmp_path):
     out = leaderboard.run([sweep], tmp_path / "out")
     assert out == tmp_path / "out" / "leaderboard"
