@@ -223,6 +223,12 @@ def validate(cfg: DictConfig) -> None:
     backbone.check(cfg.backbone)
 
 
+def method_options(section) -> dict:
+    """A `method:` section's options: without `name`, which picks the class, and `lr`, which is only
+    trainer.lr's default (the rate a run trains at is trainer.lr's)."""
+    return {k: v for k, v in dict(section or {}).items() if k not in ("name", "lr")}
+
+
 def compose(recipe: str, overrides: list[str] = (), with_hydra: bool = False) -> DictConfig:
     """The composed config of a recipe plus overrides, without starting a run (`with_hydra`: with
     Hydra's own `hydra:` node, which says where the run would go)."""

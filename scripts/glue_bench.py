@@ -132,17 +132,17 @@ def same_recipe(run_dir: Path, method: str, task: str, args) -> bool:
     """The run's saved config.yaml trains what the cell's command composes now."""
     from omegaconf import OmegaConf
 
+    from peftkit.config import method_options
+
     want = OmegaConf.to_container(cell_config(method, task, args), resolve=True)
     have = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    def same(key: str) -> bool:
+    def same(now: dict, then: dict) -> bool:
         # a key added since the cell ran (a new feature, off by default: keep_checkpoints=0), or one removed
-        # that the cell left off (loreft's train_pooler: false), changes nothing;
-        # method.lr is compared as trainer.lr (the cells before it existed have none)
-        skip = ("name", "lr") if key == "method" else ("name",)
-        now = {k: v for k, v in want[key].items() if k not in skip and (k in have[key] or v)}
-        return now == {k: v for k, v in have[key].items() if k not in skip and (k in want[key] or v)}
+        # that the cell left off (loreft's train_pooler: false), changes nothing
+        return ({k: v for k, v in now.items() if k in then or v} == {k: v for k, v in then.items() if k in now or v})
 
-    return same("trainer") and same("method") and want["seed"] == have["seed"]
+    return (same(want["trainer"], have["trainer"]) and want["seed"] == have["seed"]
+            and same(method_options(want["method"]), method_options(have["method"])))
 
 
 # ---- the peer: peft + Trainer in a child process -----------------------------------------------------

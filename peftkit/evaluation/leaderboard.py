@@ -19,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from peftkit.config import method_options
 from peftkit.errors import UserError
 from peftkit.evaluation.report import FINISHED  # a collapsed run's score is real (the majority class's): averaged, its cell marked
 from peftkit.files import atomic_dir, folder_bytes
@@ -155,13 +156,9 @@ def per_task(run: Run) -> list[Run]:
 
 
 def _method_params(run: Run) -> dict:
-    """The method's options, without its `lr`: that is only trainer.lr's default, and the rate a run
-    trained at is trainer.lr (a run that set trainer.lr before its YAML's lr changed is the same
+    """The method's options (a run that set trainer.lr before its YAML's lr changed is the same
     configuration as one after)."""
-    method = dict(run.config.get("method") or {})
-    method.pop("name", None)
-    method.pop("lr", None)
-    return method
+    return method_options(run.config.get("method"))
 
 
 def _lr(run: Run):

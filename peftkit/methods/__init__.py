@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from peftkit.config import method_options
 from peftkit.errors import UserError
 from peftkit.methods.base import METHODS, AdapterLinear, Method, prepare, register
 
@@ -20,12 +21,10 @@ for _mod in pkgutil.iter_modules(__path__):
 
 def build(cfg: dict) -> Method:
     """The method a `method:` config section names, with its fields checked."""
-    cfg = dict(cfg)
-    name = cfg.pop("name", None)
-    cfg.pop("lr", None)  # the method's usual learning rate: the trainer's default, not a method option
+    name = cfg.get("name")
     if name not in METHODS:
         raise UserError(f"unknown method '{name}'; choose one of: {', '.join(sorted(METHODS))}")
-    return METHODS[name](cfg)
+    return METHODS[name](method_options(cfg))
 
 
 __all__ = ["METHODS", "AdapterLinear", "Method", "build", "prepare", "register"]
