@@ -12,7 +12,7 @@ from peftkit import config
 from peftkit.errors import UserError
 from tests.conftest import ROOT, run_cli
 
-SHIPPED_RECIPES = ["glue", "glue_bitfit", "glue_full", "glue_houlsby", "glue_ia3", "glue_lora", "glue_loreft", "glue_prefix_tuning", "quickstart"]
+SHIPPED_RECIPES = ["glue", "glue_bitfit", "glue_full", "glue_houlsby", "glue_hyperformer", "glue_ia3", "glue_lora", "glue_loreft", "glue_prefix_tuning", "quickstart"]
 
 
 @pytest.mark.parametrize("recipe", SHIPPED_RECIPES)
