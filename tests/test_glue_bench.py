@@ -45,7 +45,8 @@ def test_cells_run_resume_and_report(tiny_bert, tmp_path):
     summary = json.loads((out / "bench.json").read_text())
     checks = {c["check"] for c in summary["checks"]}
     assert checks == {"lora >= lora · peft+Trainer"}  # no full fine-tuning row here: no gap to it
-    assert (out / "results.md").is_file() and (out / "leaderboard" / "scores.png").is_file()
+    assert (out / "leaderboard" / "scores.png").is_file()
+    assert "| lora | `glue_lora`, lr 1e-3, 1 ep |" in (out / "results.md").read_text()  # the grid table: the recipe it trained
 
     # another machine: only the kept files (no adapters), and the same command resumes from them
     assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file()) == [
@@ -64,3 +65,38 @@ def test_cells_run_resume_and_report(tiny_bert, tmp_path):
     assert "2 cells, 0 already finished, 2 to run" in retuned.stdout  # a changed recipe reruns its cells
     assert "--start-cells-for 0 ran out with 2 cells to go" in retuned.stdout
     assert json.loads((out / "peftkit" / "lora" / "rte" / "eval" / "report.json").read_text())["status"] in ("ok", "collapsed")
+
+
+def load_glue_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("glue_bench", ROOT / "scripts" / "glue_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_table_gives_each_row_its_recipe_gap_and_verdict(tmp_path):
+    """The docs' grid table: the recipe each row trained (from its cells' configs), the gap to full
+    fine-tuning with met / MISS / excepted, and a partial row's task count instead of an average."""
+    gb = load_glue_bench()
+    tasks = ["cola", "rte"]
+
+    def row(method, scores, lr, epochs):
+        run = tmp_path / method / "cola"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(f"trainer:\n  lr: {lr}\n  epochs: {epochs}\n")
+        cells = {t: {"mean": s, "std": None, "n": 1, "runs": [str(run)], "optimistic": 1, "collapsed": 0}
+                 for t, s in zip(tasks, scores)}
+        return {"label": method, "method": method, "scores": cells, "average": sum(scores) / len(scores),
+                "tasks_scored": len(scores), "trainable_params": 1000, "train_time_s": 12.0, "runs": [str(run)]}
+
+    board = {"tasks": tasks, "rows": [row("full", [60.0, 70.0], 5e-5, 3), row("lora", [60.0, 69.0], 1e-3, 6),
+                                      row("vera", [50.0, 60.0], 1e-2, 6), row("head", [10.0, 50.0], 1e-2, 6),
+                                      row("loreft", [20.0], 3e-3, 20)]}
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in gb.grid_table(board).splitlines()}
+    assert lines["full"].startswith("| full | `glue_full`, lr 5e-5, 3 ep | 60.00 | 70.00 | **65.00** |  |")
+    assert "| `glue_lora`, lr 1e-3, 6 ep |" in lines["lora"] and "| −0.50, met |" in lines["lora"]
+    assert "| `glue`, lr 1e-2, 6 ep |" in lines["vera"] and "| −10.00, **MISS** |" in lines["vera"]
+    assert "| −35.00, excepted |" in lines["head"]
+    assert "| `glue_loreft`, lr 3e-3, 20 ep | 20.00 | – | 1 of 2 |  |" in lines["loreft"]
