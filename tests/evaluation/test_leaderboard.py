@@ -38,7 +38,7 @@ def make_run(d: Path, method: dict, task: str, seed: int, score: float | None, l
     if score is None:
         report = {"status": "failed", "error": "CUDA out of memory", "task": task, "method": method["name"]}
     else:
-        n = PARAMS[method["name"]]
+        n = PARAMS.get(method["name"], 1000)
         report = {"dataset": f"glue/{task}", "task": task, "method": method["name"], "backbone": "minilm",
                   "recipe": "glue_lora", "seed": seed, "metrics": {"validation": {"accuracy": score}},
                   "score": score, "best_step": 4, "total_steps": 4, "trainable_params": n,
@@ -111,6 +111,18 @@ def test_one_row_for_one_rate_whatever_the_method_yaml_said(tmp_path):
     make_run(tmp_path / "b", {"name": "lora", "r": 8, "lr": 3e-3}, "mrpc", 0, 80.0, lr=3e-3)
     rows = leaderboard.collect([tmp_path])["rows"]
     assert [(r["label"], sorted(r["scores"])) for r in rows] == [("lora", ["mrpc", "rte"])]
+
+
+def test_an_option_left_off_before_it_was_removed_is_the_same_row(tmp_path):
+    """Runs from before an option left the method (saved `train_pooler: false`) and after (no key)
+    trained the same thing: one row. Set on (true), or to another value, it is a different row."""
+    make_run(tmp_path / "a", {"name": "loreft", "r": 4, "train_pooler": False}, "rte", 0, 54.0)
+    make_run(tmp_path / "b", {"name": "loreft", "r": 4}, "mrpc", 0, 81.0)
+    rows = leaderboard.collect([tmp_path])["rows"]
+    assert [(r["label"], sorted(r["scores"])) for r in rows] == [("loreft", ["mrpc", "rte"])]
+    make_run(tmp_path / "c", {"name": "loreft", "r": 4, "train_pooler": True}, "rte", 0, 55.0)
+    labels = sorted(r["label"] for r in leaderboard.collect([tmp_path])["rows"])
+    assert labels == ["loreft train_pooler=False", "loreft train_pooler=True", "loreft train_pooler=null"]
 
 
 def test_writes_every_format(sweep, tmp_path):
