@@ -229,6 +229,16 @@ def method_options(section) -> dict:
     return {k: v for k, v in dict(section or {}).items() if k not in ("name", "lr")}
 
 
+def changed_keys(a: dict, b: dict) -> set[str]:
+    """The keys where two runs' settings differ. A key one run lacks and the other leaves off (false,
+    0, null) is an option added or removed between them, off by default: not a difference (LoReFT's
+    `train_pooler: false` from before the option left the method; `keep_checkpoints: 0` from after it came)."""
+    def differs(k: str) -> bool:
+        return a[k] != b[k] if k in a and k in b else bool(a.get(k) or b.get(k))
+
+    return {k for k in a.keys() | b.keys() if differs(k)}
+
+
 def compose(recipe: str, overrides: list[str] = (), with_hydra: bool = False) -> DictConfig:
     """The composed config of a recipe plus overrides, without starting a run (`with_hydra`: with
     Hydra's own `hydra:` node, which says where the run would go)."""

@@ -139,17 +139,12 @@ def same_recipe(run_dir: Path, method: str, task: str, args) -> bool:
     """The run's saved config.yaml trains what the cell's command composes now."""
     from omegaconf import OmegaConf
 
-    from peftkit.config import method_options
+    from peftkit.config import changed_keys, method_options
 
     want = OmegaConf.to_container(cell_config(method, task, args), resolve=True)
     have = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    def same(now: dict, then: dict) -> bool:
-        # a key added since the cell ran (a new feature, off by default: keep_checkpoints=0), or one removed
-        # that the cell left off (loreft's train_pooler: false), changes nothing
-        return ({k: v for k, v in now.items() if k in then or v} == {k: v for k, v in then.items() if k in now or v})
-
-    return (same(want["trainer"], have["trainer"]) and want["seed"] == have["seed"]
-            and same(method_options(want["method"]), method_options(have["method"])))
+    return (not changed_keys(want["trainer"], have["trainer"]) and want["seed"] == have["seed"]
+            and not changed_keys(method_options(want["method"]), method_options(have["method"])))
 
 
 # ---- the peer: peft + Trainer in a child process -----------------------------------------------------

@@ -120,3 +120,12 @@ def test_wheel_ships_configs_and_recipes(tmp_path):
     assert str(target / "peftkit" / "configs") in r.stdout
     assert "glue_lora" in r.stdout
     assert str(target / "hydra_plugins" / "peftkit_optuna" / "optuna_sweeper.py") in r.stdout  # Hydra finds it
+
+
+def test_changed_keys_ignores_an_option_one_side_lacks_and_the_other_leaves_off():
+    """What glue_bench's resume check and the leaderboard's row labels both call a difference."""
+    assert config.changed_keys({"r": 8}, {"r": 16}) == {"r"}
+    assert config.changed_keys({"r": 8}, {"r": 8, "train_pooler": False}) == set()  # removed since, left off
+    assert config.changed_keys({"keep_checkpoints": 0, "lr": 1e-3}, {"lr": 1e-3}) == set()  # added since, off
+    assert config.changed_keys({"r": 8, "train_pooler": True}, {"r": 8}) == {"train_pooler"}  # on: a difference
+    assert config.changed_keys({"targets": None}, {"targets": ["query"]}) == {"targets"}

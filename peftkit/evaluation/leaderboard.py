@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from peftkit.config import method_options
+from peftkit.config import changed_keys, method_options
 from peftkit.errors import UserError
 from peftkit.evaluation.report import FINISHED  # a collapsed run's score is real (the majority class's): averaged, its cell marked
 from peftkit.files import atomic_dir, folder_bytes
@@ -172,25 +172,14 @@ def label_runs(runs: list[Run]) -> None:
     for r in runs:
         by_method.setdefault(method_name(r), []).append(r)
     for name, group in by_method.items():
-        keys = sorted({k for r in group for k in _method_params(r)})
-        varying = [k for k in keys if _varies(k, group)]
+        distinct = list({repr(sorted(p.items())): p for p in map(_method_params, group)}.values())
+        varying = sorted(set().union(*(changed_keys(a, b) for i, a in enumerate(distinct) for b in distinct[i + 1:])))
         lr_varies = len({repr(_lr(r)) for r in group}) > 1
         for r in group:
             parts = [name] + [f"{k}={_fmt_value(_method_params(r).get(k))}" for k in varying]
             if lr_varies:
                 parts.append(f"lr={_fmt_value(_lr(r))}")
             r.label = " ".join(parts)
-
-
-def _varies(key: str, group: list[Run]) -> bool:
-    """Whether runs of one method differ in `key`. An option some runs lack and the others leave off
-    (false, 0, null) is one added or removed since some of them ran, off by default: it changes nothing
-    (LoReFT's `train_pooler: false` before the option left the method), as glue_bench's resume rule says."""
-    params = [_method_params(r) for r in group]
-    present = [p[key] for p in params if key in p]
-    if len(present) < len(params) and not any(present):
-        return False
-    return len({repr(p.get(key)) for p in params}) > 1
 
 
 def method_name(run: Run) -> str:
