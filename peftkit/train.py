@@ -164,7 +164,7 @@ def absolute_paths(cfg: DictConfig) -> None:
 def collapse_message(collapsed: dict[str, str], step: int, lr: float) -> str:
     """One line for a report whose kept adapter collapsed (`scoring.collapse`), with what to try."""
     where = "; ".join(f"{split}: {why}" for split, why in collapsed.items())
-    return f"the kept adapter (step {step}) collapsed to one prediction ({where}); try a lower trainer.lr (now {lr:g})"
+    return f"the kept adapter (step {step}) collapsed to one prediction or nearly ({where}); try a lower trainer.lr (now {lr:g})"
 
 
 def run(cfg: DictConfig, run_dir: Path, before_writing=None, group: str | None = None) -> dict:

@@ -555,7 +555,7 @@ def scores_figure(board: dict):
     ax.set_xticks(range(len(columns)), columns)
     ax.xaxis.tick_top()
     ax.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=8)
-    ax.set_xlabel("each column shaded from its lowest to its highest score; ! a run collapsed to one prediction")
+    ax.set_xlabel("each column shaded from its lowest to its highest score; ! a run collapsed to one prediction (or nearly, in regression)")
     return fig
 
 

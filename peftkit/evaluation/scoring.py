@@ -64,21 +64,32 @@ def score(accelerator, net, task: data.TaskData, encoded: dict[str, Encoded], ba
     for s in task.eval_splits + task.held_out_splits:
         preds = predict(accelerator, net, encoded[s], batch_size, regression)
         per_split[s] = metrics.compute(task.metrics, preds, encoded[s].labels)
-        if why := collapse(preds, task.label_names):
+        if why := collapse(preds, task.label_names, encoded[s].labels):
             collapsed[s] = why
     chosen_on = {s: m for s, m in per_split.items() if s in task.eval_splits}
     return {"metrics": per_split, "score": metrics.task_score(chosen_on), **({"collapsed": collapsed} if collapsed else {})}
 
 
-def collapse(preds: np.ndarray, label_names: list[str] | None) -> str | None:
+NEAR_CONSTANT = 0.1  # a regression output whose spread is under this share of the labels' has collapsed
+
+
+def collapse(preds: np.ndarray, label_names: list[str] | None, labels=None) -> str | None:
     """How the predictions collapsed, or None: one class for every example (the majority-class
-    predictor a too-high learning rate often ends in), or one number for every example (zero
-    variance) in regression. A metric alone hides it: CoLA's MCC is 0, accuracy can look fine."""
+    predictor a too-high learning rate often ends in), or in regression one number for every
+    example, or nearly one: a spread under a tenth of the labels' (`labels`). A model fit by squared
+    error spreads its outputs by about √R² of the labels' spread, so a tenth means it explains
+    about 1% of their variance: it learnt the mean. A metric alone hides it: CoLA's MCC is 0,
+    accuracy can look fine, a correlation can be 20."""
     if len(preds) < 2:
         return None
     if label_names is None:
-        if np.std(preds) <= 1e-6 * (1 + abs(float(np.mean(preds)))):
-            return f"predicts {float(np.mean(preds)):.4g} for all {len(preds)} examples"
+        mean, spread = float(np.mean(preds)), float(np.std(preds))
+        if spread <= 1e-6 * (1 + abs(mean)):
+            return f"predicts {mean:.4g} for all {len(preds)} examples"
+        label_spread = float(np.std(labels)) if labels is not None and len(labels) > 1 else 0.0
+        if spread < NEAR_CONSTANT * label_spread:
+            return (f"predicts {mean:.3g} ± {spread:.2g} for all {len(preds)} examples, "
+                    f"under a tenth of the labels' spread ({label_spread:.2g})")
         return None
     if np.all(preds == preds[0]):
         return f"predicts '{label_names[int(preds[0])]}' for all {len(preds)} examples"

@@ -21,6 +21,16 @@ def test_collapse_by_hand():
     assert collapse(np.array([1]), ["neg", "pos"]) is None  # one example tells nothing
 
 
+def test_a_regression_output_nearly_constant_against_the_labels_spread_is_collapsed():
+    labels = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])  # STS-B's scale: spread 1.71
+    narrow = np.array([2.5, 2.55, 2.45, 2.6, 2.4, 2.5])  # spread 0.065: under a tenth of the labels'
+    why = collapse(narrow, None, labels)
+    assert why is not None and why.startswith("predicts 2.5 ± 0.065 for all 6 examples") and "(1.7)" in why
+    assert collapse(narrow * 3 - 5, None, labels) is None  # spread 0.19: a weak model, not a collapsed one; the metrics judge it
+    assert collapse(narrow, None, labels * 0.05) is None  # against labels as narrow, it is a real spread
+    assert collapse(narrow, None, np.full(6, 3.0)) is None  # labels with no spread: nothing to compare with
+
+
 @pytest.fixture(scope="module")
 def same_text_run(tmp_path_factory, tiny_bert):
     root = tmp_path_factory.mktemp("collapse")
@@ -117,3 +127,21 @@ def test_predictions_keep_the_split_order_and_a_long_eval_shows_a_bar(monkeypatc
     preds = scoring.predict(_Accel(), _Net(), _Split(), 2, regression=True)
     assert preds.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]  # batched longest first, returned in order
     assert bool(started) == shown
+
+
+def test_scoring_judges_a_regression_split_against_its_own_labels():
+    """`score` hands each split's labels to the detector: 2.5 + 0.01·i against labels 0..4 is flagged."""
+    import types
+
+    from peftkit.evaluation import scoring
+
+    class Near(_Net):
+        def forward(self, x):
+            return types.SimpleNamespace(logits=(2.5 + 0.01 * x).unsqueeze(-1))
+
+    split = _Split()
+    split.labels = [0.0, 1.0, 2.0, 3.0, 4.0]
+    task = types.SimpleNamespace(label_names=None, eval_splits=["validation"], held_out_splits=[], metrics=("pearson",))
+    result = scoring.score(_Accel(), Near(), task, {"validation": split}, 2)
+    assert result["collapsed"]["validation"].startswith("predicts 2.52 ± 0.014 for all 5 examples")
+    assert "collapsed" not in scoring.score(_Accel(), _Net(), task, {"validation": split}, 2)  # 0..4 against 0..4
