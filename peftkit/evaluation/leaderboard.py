@@ -543,7 +543,9 @@ def scores_figure(board: dict):
                 values[i, j] = r["scores"][t]["mean"]
         if len(columns) > len(tasks) and len(r["scores"]) == len(tasks):  # a partial average compares with nothing
             values[i, -1] = r["average"]
-    low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)  # every column has a score: tasks come from runs
+    low, high = np.full(len(columns), np.nan), np.full(len(columns), np.nan)
+    scored = ~np.isnan(values).all(axis=0)  # "avg" is empty when no row has every task
+    low[scored], high[scored] = np.nanmin(values[:, scored], axis=0), np.nanmax(values[:, scored], axis=0)
     shade = np.where(high > low, (values - low) / np.where(high > low, high - low, 1.0), 0.5)
     fig, ax = plt.subplots(figsize=(2.5 + 1.0 * len(columns), 1.2 + 0.3 * len(rows)))
     ax.imshow(np.ma.masked_invalid(shade), cmap="RdYlGn", vmin=-0.3, vmax=1.3, aspect="auto")  # no darkest ends: the numbers stay legible

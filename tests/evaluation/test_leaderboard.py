@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import statistics
+import warnings
 from pathlib import Path
 
 import pytest
@@ -236,6 +237,11 @@ of a row that lacks a task: it compares with nothing)."""
     assert shade[2, 1] == pytest.approx((83.0 - 81.3) / (85.0 - 81.3)) and shade.mask[2, 0]  # vera has no CoLA
     one = leaderboard.scores_figure({"tasks": ["rte"], "rows": [{"label": "lora", "scores": {"rte": {"mean": 60.0}}, "average": 60.0}]})
     assert one.axes[0].images[0].get_array()[0, 0] == 0.5  # one score: no best or worst, mid shade, no avg column
+    partial = {"tasks": ["cola", "sst2"], "rows": [board["rows"][2], {"label": "ia3", "scores": {"cola": {"mean": 9.0}}, "average": 9.0}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no row has both tasks: an empty avg column, and no "All-NaN slice" warning
+        texts = [t.get_text() for t in leaderboard.scores_figure(partial).axes[0].texts]
+    assert texts == ["–", "83.0", "–", "9.0", "–", "–"]
     nothing = leaderboard.scores_figure({"tasks": [], "rows": []})  # every run failed: a note, not a crash
     assert [t.get_text() for t in nothing.axes[0].texts] == ["no finished runs"]
 
