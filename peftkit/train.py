@@ -224,6 +224,8 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
         console.print(where)
 
     net = a.model
+    if accelerator.device.type == "cpu":
+        cpu.use_fast_dropout(net)
     optimizer = make_optimizer(net, t)
     scheduler = make_scheduler(optimizer, t, total_steps)
     net, optimizer = accelerator.prepare(net, optimizer)

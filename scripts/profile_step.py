@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peftkit import config, model, tasks  # noqa: E402
+from peftkit import config, cpu, model, tasks  # noqa: E402
 from peftkit.data.batching import train_batches  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="steps timed and profiled (default: 20 cls, 1 lm)")
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes) before the warm-up steps")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: the forward under CPU autocast, as trainer.precision=bf16 runs it")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.threads:
@@ -61,13 +62,18 @@ def main() -> None:
     steps = args.steps or (20 if args.part == "cls" else 1)
     kind, net, train, batches = build(args.part, args.glue_dir if args.part == "cls" else args.math_dir)
     net.train()
+    cpu.use_fast_dropout(net)  # as peftkit's trainer does on CPU
+    if args.precision == "bf16":
+        from peftkit import backbone
+        backbone.store_frozen_linears(net, torch.bfloat16)  # as peftkit's trainer does under bf16 autocast
     opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=1e-4)
     if args.compile:
         net = torch.compile(net, dynamic=True)
     unit = "samples" if args.part == "cls" else "tokens"
 
     def step(b):
-        loss = kind.loss(net, train.batch(b), train)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = kind.loss(net, train.batch(b), train)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -102,7 +108,7 @@ def main() -> None:
     for t in top:
         print(f"  {t['share'] * 100:5.1f}%  {t['self_s']:7.2f} s  {t['calls']:6d}  {t['op']}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"part": args.part, "compile": args.compile, f"{unit}_per_s": speed,
+        Path(args.json).write_text(json.dumps({"part": args.part, "compile": args.compile, "precision": args.precision, f"{unit}_per_s": speed,
                                                "threads": torch.get_num_threads(), "steps": steps, "warmup_steps": w,
                                                "warmup_s": warmup_s, "profiled_s": total / 1e6, "top": top}, indent=2) + "\n")
 

@@ -49,3 +49,84 @@ def test_the_bf16_probe_compares_two_matmuls(monkeypatch):
     clock = iter([0.0, 0.002, 0.0, 0.001, 0.0, 0.06, 0.0, 0.05])  # fp32 2 then 1 ms, bf16 60 then 50 ms: the best of each
     monkeypatch.setattr(cpu.time, "perf_counter", lambda: next(clock))
     assert cpu.bf16_slowdown(8) == pytest.approx(50)
+
+
+# ---- fast dropout: the same Bernoulli masks, drawn 16 bits an element -----------------------------------------
+
+def test_keep_mask_is_bernoulli_in_every_lane_and_reproducible():
+    torch.manual_seed(0)
+    keep, scale = cpu.keep_mask(torch.Size([1000, 1000]), 0.1)
+    n = keep.numel()
+    sigma = (0.1 * 0.9 / n) ** 0.5
+    assert abs(keep.float().mean().item() - 0.9) < 6 * sigma
+    flat = keep.flatten().float()
+    for lane in range(4):  # each 16-bit quarter of a 64-bit draw is its own fair coin
+        assert abs(flat[lane::4].mean().item() - 0.9) < 6 * (0.09 / (n / 4)) ** 0.5
+    pairs = (flat[:-1] * flat[1:]).mean().item()  # neighbours independent: P(both kept) = 0.81
+    assert abs(pairs - 0.81) < 6 * (0.81 * 0.19 / n) ** 0.5
+    assert scale == pytest.approx(1 / (1 - round(0.1 * 65536) / 65536))
+    torch.manual_seed(0)
+    assert torch.equal(cpu.keep_mask(torch.Size([1000, 1000]), 0.1)[0], keep)
+    assert not torch.equal(cpu.keep_mask(torch.Size([1000, 1000]), 0.1)[0], keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_dropout_is_x_times_mask_times_scale_and_so_is_its_gradient(dtype):
+    x = torch.randn(7, 13, 5).to(dtype).requires_grad_()
+    torch.manual_seed(3)
+    y = cpu.fast_dropout(x, 0.25)
+    torch.manual_seed(3)
+    keep, scale = cpu.keep_mask(x.shape, 0.25)
+    assert torch.equal(y, x * (keep.to(dtype) * scale))  # the scaled mask in x's dtype, as torch's own dropout
+    y.sum().backward()
+    assert torch.equal(x.grad, (keep.to(dtype) * scale))
+    ones = torch.ones(2000, 500)
+    assert abs(cpu.fast_dropout(ones, 0.3).mean().item() - 1) < 0.01  # the expectation is kept
+    assert torch.equal(cpu.fast_dropout(x, 0.0), x) and not cpu.fast_dropout(x, 1.0).any()
+
+
+class _Attention(torch.nn.Module):
+    is_causal = False
+
+
+def test_dropout_sdpa_is_softmax_attention_with_the_mask_it_drew():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
+    attend = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    attend[1, :, :, 4:] = False  # the second row is 4 tokens and 2 pads
+    module = _Attention().train()
+    torch.manual_seed(9)
+    out, _ = cpu.dropout_sdpa(module, q, k, v, attend, dropout=0.2, scaling=0.3)
+    torch.manual_seed(9)
+    keep, scale = cpu.keep_mask(torch.Size([2, 4, 6, 6]), 0.2)
+    scores = (q @ k.transpose(2, 3) * 0.3).masked_fill(~attend, float("-inf"))
+    expected = ((scores.softmax(-1) * keep * scale) @ v).transpose(1, 2)
+    assert out.shape == (2, 6, 4, 8)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    module.eval()  # no dropout (a model passes 0 in eval): exactly transformers' SDPA
+    assert torch.equal(cpu.dropout_sdpa(module, q, k, v, attend, dropout=0.0, scaling=0.3)[0],
+                       sdpa_attention_forward(module, q, k, v, attend, dropout=0.0, scaling=0.3)[0])
+
+
+def test_use_fast_dropout_swaps_every_dropout_and_keeps_eval_outputs(tiny_bert):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2).eval()
+    batch = AutoTokenizer.from_pretrained(tiny_bert)(["a short one", "and a rather longer sentence here"],
+                                                     padding=True, return_tensors="pt")
+    before = model(**batch).logits
+    dropouts = sum(type(m) is torch.nn.Dropout and m.p > 0 for m in model.modules())
+    assert cpu.use_fast_dropout(model) == dropouts > 0
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+    assert model.config._attn_implementation == cpu.FAST_ATTENTION
+    assert torch.equal(model(**batch).logits, before)
+    model.train()
+    torch.manual_seed(5)
+    first = model(**batch).logits
+    torch.manual_seed(5)
+    assert torch.equal(model(**batch).logits, first) and not torch.equal(first, before)
+    first.sum().backward()  # the gradient flows back through both kinds of dropout to the first layer
+    assert model.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
