@@ -227,3 +227,31 @@ def fingerprint(model: nn.Module, names: list[str] | None = None) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.float().flatten()[:: max(1, t.numel() // 4096)].contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+
+
+def store_frozen_base(model: nn.Module, dtype: torch.dtype, adapter_names: list[str]) -> int:
+    """Keep the frozen base's floating parameters in `dtype` (bf16 under bf16 autocast), as
+    torchtune trains: the embeddings and Linears then hand bf16 activations from layer to layer.
+    With an fp32 base, autocast casts each Linear's fp32 input and weight to bf16 at every call and
+    every gradient back, a tenth of a bf16 LoRA step on CPU (scripts/profile_step.py).
+    Kept as they are: torch's norm layers (they take a bf16 input with fp32 weights and return bf16,
+    but refuse an fp32 input, which a method's fp32 branch can hand them, with bf16 weights), and
+    every module with a trained parameter, one of the adapter file's tensors (`adapter_names`) or a
+    tensor shared with one of them (BitFit's LayerNorm bias). Returns how many parameters now hold `dtype`."""
+    keep = set(adapter_names)
+    named = list(model.named_parameters(remove_duplicate=False))
+    shared = {id(p) for n, p in named if p.requires_grad or n in keep}
+    stored = 0
+    for m in model.modules():
+        own = list(m.parameters(recurse=False))
+        if isinstance(m, NORMS) or any(id(p) in shared for p in own):
+            continue
+        for p in own:
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                stored += 1
+    return stored

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from peftkit import adapter, checkpoint, cpu, model, tasks, tracking
+from peftkit import adapter, backbone, checkpoint, cpu, model, tasks, tracking
 from peftkit.data.batching import train_batches
 from peftkit.errors import CtrlC, Diverged, UserError
 from peftkit.evaluation import report
@@ -57,6 +57,14 @@ def make_accelerator(trainer: DictConfig, sparse_gradients: bool = False, tracke
     return Accelerator(cpu=not cuda, mixed_precision=precision, gradient_accumulation_steps=trainer.grad_accum,
                        kwargs_handlers=handlers, log_with=(trackers.instances() if trackers else None) or None,
                        project_dir=trackers.dir if trackers and trackers.names else None)
+
+
+def place_base(accelerator, a: model.Adapted) -> None:
+    """Where the run computes: under bf16 mixed precision the frozen base is stored in bf16 and the
+    adapter in fp32 (`backbone.store_frozen_base`); training and `peftkit eval` both place it so,
+    so their scores agree."""
+    if accelerator.mixed_precision == "bf16":
+        backbone.store_frozen_base(a.model, torch.bfloat16, a.trainable)
 
 
 def seed_everything(seed: int) -> None:
@@ -223,6 +231,7 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
     if where := trackers.start(accelerator, OmegaConf.to_container(cfg, resolve=True)):
         console.print(where)
 
+    place_base(accelerator, a)
     net = a.model
     if accelerator.device.type == "cpu":
         cpu.use_fast_dropout(net)

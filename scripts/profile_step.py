@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peftkit import config, cpu, model, tasks  # noqa: E402
+from peftkit import backbone, config, cpu, model, tasks  # noqa: E402
 from peftkit.data.batching import train_batches  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def build(part: str, data_dir: str):
     a = model.build(cfg.backbone, cfg.method, getattr(data, "label_names", None), kind.NAME)
     train = kind.encode(data, a.tokenizer, cfg)["train"]
     batches = train_batches(train.lengths, 32 if part == "cls" else 3, 0, 0, True)
-    return kind, a.model, train, batches
+    return kind, a.model, train, batches, a.trainable
 
 
 def main() -> None:
@@ -60,12 +60,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = args.steps or (20 if args.part == "cls" else 1)
-    kind, net, train, batches = build(args.part, args.glue_dir if args.part == "cls" else args.math_dir)
+    kind, net, train, batches, trainable = build(args.part, args.glue_dir if args.part == "cls" else args.math_dir)
     net.train()
     cpu.use_fast_dropout(net)  # as peftkit's trainer does on CPU
     if args.precision == "bf16":
-        from peftkit import backbone
-        backbone.store_frozen_linears(net, torch.bfloat16)  # as peftkit's trainer does under bf16 autocast
+        backbone.store_frozen_base(net, torch.bfloat16, trainable)  # as peftkit's trainer does under bf16 autocast
     opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=1e-4)
     if args.compile:
         net = torch.compile(net, dynamic=True)
