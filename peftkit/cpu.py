@@ -98,7 +98,23 @@ def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     if p >= 1:
         return x * 0
     keep, scale = keep_mask(x.shape, p)
-    return x * keep.to(x.dtype).mul_(scale)
+    return _MaskedScale.apply(x, keep, scale)
+
+
+class _MaskedScale(torch.autograd.Function):
+    """x · mask · scale, keeping the bool mask for the gradient (1 byte an element, as torch's
+    dropout keeps; a scaled mask in x's dtype would hold 2 or 4)."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x * keep.to(x.dtype).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad * keep.to(grad.dtype).mul_(ctx.scale), None, None
 
 
 class Dropout(nn.Dropout):
