@@ -36,6 +36,7 @@ class Method:
     default_roles: ClassVar[tuple[str, ...]] = ()  # see methods.targets.ROLE_NAMES
     packs: ClassVar[bool] = True  # trains on packed rows (several examples per row) of a causal LM
     embeddings: ClassVar[bool] = False  # can wrap an nn.Embedding named in target_modules (LoRA, IA³)
+    positionwise: ClassVar[bool] = True  # acts on each position alone: a classifier's last layer may run on the one it reads
 
     @dataclasses.dataclass
     class Config:

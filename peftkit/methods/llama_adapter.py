@@ -65,6 +65,7 @@ class AdaptedAttention(nn.Module):
 @register
 class LlamaAdapter(Method):
     name = "llama_adapter"
+    positionwise = False  # decoder attention; a decoder classifier reads the last token
 
     @dataclasses.dataclass
     class Config:

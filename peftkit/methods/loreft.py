@@ -99,6 +99,7 @@ def transformer_layers(model: nn.Module) -> nn.ModuleList:
 @register
 class LoReFT(Method):
     packs = False  # it edits the first and last tokens of each sequence: a packed row is one sequence to it
+    positionwise = False  # the edit at the last token needs the last layer at every position
     name = "loreft"
 
     @dataclasses.dataclass

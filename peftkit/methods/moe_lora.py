@@ -136,6 +136,7 @@ def layer_index(name: str) -> int | None:
 @register
 class MoeLoRA(Method):
     name = "moe_lora"
+    positionwise = False  # the balance loss and routing statistics count every position
     mergeable = False
     default_roles = ("query", "value", "pooler")  # as lora
 

@@ -104,6 +104,7 @@ class PrefixMLP(Prefixes):
 class PrefixTuning(Method):
     name = "prefix_tuning"
     packs = False  # the prefixes come as a KV cache, and transformers builds the packed-rows mask only without one
+    positionwise = False  # its KV cache goes through the layer's own forward
 
     @dataclasses.dataclass
     class Config:

@@ -11,8 +11,10 @@ interface, one module per task type:
 
 A module may also declare `UNSUPPORTED = {method: why}`: methods that have nothing to act on in its
 models, refused before anything loads (`check_method`); its `Encoded` train split may bring its own
-`train_batches(batch_size, seed, epoch, group_by_length)` (multi-task: one task per batch); and
-`SPARSE_GRADIENTS = True` says some parameters get no gradient in a step (one task's head).
+`train_batches(batch_size, seed, epoch, group_by_length)` (multi-task: one task per batch);
+`SPARSE_GRADIENTS = True` says some parameters get no gradient in a step (one task's head); and
+`skip_unread_positions(model, method)` lets training and evaluation compute only what the loss
+reads (classification: the last layer on the first position).
 
 A dataset's YAML names its task type (`task: causal_lm`); classification (and regression) is the default.
 """
