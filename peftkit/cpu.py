@@ -13,8 +13,8 @@ software: on a 2-core AMD EPYC (AVX2) `bf16_slowdown` found it 19-57x slower tha
 
 Dropout: torch draws a CPU dropout mask one Mersenne-Twister number per element (MKL's vectorised
 generator only on Intel CPUs): 6 ns an element, 17% of a bf16 LoRA step on MiniLM (scripts/profile_step.py).
-`use_fast_dropout` draws 64 random bits per 4 elements instead (one `randint`, 16 bits each), the
-same Bernoulli masks from the same seeded generator at a third of the cost.
+`use_fast_dropout` draws 64 random bits per 4 elements instead (one `randint`, 16 bits each):
+Bernoulli masks of the same p (to 1/65536), from the same seeded generator, at a third of the cost.
 """
 
 from __future__ import annotations
