@@ -152,6 +152,12 @@ def load_model(backbone_cfg: DictConfig, label_names: dict[str, list[str] | None
     return model
 
 
+
+# every task's head reads the first position, as the single-task classifier's: the same shortcut, so
+# a task's scores here and in the single-task run `peftkit merge mode=materialize` makes agree
+skip_unread_positions = classification.skip_unread_positions
+
+
 def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
     """`root.a.b.c = module`, creating empty containers for a and b."""
     *parents, leaf = path.split(".")
