@@ -63,7 +63,8 @@ def skip_unread_positions(model: nn.Module, method) -> bool:
     layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
     last = layers[-1] if isinstance(layers, nn.ModuleList) and len(layers) else None
     attention = getattr(getattr(last, "attention", None), "self", None)
-    if attention is None or not all(hasattr(attention, a) for a in ("query", "key", "value", "attention_head_size", "scaling")):
+    if (attention is None or not hasattr(last, "feed_forward_chunk") or not hasattr(last.attention, "output")
+            or not all(hasattr(attention, a) for a in ("query", "key", "value", "attention_head_size", "scaling", "dropout"))):
         return False
     cls = type(last)  # a subclass with the forward below, not a bound method on the instance: that would
     if cls.__name__.startswith("FirstPosition"):  # make a reference cycle and keep a dropped model alive

@@ -51,3 +51,35 @@ def test_not_for_a_decoder_classifier_or_when_hidden_states_are_asked(tiny_llama
     batch = _batch(tiny_bert)
     hidden = bert.model.eval()(**batch, output_hidden_states=True).hidden_states
     assert hidden[-1].shape[1] == 1 and hidden[-2].shape[1] == batch["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("kind", ["roberta", "electra", "xlm-roberta"])
+def test_other_encoders_whose_heads_read_the_first_position(kind):
+    """RoBERTa-, ELECTRA- and XLM-R-style classifiers (random tiny configs, padded rows): the same
+    logits and gradients with the last layer on the first position."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from peftkit.methods import build as build_method, prepare
+
+    config = AutoConfig.for_model(kind, vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64, num_labels=2,
+                                  **({"embedding_size": 32} if kind == "electra" else {}))
+    ids = torch.randint(5, 100, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = AutoModelForSequenceClassification.from_config(config).eval()
+        method = build_method({"name": "lora", "r": 4, "alpha": 8, "target_modules": ["query", "value"]})
+        prepare(m, method, ["classifier"])
+        perturb(m, [n for n, p in m.named_parameters() if p.requires_grad], std=0.2)
+        models.append((m, method))
+    assert classification.skip_unread_positions(*models[1])
+    outs = [m(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1])) for m, _ in models]
+    torch.testing.assert_close(outs[1].logits, outs[0].logits, atol=1e-6, rtol=1e-5)
+    for out in outs:
+        out.loss.backward()
+    for (n, p), q in zip(models[0][0].named_parameters(), models[1][0].parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, msg=n)
