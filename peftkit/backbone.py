@@ -229,7 +229,6 @@ def fingerprint(model: nn.Module, names: list[str] | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 
 

@@ -12,9 +12,9 @@ software: on a 2-core AMD EPYC (AVX2) `bf16_slowdown` found it 19-57x slower tha
 `trainer.precision=bf16` there would crawl, so the run says so before it starts.
 
 Dropout: torch draws a CPU dropout mask one Mersenne-Twister number per element (MKL's vectorised
-generator only on Intel CPUs): 6 ns an element, 17% of a bf16 LoRA step on MiniLM (scripts/profile_step.py).
+generator only on Intel CPUs): 17% of a bf16 LoRA step on MiniLM (scripts/profile_step.py).
 `use_fast_dropout` draws 64 random bits per 4 elements instead (one `randint`, 16 bits each):
-Bernoulli masks of the same p (to 1/65536), from the same seeded generator, at a third of the cost.
+Bernoulli masks of the same p (to 1/65536), from the same seeded generator.
 """
 
 from __future__ import annotations
@@ -162,9 +162,17 @@ def dropout_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
-    if attention_mask is not None:
-        mask = attention_mask[:, :, :, : key.shape[2]]
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(fast_dropout(probs, dropout), value)
+    mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[2]]
+    out = torch.matmul(attention_probs(scores, mask, dropout, query.dtype), value)
     return out.transpose(1, 2).contiguous(), None
+
+
+def attention_probs(scores: torch.Tensor, mask: torch.Tensor | None, dropout: float, dtype: torch.dtype) -> torch.Tensor:
+    """softmax(scores + mask) in fp32, in `dtype`, then dropout (`fast_dropout` on CPU): a bool mask
+    marks what may be attended, a float one is added."""
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+    if dropout <= 0:
+        return probs
+    return fast_dropout(probs, dropout) if probs.device.type == "cpu" else nn.functional.dropout(probs, dropout)

@@ -19,7 +19,7 @@ from peftkit.errors import UserError
 from peftkit.evaluation import report
 from peftkit.evaluation.scoring import predict
 from peftkit.files import newest_complete
-from peftkit.train import make_accelerator, place_base
+from peftkit.train import make_accelerator, prepare_model
 
 console = Console()
 
@@ -90,7 +90,7 @@ def score_run(run_dir: Path, split: str, cfg, previous: dict | None) -> dict:
     if adapter_cfg["label_names"] != task.label_names:
         raise UserError(f"the adapter's labels {adapter_cfg['label_names']} differ from {cfg.dataset.name}'s {task.label_names}")
     accelerator = make_accelerator(cfg.trainer)
-    place_base(accelerator, a, kind)
+    prepare_model(accelerator, a, kind)
     net = accelerator.prepare(a.model)
     encoded = kind.encode(task, a.tokenizer, cfg)
     if split == "test" and kind.NAME == "classification":

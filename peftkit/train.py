@@ -59,7 +59,7 @@ def make_accelerator(trainer: DictConfig, sparse_gradients: bool = False, tracke
                        project_dir=trackers.dir if trackers and trackers.names else None)
 
 
-def place_base(accelerator, a: model.Adapted, kind) -> None:
+def prepare_model(accelerator, a: model.Adapted, kind) -> None:
     """How the run computes, the same in training and in `peftkit eval` so their scores agree: under
     bf16 mixed precision the frozen base is stored in bf16 and the adapter in fp32
     (`backbone.store_frozen_base`), and a task may skip what its loss never reads (classification:
@@ -234,7 +234,7 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
     if where := trackers.start(accelerator, OmegaConf.to_container(cfg, resolve=True)):
         console.print(where)
 
-    place_base(accelerator, a, kind)
+    prepare_model(accelerator, a, kind)
     net = a.model
     if accelerator.device.type == "cpu":
         cpu.use_fast_dropout(net)

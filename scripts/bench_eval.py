@@ -23,7 +23,7 @@ configuration then runs in its own fresh subprocess:
                         temp dir so it tokenizes), scored through `peftkit eval`'s code path:
                         `evaluation.scoring.predict` with an `accelerate.Accelerator(cpu=True)`
                         (batches sorted by length, longest first; each padded to its longest row)
-                        after `train.place_base`, as `peftkit eval` (the last layer on the first
+                        after `train.prepare_model`, as `peftkit eval` (the last layer on the first
                         position only: `tasks.classification.skip_unread_positions`).
   peftkit_merged        the same with the adapter folded into the weights
                         (`peftkit.methods.base.set_merged(model, True)`): plain Linears.
@@ -180,7 +180,7 @@ def eval_peftkit(args, merged: bool) -> dict:
     from peftkit.data.batching import eval_batches
     from peftkit.evaluation.scoring import predict
     from peftkit.methods.base import set_merged
-    from peftkit.train import place_base
+    from peftkit.train import prepare_model
 
     cfg, kind, task = dev_data(args)
     a, meta = model.from_adapter(args.adapter / "adapter")
@@ -189,7 +189,7 @@ def eval_peftkit(args, merged: bool) -> dict:
     if merged:
         set_merged(a.model, True)
     accelerator = Accelerator(cpu=True)
-    place_base(accelerator, a, kind)  # as `peftkit eval` (the classifier's last layer on the first position)
+    prepare_model(accelerator, a, kind)  # as `peftkit eval` (the classifier's last layer on the first position)
     net = accelerator.prepare(a.model)
     enc = kind.encode(task, a.tokenizer, cfg)["validation"]
     inner = accelerator.unwrap_model(net).eval()

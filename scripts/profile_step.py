@@ -40,7 +40,7 @@ def build(part: str, data_dir: str):
     kind = tasks.of(cfg.dataset)
     data = kind.load_data(cfg.dataset)
     a = model.build(cfg.backbone, cfg.method, getattr(data, "label_names", None), kind.NAME)
-    if hasattr(kind, "skip_unread_positions"):  # as peftkit's trainer does (train.place_base)
+    if hasattr(kind, "skip_unread_positions"):  # as peftkit's trainer does (train.prepare_model)
         kind.skip_unread_positions(a.model, a.method)
     train = kind.encode(data, a.tokenizer, cfg)["train"]
     batches = train_batches(train.lengths, 32 if part == "cls" else 3, 0, 0, True)

@@ -152,7 +152,6 @@ def load_model(backbone_cfg: DictConfig, label_names: dict[str, list[str] | None
     return model
 
 
-
 # every task's head reads the first position, as the single-task classifier's: the same shortcut, so
 # a task's scores here and in the single-task run `peftkit merge mode=materialize` makes agree
 skip_unread_positions = classification.skip_unread_positions
