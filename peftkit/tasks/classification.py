@@ -83,7 +83,8 @@ def _first_position_forward(self, hidden_states, attention_mask=None, *args, **k
     would be built for every new sequence length), with the model's mask and attention dropout."""
     attn = self.attention.self
     rows, length = hidden_states.shape[:2]
-    first = hidden_states[:, :1]
+    first = hidden_states[:, 0]  # 2-D throughout: a (rows, 1, dim) input that needs a gradient makes
+    # torch.matmul broadcast the weight to every row (a bmm on a copied (rows, dim, dim) weight)
     query = attn.query(first).view(rows, -1, 1, attn.attention_head_size)  # (rows, heads, 1, head size)
     key = attn.key(hidden_states).view(rows, length, -1, attn.attention_head_size).transpose(1, 2)
     value = attn.value(hidden_states).view(rows, length, -1, attn.attention_head_size).transpose(1, 2)
@@ -91,5 +92,5 @@ def _first_position_forward(self, hidden_states, attention_mask=None, *args, **k
     mask = attention_mask[:, :, 0, :length] if attention_mask is not None and attention_mask.dim() == 4 else attention_mask
     probs = cpu.attention_probs(scores, mask, attn.dropout.p if attn.training else 0.0, value.dtype)
     context = (probs.unsqueeze(-1) * value).sum(2)  # (rows, heads, head size)
-    attention_output = self.attention.output(context.reshape(rows, 1, -1), first)
-    return self.feed_forward_chunk(attention_output)
+    attention_output = self.attention.output(context.reshape(rows, -1), first)
+    return self.feed_forward_chunk(attention_output).unsqueeze(1)

@@ -83,3 +83,20 @@ def test_other_encoders_whose_heads_read_the_first_position(kind):
     for (n, p), q in zip(models[0][0].named_parameters(), models[1][0].parameters()):
         if p.requires_grad:
             torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_no_weight_is_copied_per_row(tiny_bert):
+    """The one-position layer multiplies (rows, dim) matrices: a (rows, 1, dim) input that needs a
+    gradient once made torch.matmul copy each weight per row (a bmm on (rows, dim, dim)), which
+    cost more than the positions it skipped."""
+    from torch.profiler import profile
+
+    a = build(tiny_bert, shipped_config("lora"))
+    assert classification.skip_unread_positions(a.model, a.method)
+    batch = _batch(tiny_bert)
+    with profile(record_shapes=True) as prof:
+        a.model(**batch, labels=torch.tensor([1, 0, 1])).loss.backward()
+    rows = batch["input_ids"].shape[0]
+    per_row = [e.input_shapes for e in prof.events() if e.name == "aten::bmm" and e.input_shapes
+               and len(e.input_shapes[0]) == 3 and e.input_shapes[0][:2] == [rows, 1]]
+    assert not per_row, per_row
