@@ -6,7 +6,10 @@ adapter, r=8, alpha=16, on the attention's query and value Linears (the pooler i
 keeps its pretrained weights on both sides) and a trained 2-label `classifier` head; the GLUE dev
 split of `--task` (sst2: 872 sentences, mrpc: 408 sentence pairs), batch `--batch` (32), truncation
 to max_length 128 with dynamic padding (each batch padded to its own longest row), fp32, forward
-only, argmax predictions, accuracy against the dev labels.
+only, argmax predictions, accuracy against the dev labels. `--precision bf16` runs every side under
+bf16 autocast (peftkit: `Accelerator(mixed_precision="bf16")`, so `train.prepare_model` stores its
+frozen base in bf16, as `peftkit eval` runs a bf16 run; peft: `TrainingArguments(bf16=True)`, and
+`torch.autocast` around the sorted loops); the expected agreement then is bf16's, not fp32's.
 
 One adapter for all sides: the parent trains a peftkit LoRA run briefly (`peftkit train
 recipe=glue_lora dataset=glue/<task> method.target_modules=[query,value] trainer.max_steps=
@@ -66,7 +69,7 @@ of that side's order; Trainer: `trainer.predict` on the first `--batch` rows):
   mean_margin       the mean over the split of logit 1 - logit 0 (a forward hook on the outermost
                     model sums them in the timed pass: the sum does not depend on batch order);
                     `mean_abs_margin` the same of |margin|; `margin_diff` = mean_margin - peftkit's.
-                    Expected within 1e-3 x max(1, peftkit's mean_abs_margin): the same logits, not
+                    Expected within 1e-3 (bf16: 2e-2) x max(1, peftkit's mean_abs_margin): the same logits, not
                     only the same argmax (which a brief training run that predicts one class for
                     every row, e.g. on MRPC, would give any model). Either gap too large is printed
                     as a warning and recorded (`same_job: false`); a side that predicts one class
@@ -125,7 +128,7 @@ TARGETS = ["query", "value"]
 TRAIN_ROWS = 4000  # the brief training run reads (and tokenizes) only these
 MEASURES = ("rows_per_s", "own_rows_per_s", "peak_rss_mb", "wall_s")
 SAME_JOB_ROWS = 2  # accuracy within this many rows of peftkit's
-MARGIN_TOL = 1e-3  # mean logit margin within this (relative to the mean |margin|) of peftkit's
+MARGIN_TOL = {"fp32": 1e-3, "bf16": 2e-2}  # mean logit margin within this (relative to the mean |margin|) of peftkit's
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_GLUE = ROOT.parent / "shared" / "glue"
 
@@ -188,13 +191,13 @@ def eval_peftkit(args, merged: bool) -> dict:
         raise RuntimeError(f"adapter labels {meta['label_names']} differ from the task's {task.label_names}")
     if merged:
         set_merged(a.model, True)
-    accelerator = Accelerator(cpu=True)
-    prepare_model(accelerator, a, kind)  # as `peftkit eval` (the classifier's last layer on the first position)
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16" if args.precision == "bf16" else "no")
+    prepare_model(accelerator, a, kind)  # as `peftkit eval`: the last layer on the first position; bf16: the base stored in bf16
     net = accelerator.prepare(a.model)
     enc = kind.encode(task, a.tokenizer, cfg)["validation"]
     inner = accelerator.unwrap_model(net).eval()
     counter = TokenCounter(inner)
-    with torch.inference_mode():  # warm-up: the first (longest) batch
+    with torch.inference_mode(), accelerator.autocast():  # warm-up: the first (longest) batch
         first = eval_batches(enc.lengths, args.batch)[0]
         inner(**{k: v for k, v in enc.batch(first).items() if k != "labels"})
     counter.on = True
@@ -232,9 +235,10 @@ def eval_hf_peft(args, work: Path, merged: bool, trainer_loop: bool) -> dict:
     counter = TokenCounter(net)
     collator = DataCollatorWithPadding(tokenizer)
     labels = split["labels"]
+    bf16 = args.precision == "bf16"
     if trainer_loop:
         training_args = TrainingArguments(output_dir=str(work / "trainer"), per_device_eval_batch_size=args.batch,
-                                          use_cpu=True, report_to=[], dataloader_num_workers=0)
+                                          use_cpu=True, report_to=[], dataloader_num_workers=0, bf16=bf16)
         trainer = Trainer(model=net, args=training_args, data_collator=collator, processing_class=tokenizer)
         trainer.predict(dev.select(range(min(args.batch, len(dev)))))  # warm-up: the first batch
         counter.on = True
@@ -250,7 +254,7 @@ def eval_hf_peft(args, work: Path, merged: bool, trainer_loop: bool) -> dict:
         order = np.argsort(-np.asarray([len(r["input_ids"]) for r in rows]), kind="stable")
         batches = [order[i : i + args.batch].tolist() for i in range(0, len(order), args.batch)]
         preds = np.empty(len(rows), dtype=np.int64)
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             net(**collator([rows[i] for i in batches[0]]))  # warm-up
             counter.on = True
             t0 = time.perf_counter()
@@ -352,7 +356,7 @@ def run_child(name: str, args, tmp: Path, round_: int) -> dict:
     out, log = tmp / f"{name}.json", tmp / f"{name}.log"
     cmd = [sys.executable, __file__, "--child", name, "--child-out", str(out), "--task", args.task,
            "--batch", str(args.batch), "--glue-dir", str(args.glue_dir), "--adapter", str(args.adapter),
-           "--peft-dir", str(args.peft_dir), "--dev-file", str(args.dev_file)] + (["--threads", str(args.threads)] if args.threads else [])
+           "--peft-dir", str(args.peft_dir), "--dev-file", str(args.dev_file), "--precision", args.precision] + (["--threads", str(args.threads)] if args.threads else [])
     t0 = time.perf_counter()
     with open(log, "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(args, tmp, f"{name}_{round_}")).returncode
@@ -391,7 +395,7 @@ def machine() -> dict:
     return out
 
 
-def compare(results: dict) -> bool:
+def compare(results: dict, precision: str) -> bool:
     """Each side's rows whose prediction differs from peftkit's (`diff_vs_peftkit`) and its mean logit
     margin minus the reference's (`margin_diff`); whether every accuracy is within SAME_JOB_ROWS rows
     of the reference's (peftkit's, else the first side's) and every mean margin within MARGIN_TOL
@@ -402,7 +406,7 @@ def compare(results: dict) -> bool:
         r["diff_vs_peftkit"] = sum(a != b for a, b in zip(r["preds"], ref["preds"])) if "peftkit" in results else None
         r["margin_diff"] = r["mean_margin"] - ref["mean_margin"]
         gap = abs(r["accuracy"] - ref["accuracy"]) * r["rows"] / 100
-        same &= round(gap) <= SAME_JOB_ROWS and abs(r["margin_diff"]) <= MARGIN_TOL * max(1.0, ref["mean_abs_margin"])
+        same &= round(gap) <= SAME_JOB_ROWS and abs(r["margin_diff"]) <= MARGIN_TOL[precision] * max(1.0, ref["mean_abs_margin"])
     return same
 
 
@@ -413,7 +417,7 @@ def print_report(results: dict, ratios: dict, same_job: bool, args) -> None:
     first = next(iter(results.values()))
     median = f", median of {args.repeat} runs (min-max)" if args.repeat > 1 else ""
     table = Table(title=f"Dev-set evaluation, GLUE {args.task} ({first['rows']} rows), MiniLM + LoRA r={LORA_R} "
-                        f"{','.join(TARGETS)}, batch {args.batch}, fp32 on cpu, {first['threads']} thread(s){median}")
+                        f"{','.join(TARGETS)}, batch {args.batch}, {args.precision} on cpu, {first['threads']} thread(s){median}")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
 
     def cell(r: dict, key: str, spec: str) -> str:
@@ -438,10 +442,10 @@ def print_report(results: dict, ratios: dict, same_job: bool, args) -> None:
     console.print(f"attention implementation: {', '.join(attn)}; margin = logit 1 - logit 0, its mean over the split")
     if same_job:
         console.print(f"[green]same job: every side's accuracy is within {SAME_JOB_ROWS} rows of peftkit's and its mean "
-                      f"logit margin within {MARGIN_TOL:g} (relative)[/]")
+                      f"logit margin within {MARGIN_TOL[args.precision]:g} (relative)[/]")
     else:
         console.print(f"[bold red]WARNING: accuracies differ by more than {SAME_JOB_ROWS} rows or mean logit margins by more "
-                      f"than {MARGIN_TOL:g}: the sides did not do the same job[/]")
+                      f"than {MARGIN_TOL[args.precision]:g}: the sides did not do the same job[/]")
     one_class = [name for name, r in results.items() if len(set(r["preds"])) == 1]
     if one_class:
         console.print(f"note: {', '.join(one_class)} predict one class for every row (the brief training run did not learn "
@@ -453,6 +457,8 @@ def parse_args(argv=None):
     p.add_argument("--task", choices=TASKS, default="sst2", help="GLUE dev split to score (default sst2)")
     p.add_argument("--batch", type=int, default=32, help="eval batch size on every side (default 32)")
     p.add_argument("--threads", type=int, default=1, help="torch/OMP threads per child (default 1; 0: torch's default)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: every side under bf16 autocast (peftkit as `peftkit eval` runs a bf16 run: its frozen base stored in bf16)")
     p.add_argument("--repeat", type=int, default=3, help="rounds of all configurations; medians are reported (default 3)")
     p.add_argument("--train-steps", type=int, default=100, help="steps of the brief peftkit training run (default 100)")
     p.add_argument("--adapter", type=Path, help="a peftkit LoRA run (query,value, r=8) to use instead of training one")
@@ -496,7 +502,7 @@ def main(argv=None) -> None:
                 print(f"running {name} ({i + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
                 runs[name].append(run_child(name, args, Path(tmp), i))
     results = {name: summarize(r) for name, r in runs.items()}
-    same_job = compare(results)
+    same_job = compare(results, args.precision)
     ratios = {key: ratio(results, a, b) for key, (a, b) in RATIOS.items()}
     print_report(results, ratios, same_job, args)
     if args.json:
@@ -507,7 +513,7 @@ def main(argv=None) -> None:
             "setup": {"task": args.task, "rows": next(iter(results.values()))["rows"], "batch_size": args.batch,
                       "max_length": MAX_LENGTH, "r": LORA_R, "alpha": LORA_ALPHA, "targets": TARGETS,
                       "train_steps": args.train_steps if adapter == "trained here (temp)" else None, "adapter": adapter,
-                      "glue_dir": str(args.glue_dir), "threads": args.threads, "repeat": args.repeat},
+                      "glue_dir": str(args.glue_dir), "threads": args.threads, "repeat": args.repeat, "precision": args.precision},
             "load_avg": {"start": load_start, "end": os.getloadavg()},
             "machine": machine(),
         }

@@ -7,9 +7,12 @@ Three parts, each a subcommand; every row trains in its own fresh subprocess (so
             no attention across examples) against peft + Trainer with length-grouped padded batches
             of 8 (`train_sampling_strategy="group_by_length"`, `DataCollatorForSeq2Seq`). Both see
             the identical token ids (peftkit renders the examples for both). Measured: real
-            (non-padding) tokens per second of training alone (peftkit: the report's
-            `tokens_per_s`, training time without evaluation; Trainer: real tokens / its
-            `train_runtime`), peak RSS (CPU) or peak allocated CUDA memory, and their ratios.
+            (non-padding) tokens per second of the whole training loop, first step included, on
+            both sides (peftkit: real tokens / (the report's `train_time_s` - `eval_time_s`);
+            its own `tokens_per_s`, which leaves out its first log window, is kept as
+            `tokens_per_s_own`; Trainer: real tokens / its `train_runtime`), peak RSS (CPU) or
+            peak allocated CUDA memory, and their ratios. `--precision bf16`: both under bf16
+            autocast (peftkit's frozen base stored in bf16).
   classify  Instruction-following classification: GLUE SST-2 or RTE as instructions with one-word
             answers (templates below) in the chat template, exact-match accuracy on dev by greedy
             generation. Rows: `base` (zero-shot), peftkit methods (`lora`, `dora`, `ia3`,
@@ -28,7 +31,7 @@ Templates (chat turns, the tokenizer's chat template):
          assistant: "yes" | "no"
 
 Usage:
-    .venv/bin/python scripts/llm_bench.py speed --examples 96 [--json bench/llm_speed.json]
+    .venv/bin/python scripts/llm_bench.py speed --train 48 [--precision bf16] [--json bench/llm_speed.json]
     .venv/bin/python scripts/llm_bench.py classify --task sst2 --rows base,lora,peft_lora --train 480 --dev 200
     .venv/bin/python scripts/llm_bench.py math --rows base,lora,peft_lora --train 240 --test-n 50
   --model DIR uses a local model folder instead of the smollm2 backbone; --random-init builds that
@@ -121,7 +124,7 @@ def peftkit_row(method: str, model: str, train: Path, dev: Path | None, run_dir:
     cmd = [sys.executable, "-m", "peftkit.cli", "train", f"method={method}", f"backbone.path={model}",
            "backbone.name=smollm2", f"backbone.max_length={args.max_length}", f"seed={args.seed}",
            f"trainer.batch_size={batch}", f"trainer.eval_batch_size={args.eval_batch}", "trainer.epochs=1",
-           "trainer.log_every=5", "trainer.keep_best=false", "trainer.checkpoint=false", "trainer.precision=auto",
+           "trainer.log_every=5", "trainer.keep_best=false", "trainer.checkpoint=false", f"trainer.precision={args.precision}",
            f"trainer.eval_before={str(eval_before).lower()}", f"hydra.run.dir={run_dir}"]
     if math_dir is not None:
         cmd += ["dataset=math", f"dataset.data_dir={math_dir}", f"dataset.max_train_samples={args.train}",
@@ -164,7 +167,7 @@ def peer_row(model: str, train: Path, dev: Path | None, out: Path, args, *, temp
             "max_length": args.max_length, "seed": args.seed, "eval_batch": args.eval_batch, "out": str(out),
             "math_dir": str(math_dir) if math_dir else None, "train_n": args.train, "dev_n": args.dev,
             "test_n": getattr(args, "test_n", None), "skip_eval": bool(getattr(args, "skip_eval", False)),
-            "base_only": base_only}
+            "base_only": base_only, "precision": args.precision}
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(spec))
     t0 = time.perf_counter()
@@ -190,6 +193,7 @@ def _peer(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     torch.manual_seed(spec["seed"])
     cuda = torch.cuda.is_available()
+    bf16 = spec["precision"] == "bf16" or (spec["precision"] == "auto" and cuda)  # as trainer.precision
     tok = AutoTokenizer.from_pretrained(spec["model"])
     net = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     if spec.get("base_only"):  # the base model, untrained: its test-set scores
@@ -218,7 +222,7 @@ def _peer(spec_path: str) -> None:
     targs = TrainingArguments(output_dir=str(Path(spec["out"]) / "trainer"), per_device_train_batch_size=spec["batch"],
                               learning_rate=spec["lr"], num_train_epochs=1, max_steps=spec["steps"] or -1,
                               lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                              logging_steps=5, save_strategy="no", report_to=[], seed=spec["seed"], bf16=cuda,
+                              logging_steps=5, save_strategy="no", report_to=[], seed=spec["seed"], bf16=bf16,
                               train_sampling_strategy="group_by_length", dataloader_num_workers=0, disable_tqdm=True,
                               use_cpu=not cuda)
     if cuda:
@@ -309,6 +313,12 @@ def speed(args) -> dict:
     theirs = peer_row(model, None, None, work / "peer", args, template="alpaca", metrics=[], max_new=1, steps=None,
                       batch=8, math_dir=math_dir)
     mem = "peak_gpu_mb" if ours.get("peak_gpu_mb") else "peak_rss_mb"
+    # one measure for both: the same real tokens over the whole training loop, first step included
+    # (the Trainer's train_runtime; peftkit's train_time_s less its evaluation). peftkit's own
+    # tokens_per_s leaves out its first log window, which in a 7-step run is most of it.
+    if "train_time_s" in ours and "real_tokens" in theirs:
+        ours["tokens_per_s_own"] = ours["tokens_per_s"]
+        ours["tokens_per_s"] = theirs["real_tokens"] / (ours["train_time_s"] - (ours.get("eval_time_s") or 0.0))
     return {"peftkit": ours, "peft_trainer": theirs,
             "tokens_per_s_ratio": ratio(ours.get("tokens_per_s"), theirs.get("tokens_per_s")),
             "memory": mem, "memory_ratio": ratio(ours.get(mem), theirs.get(mem))}
@@ -443,6 +453,8 @@ def main() -> None:
     p.add_argument("--rows-per-step", type=int, default=3, help="speed: peftkit's packed rows a step")
     p.add_argument("--eval-batch", type=int, default=32)
     p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="both sides: peftkit trainer.precision, the peer's bf16 autocast (auto: bf16 on a GPU, fp32 on CPU)")
     p.add_argument("--max-new", type=int, default=128, help="math: new tokens per reply")
     p.add_argument("--lr", type=float, default=None, help="every row's rate (default: each method's own; the peer 1e-3, peftkit LoRA's)")
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
