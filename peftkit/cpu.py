@@ -34,7 +34,7 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def probe_seconds(threads: int, repeats: int = 3) -> float:
+def probe_seconds(threads: int, repeats: int = 2) -> float:
     """Best time of a (1024×384)·(384×1536) fp32 matmul, about a MiniLM FFN layer's batch of 32 × 32 tokens."""
     torch.set_num_threads(threads)
     return _best_matmul_seconds(torch.randn(1024, 384), torch.randn(384, 1536), repeats)
@@ -51,6 +51,9 @@ def _best_matmul_seconds(a: torch.Tensor, b: torch.Tensor, repeats: int) -> floa
     return best
 
 
+PROBE_ROUNDS = 3  # one round each way picked 1 thread of 2 in some runs on a 2-core VM (30% slower)
+
+
 def choose_threads(requested: int | None, processes: int = 1, probe=probe_seconds) -> tuple[int, str]:
     """(threads, why) and set them: `requested`, OMP_NUM_THREADS, or the faster of 1 and all free
     cores (more only if at least 1.3x faster: threads that wait for busy cores cost more than they give)."""
@@ -63,7 +66,9 @@ def choose_threads(requested: int | None, processes: int = 1, probe=probe_second
     if torch.cuda.is_available() or cores == 1:
         torch.set_num_threads(cores)
         return cores, f"{cores} core{'s' * (cores > 1)}"
-    one, many = probe(1), probe(cores)
+    one = many = float("inf")
+    for _ in range(PROBE_ROUNDS):  # interleaved, best of each: a moment's load on one core does not decide the run
+        one, many = min(one, probe(1)), min(many, probe(cores))
     chosen = cores if many * 1.3 < one else 1
     torch.set_num_threads(chosen)
     return chosen, f"auto: a probe matmul took {one * 1e3:.1f} ms on 1 thread, {many * 1e3:.1f} ms on {cores}"
