@@ -82,7 +82,9 @@ def main() -> None:
     def size(b):
         return len(b) if unit == "samples" else sum(train.lengths[i] for i in b)
 
-    w = WARMUP_STEPS  # enough batch shapes for a dynamic-shape compile to settle
+    w = min(WARMUP_STEPS, len(batches) - 2 * steps)  # enough batch shapes for a dynamic-shape compile to settle
+    if w < 1:
+        sys.exit(f"{len(batches)} batches: too few for a warm-up step and 2 x --steps {steps}")
     warm, timed, profiled = batches[:w], batches[w : w + steps], batches[w + steps : w + 2 * steps]
     t0 = time.perf_counter()
     for b in warm:

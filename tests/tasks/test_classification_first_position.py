@@ -87,8 +87,7 @@ def test_other_encoders_whose_heads_read_the_first_position(kind):
 
 def test_no_weight_is_copied_per_row(tiny_bert):
     """The one-position layer multiplies (rows, dim) matrices: a (rows, 1, dim) input that needs a
-    gradient once made torch.matmul copy each weight per row (a bmm on (rows, dim, dim)), which
-    cost more than the positions it skipped."""
+    gradient made torch.matmul copy each weight once per row (a bmm on (rows, dim, dim))."""
     from torch.profiler import profile
 
     a = build(tiny_bert, shipped_config("lora"))
