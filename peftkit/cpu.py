@@ -51,7 +51,7 @@ def _best_matmul_seconds(a: torch.Tensor, b: torch.Tensor, repeats: int) -> floa
     return best
 
 
-PROBE_ROUNDS = 3  # one round each way picked 1 thread of 2 in some runs on a 2-core VM (30% slower)
+PROBE_ROUNDS = 3  # one round each way left a run on 1 of 2 cores of a busy VM (57 s of training against 42 s on 2)
 
 
 def choose_threads(requested: int | None, processes: int = 1, probe=probe_seconds) -> tuple[int, str]:

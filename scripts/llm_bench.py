@@ -316,9 +316,10 @@ def speed(args) -> dict:
     # one measure for both: the same real tokens over the whole training loop, first step included
     # (the Trainer's train_runtime; peftkit's train_time_s less its evaluation). peftkit's own
     # tokens_per_s leaves out its first log window, which in a 7-step run is most of it.
-    if "train_time_s" in ours and "real_tokens" in theirs:
-        ours["tokens_per_s_own"] = ours["tokens_per_s"]
-        ours["tokens_per_s"] = theirs["real_tokens"] / (ours["train_time_s"] - (ours.get("eval_time_s") or 0.0))
+    if "error" not in ours:
+        ours["tokens_per_s_own"] = ours.pop("tokens_per_s")
+        ours["tokens_per_s"] = (theirs["real_tokens"] / (ours["train_time_s"] - (ours.get("eval_time_s") or 0.0))
+                                if "real_tokens" in theirs else None)  # the peer's count of the same tokens
     return {"peftkit": ours, "peft_trainer": theirs,
             "tokens_per_s_ratio": ratio(ours.get("tokens_per_s"), theirs.get("tokens_per_s")),
             "memory": mem, "memory_ratio": ratio(ours.get(mem), theirs.get(mem))}
