@@ -144,6 +144,46 @@ def test_packed_attention_is_transformers_sdpa_with_the_block_mask(tmp_path, tok
     assert real is causal_lm.packed_sdpa
 
 
+@pytest.mark.parametrize("heads, groups, scaling", [(4, 4, None), (6, 2, None), (6, 3, 0.3)])
+def test_short_example_attention_is_causal_sdpa(heads, groups, scaling):
+    """`short_causal_attention` (query heads stacked per key head, an additive mask) is causal SDPA with
+    grouped-query attention: the same outputs and gradients in float64, to its rounding."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, groups, 7, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    ours = causal_lm.short_causal_attention(q, k, v, scaling)
+    theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
+    up = torch.randn(ours.shape, generator=g, dtype=torch.float64)
+    grads = [torch.autograd.grad((out * up).sum(), (q, k, v)) for out in (ours, theirs)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_bf16_packed_rows_take_the_short_example_path_up_to_its_length(tokenizer, tiny_lm, monkeypatch):
+    """In bf16 a packed row's examples of up to `SHORT_EXAMPLE` tokens go through `short_causal_attention`,
+    longer ones through SDPA; either way the logits are the flash kernel's to bf16 rounding."""
+    net = causal_lm.load_model(OmegaConf.create({"name": "tiny", "path": str(tiny_lm), "max_length": 64,
+                                                 "trust_remote_code": False})).eval().to(torch.bfloat16)
+    convs = [chat("good?", "fresh"), chat("the plot was a mess and the acting wooden", "rotten"), chat("fine", "fresh fresh")]
+    enc = EncodedLM([render(c, tokenizer, "chat") for c in convs], tokenizer.pad_token_id, packed=True, max_length=200)
+    batch = enc.batch(list(range(len(enc))))
+    lengths = [len(ids) for ids, _ in enc.examples]
+    calls = []
+    real = causal_lm.short_causal_attention
+    monkeypatch.setattr(causal_lm, "short_causal_attention", lambda q, *a: calls.append(q.shape[2]) or real(q, *a))
+    logits = {}
+    for short in (max(lengths), min(lengths), 0):
+        monkeypatch.setattr(causal_lm, "SHORT_EXAMPLE", short)
+        calls.clear()
+        with torch.no_grad():
+            logits[short] = net(**batch).logits.float()
+        layers = net.config.num_hidden_layers
+        assert sorted(calls) == sorted([n for n in lengths if n <= short] * layers)
+    for short in (max(lengths), min(lengths)):
+        torch.testing.assert_close(logits[short], logits[0], atol=1e-2, rtol=0)  # logits up to 0.6: bf16 steps of 0.004
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_training_loss_with_the_head_at_response_positions_only_is_the_models_own(tokenizer, tiny_lm, packed):
     """`causal_lm.loss` applies the LM head only where a response token is predicted: the same value
