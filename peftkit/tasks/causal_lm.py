@@ -14,6 +14,7 @@ hidden states that predict a response token (`response_logits`).
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -294,18 +295,122 @@ def response_logits(net, batch: dict[str, torch.Tensor], encoded: EncodedLM) -> 
         return net(**inputs).logits[:, -labels.shape[1]:-1].flatten(0, 1), target.flatten()
     learned = target != IGNORE
     head = getattr(net, "module", net).get_output_embeddings()  # (DDP wraps the model in .module)
-    hook = head.register_forward_pre_hook(lambda _, args: (args[0][learned], *args[1:]))
+    outputs = []
+    hooks = (head.register_forward_pre_hook(lambda _, args: (args[0][learned], *args[1:])),
+             head.register_forward_hook(lambda _, args, out: outputs.append(out)))
     try:
         logits = net(**inputs, logits_to_keep=torch.arange(target.shape[1], device=target.device)).logits
     finally:
-        hook.remove()
+        for h in hooks:
+            h.remove()
+    if head not in _PLAIN_HEADS:  # the model's logits are its head's output itself: no cap, scale or cast after it
+        _PLAIN_HEADS[head] = type(head) is torch.nn.Linear and len(outputs) == 1 and outputs[0] is logits
     return logits, target[learned]
 
 
-def loss(net, batch: dict[str, torch.Tensor], encoded: EncodedLM) -> torch.Tensor:
-    """The mean cross-entropy of the response tokens: the model's own loss, computed from `response_logits`."""
+_PLAIN_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LM head → whether `fused_head_inputs` may skip it
+
+
+def fused_head_inputs(net, batch: dict[str, torch.Tensor], encoded: EncodedLM):
+    """(the hidden states that predict a response token, those tokens, the LM head), the model run
+    without its head; None where the head must run as the model runs it: methods that move positions,
+    an adapted head, or a model whose logits are not its head's output itself (a soft cap or a scale
+    after the head, seen on the head's first use through `response_logits`)."""
+    if not getattr(encoded, "sequence_kept", False):
+        return None
+    head = getattr(net, "module", net).get_output_embeddings()
+    if not _PLAIN_HEADS.get(head, False):
+        return None
+    target = batch["labels"][:, 1:]
+    learned = target != IGNORE
+    kept = []
+
+    def keep(_, args):
+        kept.append(args[0][learned])
+        return (kept[0][:0], *args[1:])  # the head runs on no row
+
+    hook = head.register_forward_pre_hook(keep)
+    try:
+        net(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=torch.arange(target.shape[1], device=target.device))
+    finally:
+        hook.remove()
+    return kept[0], target[learned], head
+
+
+def response_cross_entropy(net, batch: dict[str, torch.Tensor], encoded: EncodedLM, reduction: str = "mean") -> torch.Tensor:
+    """The response tokens' cross-entropy (mean or sum): through `head_cross_entropy` where the head can be
+    fused with the loss, else from `response_logits`."""
+    fused = fused_head_inputs(net, batch, encoded)
+    if fused is not None:
+        hidden, target, head = fused
+        return head_cross_entropy(hidden, head.weight, head.bias, target, reduction)
     logits, target = response_logits(net, batch, encoded)
-    return torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=IGNORE)
+    return torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction=reduction)
+
+
+def loss(net, batch: dict[str, torch.Tensor], encoded: EncodedLM) -> torch.Tensor:
+    """The mean cross-entropy of the response tokens: the model's own loss."""
+    return response_cross_entropy(net, batch, encoded)
+
+
+# ---- the LM head and its loss in one ------------------------------------------------------------------------
+
+CHUNK_LOGITS = 1 << 24  # logits a chunk of `head_cross_entropy` holds: 64 MB in float32
+
+
+def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                       reduction: str = "mean") -> torch.Tensor:
+    """cross_entropy(linear(hidden, weight, bias).float(), target), every target a real token, with the same
+    arithmetic (the matmul in autocast's dtype, the softmax in float32), a chunk of rows at a time: the
+    gradient (softmax − one-hot) is taken on the way, so the (tokens × vocabulary) logits never exist
+    whole, in float32 or at all: on SmolLM2 (vocabulary 49,152), bf16, peak RSS 2.88 against 3.08 GB and
+    the same speed (`scripts/bench_lever.py fused_head`); larger vocabularies save more."""
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return _HeadCrossEntropy.forward(None, hidden, weight, bias, target, reduction)
+    return _HeadCrossEntropy.apply(hidden, weight, bias, target, reduction)
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, reduction):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        exact = torch.promote_types(dtype, torch.float32)  # the softmax and the sums: float32 at least
+        want = ctx.needs_input_grad[:3] if ctx is not None else (False, False, False)
+        with torch.autocast(device, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            grad_h = torch.empty_like(h) if want[0] else None
+            grad_w = torch.zeros(weight.shape, dtype=exact, device=weight.device) if want[1] else None
+            grad_b = torch.zeros(bias.shape, dtype=exact, device=bias.device) if want[2] else None
+            total = torch.zeros((), dtype=exact, device=hidden.device)
+            rows = max(1, CHUNK_LOGITS // weight.shape[0])
+            scale = 1.0 if reduction == "sum" else 1.0 / len(target)
+            for i in range(0, len(target), rows):
+                x, t = h[i : i + rows], target[i : i + rows]
+                logits = torch.nn.functional.linear(x, w, b).to(exact)
+                norm = torch.logsumexp(logits, dim=-1)
+                total += (norm - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if not any(want):
+                    continue
+                g = logits.sub_(norm[:, None]).exp_()  # softmax
+                g[torch.arange(len(t), device=t.device), t] -= 1
+                g = g.mul_(scale).to(dtype)  # scaled before rounding, as the unfused backward does
+                if grad_h is not None:
+                    grad_h[i : i + rows] = g @ w
+                if grad_w is not None:
+                    grad_w += g.t() @ x
+                if grad_b is not None:
+                    grad_b += g.sum(0)
+        if ctx is not None:
+            ctx.save_for_backward(grad_h, grad_w, grad_b)
+            ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = [None if g is None else (g * grad_out).to(d) for g, d in zip(ctx.saved_tensors, ctx.dtypes)]
+        return *grads, None, None
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------------
@@ -320,9 +425,8 @@ def response_loss(accelerator, net, enc: EncodedLM, batch_size: int) -> tuple[fl
     for b in eval_batches(enc.lengths, batch_size)[accelerator.process_index :: accelerator.num_processes]:
         batch = {k: v.to(accelerator.device) for k, v in enc.batch(b).items()}
         with accelerator.autocast():
-            logits, target = response_logits(inner, batch, enc)
-        total[0] += torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum").double()
-        total[1] += (target != IGNORE).sum()
+            total[0] += response_cross_entropy(inner, batch, enc, reduction="sum").double()
+        total[1] += (batch["labels"][:, 1:] != IGNORE).sum()
     inner.train(was_training)
     if accelerator.num_processes > 1:
         total = accelerator.reduce(total, "sum")

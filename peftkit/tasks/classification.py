@@ -53,7 +53,7 @@ def skip_unread_positions(model: nn.Module, method) -> bool:
     every position, its query, attention output and feed-forward from one. The logits and gradients
     are the same (tests/tasks/test_classification_first_position.py); the work saved is about 10/12
     of one layer's matmuls per position (a sixth of MiniLM's): 1.08× a bf16 SST-2 step
-    (scripts/bench_first_position.py). Only for methods that act on each
+    (`scripts/bench_lever.py first_position`). Only for methods that act on each
     position alone (`Method.positionwise`) and BERT-style layers; anything else runs whole.
     Returns whether it applies."""
     config = getattr(model, "config", None)

@@ -185,28 +185,96 @@ def test_bf16_packed_rows_take_the_short_example_path_up_to_its_length(tokenizer
 
 
 @pytest.mark.parametrize("packed", [True, False])
-def test_training_loss_with_the_head_at_response_positions_only_is_the_models_own(tokenizer, tiny_lm, packed):
-    """`causal_lm.loss` applies the LM head only where a response token is predicted: the same value
-    and the same gradients as the model's own loss over every position."""
+def test_training_loss_with_the_head_at_response_positions_only_is_the_models_own(tokenizer, tiny_lm, packed, monkeypatch):
+    """`causal_lm.loss` applies the LM head only where a response token is predicted, first through the
+    model's head (`response_logits`), from then on fused with the loss (`head_cross_entropy`): the same
+    value and the same gradients as the model's own loss over every position, both times."""
     from peftkit.tasks import causal_lm
 
     convs = [chat("good?", "fresh"), chat("the plot was a mess and the acting wooden", "rotten"), chat("fine", "fresh fresh")]
     enc = EncodedLM([render(c, tokenizer, "chat") for c in convs], tokenizer.pad_token_id, packed=packed, max_length=200)
+    enc.sequence_kept = True
     batch = enc.batch(list(range(len(enc))))
-    results = []
-    for fast in (True, False):
-        net = causal_lm.load_model(OmegaConf.create({"name": "tiny", "path": str(tiny_lm), "max_length": 64,
-                                                     "trust_remote_code": False})).eval()
-        enc.sequence_kept = True
-        value = causal_lm.loss(net, batch, enc) if fast else net(**batch).loss  # the reference: transformers' own loss
+    fused = []
+    real = causal_lm.head_cross_entropy
+    monkeypatch.setattr(causal_lm, "head_cross_entropy", lambda *a: fused.append(1) or real(*a))
+
+    def net():
+        return causal_lm.load_model(OmegaConf.create({"name": "tiny", "path": str(tiny_lm), "max_length": 64,
+                                                      "trust_remote_code": False})).eval()
+
+    def loss_and_grads(model, value):
         value.backward()
-        results.append((value.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
-    (fast_loss, fast_grads), (own_loss, own_grads) = results
-    # the head's matmul over fewer rows may sum in another order: float32 rounding, no more
-    torch.testing.assert_close(fast_loss, own_loss, atol=1e-5, rtol=1e-5)
-    assert fast_grads.keys() == own_grads.keys()
-    for n in own_grads:
-        torch.testing.assert_close(fast_grads[n], own_grads[n], atol=1e-5, rtol=1e-4)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return value.detach(), grads
+
+    theirs = net()
+    own_loss, own_grads = loss_and_grads(theirs, theirs(**batch).loss)  # the reference: transformers' own loss
+    ours = net()
+    for first in (True, False):
+        fast_loss, fast_grads = loss_and_grads(ours, causal_lm.loss(ours, batch, enc))
+        assert len(fused) == (0 if first else 1)
+        # the head's matmul over fewer rows may sum in another order: float32 rounding, no more
+        torch.testing.assert_close(fast_loss, own_loss, atol=1e-5, rtol=1e-5)
+        assert fast_grads.keys() == own_grads.keys()
+        for n in own_grads:
+            torch.testing.assert_close(fast_grads[n], own_grads[n], atol=1e-5, rtol=1e-4)
+
+
+def test_a_model_that_changes_its_heads_output_never_fuses_the_head(tmp_path, tokenizer, monkeypatch):
+    """Gemma 2 soft-caps its logits after the head: its loss keeps the model's own logits on every call."""
+    from conftest import make_tiny_causal_lm
+
+    path = make_tiny_causal_lm(tmp_path, seed=2, arch="gemma2", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=256)
+    net = causal_lm.load_model(OmegaConf.create({"name": "t", "path": str(path), "max_length": 64, "trust_remote_code": False})).eval()
+    assert net.config.final_logit_softcapping
+    enc = EncodedLM([render(chat("good?", "fresh fresh"), tokenizer, "chat")], tokenizer.pad_token_id, packed=False, max_length=200)
+    enc.sequence_kept = True
+    batch = enc.batch([0])
+    monkeypatch.setattr(causal_lm, "head_cross_entropy", lambda *a: pytest.fail("the head was fused"))
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(causal_lm.loss(net, batch, enc), net(**batch).loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("bias, head_grad", [(False, False), (True, True)])
+def test_head_cross_entropy_is_cross_entropy_of_the_head(monkeypatch, reduction, bias, head_grad):
+    """`head_cross_entropy` in chunks of 3 rows: the value and the gradients (hidden states, and the head's
+    weight and bias when they learn) of cross_entropy(linear(...)) in float64, to its rounding."""
+    monkeypatch.setattr(causal_lm, "CHUNK_LOGITS", 3 * 11)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(8, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=head_grad)
+    b = torch.randn(11, generator=g, dtype=torch.float64, requires_grad=head_grad) if bias else None
+    target = torch.randint(0, 11, (8,), generator=g)
+    ours = causal_lm.head_cross_entropy(hidden, weight, b, target, reduction)
+    theirs = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight, b), target, reduction=reduction)
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
+    inputs = [x for x in (hidden, weight, b) if x is not None and x.requires_grad]
+    for a, e in zip(torch.autograd.grad(ours * 3, inputs), torch.autograd.grad(theirs * 3, inputs)):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12)
+    with torch.no_grad():  # no gradient wanted: the loss alone
+        torch.testing.assert_close(causal_lm.head_cross_entropy(hidden, weight, b, target, reduction), ours.detach())
+
+
+def test_head_cross_entropy_under_bf16_autocast_is_the_unfused_arithmetic():
+    """Under bf16 autocast the fused head and loss round as the unfused ones do: matmuls in bf16, the
+    softmax in float32. The loss agrees to float32 summation order, the gradient to a bf16 step."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, 16, generator=g).bfloat16().requires_grad_()
+    weight = torch.randn(300, 16, generator=g).bfloat16()
+    target = torch.randint(0, 300, (40,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = causal_lm.head_cross_entropy(hidden, weight, None, target)
+        theirs = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight).float(), target)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+    (a,), (e,) = torch.autograd.grad(ours, [hidden]), torch.autograd.grad(theirs, [hidden])
+    assert a.dtype == e.dtype == torch.bfloat16
+    torch.testing.assert_close(a.float(), e.float(), atol=0, rtol=2 ** -8)  # (equal here)
 
 
 def test_every_logit_path_is_the_models_own_loss_too(tokenizer, tiny_lm):
