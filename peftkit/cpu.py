@@ -20,6 +20,7 @@ Bernoulli masks of the same p (to 1/65536), from the same seeded generator.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
 import torch
@@ -51,7 +52,12 @@ def _best_matmul_seconds(a: torch.Tensor, b: torch.Tensor, repeats: int) -> floa
     return best
 
 
-PROBE_ROUNDS = 3  # one round each way left a run on 1 of 2 cores of a busy VM (57 s of training against 42 s on 2)
+PROBE_ROUNDS = 5  # each a 1-thread and an all-cores timing, back to back; the median of their ratios decides
+PROBE_ATTEMPTS = 2  # probes before settling on 1 thread
+# Measured on a 2-core VM (20 probes each way): idle, the median ratio was 1.06-2.05 (one probe in 20
+# under 1.3, while its other core was slow for a moment); with a busy loop on one core, 0.57-1.20.
+# The best time of each count over 3 rounds, as before, left 2 of 7 `llm_bench.py speed` runs on one
+# thread (242 against 349 tokens/s).
 
 
 def choose_threads(requested: int | None, processes: int = 1, probe=probe_seconds) -> tuple[int, str]:
@@ -66,12 +72,13 @@ def choose_threads(requested: int | None, processes: int = 1, probe=probe_second
     if torch.cuda.is_available() or cores == 1:
         torch.set_num_threads(cores)
         return cores, f"{cores} core{'s' * (cores > 1)}"
-    one = many = float("inf")
-    for _ in range(PROBE_ROUNDS):  # interleaved, best of each: a moment's load on one core does not decide the run
-        one, many = min(one, probe(1)), min(many, probe(cores))
-    chosen = cores if many * 1.3 < one else 1
+    for _ in range(PROBE_ATTEMPTS):  # a second probe before one thread: a slow moment of the other cores does not decide the run
+        ratio = statistics.median(probe(1) / probe(cores) for _ in range(PROBE_ROUNDS))
+        if ratio >= 1.3:
+            break
+    chosen = cores if ratio >= 1.3 else 1
     torch.set_num_threads(chosen)
-    return chosen, f"auto: a probe matmul took {one * 1e3:.1f} ms on 1 thread, {many * 1e3:.1f} ms on {cores}"
+    return chosen, f"auto: a probe matmul ran {ratio:.2f}x as fast on {cores} threads as on 1"
 
 
 def bf16_slowdown(size: int = 256, repeats: int = 2) -> float:

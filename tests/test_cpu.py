@@ -28,10 +28,14 @@ def test_omp_num_threads_is_respected(monkeypatch):
     assert cpu.choose_threads(None, probe=lambda n: pytest.fail("no probe"))[0] == 1
 
 
-@pytest.mark.parametrize("one, many, chosen", [(0.010, 0.004, 4), (0.010, 0.009, 1), (0.010, 0.050, 1)])
-def test_the_probe_keeps_more_threads_only_when_clearly_faster(one, many, chosen):
-    n, why = cpu.choose_threads(None, probe=lambda k: one if k == 1 else many)
+@pytest.mark.parametrize("one, many, chosen, probes", [(0.010, 0.004, 4, 1), (0.010, 0.009, 1, 2), (0.010, 0.050, 1, 2)])
+def test_the_probe_keeps_more_threads_only_when_clearly_faster(one, many, chosen, probes):
+    """All cores when they run the probe at least 1.3x as fast as one thread; one thread only after a
+    second probe agrees."""
+    seen = []
+    n, why = cpu.choose_threads(None, probe=lambda k: seen.append(k) or (one if k == 1 else many))
     assert n == chosen and torch.get_num_threads() == chosen and "probe" in why
+    assert seen == [1, 4] * cpu.PROBE_ROUNDS * probes
 
 
 def test_processes_share_the_cores():
@@ -41,11 +45,19 @@ def test_processes_share_the_cores():
 
 
 def test_a_moments_load_does_not_decide():
-    """The two counts are timed in turns and the best of each kept: one slow probe on 4 threads
-    (another job took a core for a moment) does not leave the run on one thread."""
-    many = iter([0.050, 0.004, 0.004, 0.004])
+    """The two counts are timed in turns and the median of their ratios kept: slow rounds on 4 threads
+    (another job took a core for a moment) short of half the rounds do not leave the run on one thread."""
+    slow = (cpu.PROBE_ROUNDS - 1) // 2
+    many = iter([0.050] * slow + [0.004] * (cpu.PROBE_ROUNDS - slow))
     n, _ = cpu.choose_threads(None, probe=lambda k: 0.010 if k == 1 else next(many))
     assert n == 4 and torch.get_num_threads() == 4
+
+
+def test_a_slow_spell_over_a_whole_probe_does_not_decide():
+    """Every round of the first probe slow on 4 threads, the second probe not: all cores."""
+    many = iter([0.050] * cpu.PROBE_ROUNDS + [0.004] * cpu.PROBE_ROUNDS)
+    n, why = cpu.choose_threads(None, probe=lambda k: 0.010 if k == 1 else next(many))
+    assert n == 4 and "2.50x" in why
 
 
 def test_the_real_probe_times_a_matmul():
