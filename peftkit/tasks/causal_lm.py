@@ -98,9 +98,10 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
 
 
 # In bf16 on CPU, an example up to this long attends faster as three plain ops than through the flash
-# kernel, whose backward is slow there (fwd + bwd, 9 query / 3 key heads of 64: 0.9 against 2.6 ms at
-# 128 tokens, 3.1 against 5.4 at 256, 12.5 against 18.2 at 512, 47 against 44 at 1024). Its bf16
-# probabilities, kept for the backward, are (heads × length²): 4.7 MB per example and layer at 512.
+# kernel, whose backward is slow there (scripts/bench_attention.py, fwd + bwd, 9 query / 3 key heads
+# of 64: 1.46 against 2.93 ms at 128 tokens, 4.73 against 6.18 at 256, 15.1 against 20.4 at 512, 57
+# against 47 at 1,024; in fp32 no faster). Its bf16 probabilities, kept for the backward, are
+# (heads × length²): 4.7 MB per example and layer at 512.
 SHORT_EXAMPLE = 512
 
 
