@@ -296,7 +296,7 @@ def response_logits(net, batch: dict[str, torch.Tensor], encoded: EncodedLM) -> 
         return net(**inputs).logits[:, -labels.shape[1]:-1].flatten(0, 1), target.flatten()
     learned = target != IGNORE
     head = getattr(net, "module", net).get_output_embeddings()  # (DDP wraps the model in .module)
-    outputs = []
+    outputs, hooked = [], bool(head._forward_hooks or head._forward_pre_hooks)  # someone else's hook may change them
     hooks = (head.register_forward_pre_hook(lambda _, args: (args[0][learned], *args[1:])),
              head.register_forward_hook(lambda _, args, out: outputs.append(out)))
     try:
@@ -305,7 +305,7 @@ def response_logits(net, batch: dict[str, torch.Tensor], encoded: EncodedLM) -> 
         for h in hooks:
             h.remove()
     if head not in _PLAIN_HEADS:  # the model's logits are its head's output itself: no cap, scale or cast after it
-        _PLAIN_HEADS[head] = type(head) is torch.nn.Linear and len(outputs) == 1 and outputs[0] is logits
+        _PLAIN_HEADS[head] = type(head) is torch.nn.Linear and not hooked and len(outputs) == 1 and outputs[0] is logits
     return logits, target[learned]
 
 
@@ -315,12 +315,12 @@ _PLAIN_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LM head
 def fused_head_inputs(net, batch: dict[str, torch.Tensor], encoded: EncodedLM):
     """(the hidden states that predict a response token, those tokens, the LM head), the model run
     without its head; None where the head must run as the model runs it: methods that move positions,
-    an adapted head, or a model whose logits are not its head's output itself (a soft cap or a scale
+    an adapted or hooked head, or a model whose logits are not its head's output itself (a soft cap or a scale
     after the head, seen on the head's first use through `response_logits`)."""
     if not getattr(encoded, "sequence_kept", False):
         return None
     head = getattr(net, "module", net).get_output_embeddings()
-    if not _PLAIN_HEADS.get(head, False):
+    if not _PLAIN_HEADS.get(head, False) or head._forward_hooks or head._forward_pre_hooks:
         return None
     target = batch["labels"][:, 1:]
     learned = target != IGNORE
@@ -366,52 +366,56 @@ def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
     gradient (softmax − one-hot) is taken on the way, so the (tokens × vocabulary) logits never exist
     whole, in float32 or at all: on SmolLM2 (vocabulary 49,152), bf16, peak RSS 2.88 against 3.08 GB and
     the same speed (`scripts/bench_lever.py fused_head`); larger vocabularies save more."""
-    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return _HeadCrossEntropy.forward(None, hidden, weight, bias, target, reduction)
+    inputs = (hidden, weight, bias)
+    if not torch.is_grad_enabled() or not any(x is not None and x.requires_grad for x in inputs):
+        return _chunked_cross_entropy(hidden, weight, bias, target, reduction, (False, False, False))[0]
     return _HeadCrossEntropy.apply(hidden, weight, bias, target, reduction)
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, reduction):
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        exact = torch.promote_types(dtype, torch.float32)  # the softmax and the sums: float32 at least
-        want = ctx.needs_input_grad[:3] if ctx is not None else (False, False, False)
-        with torch.autocast(device, enabled=False):
-            h, w = hidden.to(dtype), weight.to(dtype)
-            b = None if bias is None else bias.to(dtype)
-            grad_h = torch.empty_like(h) if want[0] else None
-            grad_w = torch.zeros(weight.shape, dtype=exact, device=weight.device) if want[1] else None
-            grad_b = torch.zeros(bias.shape, dtype=exact, device=bias.device) if want[2] else None
-            total = torch.zeros((), dtype=exact, device=hidden.device)
-            rows = max(1, CHUNK_LOGITS // weight.shape[0])
-            scale = 1.0 if reduction == "sum" else 1.0 / len(target)
-            for i in range(0, len(target), rows):
-                x, t = h[i : i + rows], target[i : i + rows]
-                logits = torch.nn.functional.linear(x, w, b).to(exact)
-                norm = torch.logsumexp(logits, dim=-1)
-                total += (norm - logits.gather(1, t[:, None]).squeeze(1)).sum()
-                if not any(want):
-                    continue
-                g = logits.sub_(norm[:, None]).exp_()  # softmax
-                g[torch.arange(len(t), device=t.device), t] -= 1
-                g = g.mul_(scale).to(dtype)  # scaled before rounding, as the unfused backward does
-                if grad_h is not None:
-                    grad_h[i : i + rows] = g @ w
-                if grad_w is not None:
-                    grad_w += g.t() @ x
-                if grad_b is not None:
-                    grad_b += g.sum(0)
-        if ctx is not None:
-            ctx.save_for_backward(grad_h, grad_w, grad_b)
-            ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return total * scale
+        loss, grads = _chunked_cross_entropy(hidden, weight, bias, target, reduction, ctx.needs_input_grad[:3])
+        ctx.save_for_backward(*grads)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
         grads = [None if g is None else (g * grad_out).to(d) for g, d in zip(ctx.saved_tensors, ctx.dtypes)]
         return *grads, None, None
+
+
+def _chunked_cross_entropy(hidden, weight, bias, target, reduction: str, want: tuple[bool, bool, bool]):
+    """(the loss, [its gradient for hidden, weight, bias, each where `want` says, else None])."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    exact = torch.promote_types(dtype, torch.float32)  # the softmax and the sums: float32 at least
+    with torch.autocast(device, enabled=False):
+        h, w = hidden.to(dtype), weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        grads = [torch.empty_like(h) if want[0] else None, torch.zeros_like(weight, dtype=exact) if want[1] else None,
+                 torch.zeros_like(bias, dtype=exact) if want[2] else None]
+        total = torch.zeros((), dtype=exact, device=hidden.device)
+        rows = max(1, CHUNK_LOGITS // weight.shape[0])
+        scale = 1.0 if reduction == "sum" else 1.0 / len(target)
+        for i in range(0, len(target), rows):
+            x, t = h[i : i + rows], target[i : i + rows]
+            logits = torch.nn.functional.linear(x, w, b).to(exact)
+            norm = torch.logsumexp(logits, dim=-1)
+            total += (norm - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not any(want):
+                continue
+            g = logits.sub_(norm[:, None]).exp_()  # softmax
+            g[torch.arange(len(t), device=t.device), t] -= 1
+            g = g.mul_(scale).to(dtype)  # scaled before rounding, as the unfused backward does
+            if want[0]:
+                grads[0][i : i + rows] = g @ w
+            if want[1]:
+                grads[1] += g.t() @ x
+            if want[2]:
+                grads[2] += g.sum(0)
+    return total * scale, grads
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------------

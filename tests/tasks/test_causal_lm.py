@@ -239,6 +239,20 @@ def test_a_model_that_changes_its_heads_output_never_fuses_the_head(tmp_path, to
             torch.testing.assert_close(causal_lm.loss(net, batch, enc), net(**batch).loss, atol=1e-5, rtol=1e-5)
 
 
+def test_a_hooked_head_is_never_fused(tokenizer, tiny_lm, monkeypatch):
+    """A forward hook on the LM head (someone else's: it doubles the logits) keeps the head in the model's forward."""
+    net = causal_lm.load_model(OmegaConf.create({"name": "tiny", "path": str(tiny_lm), "max_length": 64,
+                                                 "trust_remote_code": False})).eval()
+    net.get_output_embeddings().register_forward_hook(lambda _, args, out: out * 2)
+    enc = EncodedLM([render(chat("good?", "fresh fresh"), tokenizer, "chat")], tokenizer.pad_token_id, packed=False, max_length=200)
+    enc.sequence_kept = True
+    batch = enc.batch([0])
+    monkeypatch.setattr(causal_lm, "head_cross_entropy", lambda *a: pytest.fail("the head was fused"))
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(causal_lm.loss(net, batch, enc), net(**batch).loss, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("bias, head_grad", [(False, False), (True, True)])
 def test_head_cross_entropy_is_cross_entropy_of_the_head(monkeypatch, reduction, bias, head_grad):
