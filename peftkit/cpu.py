@@ -54,10 +54,10 @@ def _best_matmul_seconds(a: torch.Tensor, b: torch.Tensor, repeats: int) -> floa
 
 PROBE_ROUNDS = 5  # each a 1-thread and an all-cores timing, back to back; the median of their ratios decides
 PROBE_ATTEMPTS = 2  # probes before settling on 1 thread
-# Measured on a 2-core VM (20 probes each way): idle, the median ratio was 1.06-2.05 (one probe in 20
-# under 1.3, while its other core was slow for a moment); with a busy loop on one core, 0.57-1.20.
-# The best time of each count over 3 rounds, as before, left 2 of 7 `llm_bench.py speed` runs on one
-# thread (242 against 349 tokens/s).
+# On a 2-core VM (scripts/probe_threads.py, 20 trials each): idle, the old rule (the best time of each
+# count over 3 rounds) fell below 1.3 in 4 trials, one probe of this rule in 2 (so two probes, about 1
+# run in 100); with a busy loop on one core, both stayed below 1.3 in all 20 (at most 1.28 and 1.05).
+# The old rule left 2 of 7 `llm_bench.py speed` runs on one thread (242 against 349 tokens/s).
 
 
 def choose_threads(requested: int | None, processes: int = 1, probe=probe_seconds) -> tuple[int, str]:

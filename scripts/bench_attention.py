@@ -16,7 +16,6 @@ It prints milliseconds per call and the ratio SDPA / plain for each length.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from peftkit.files import atomic_write_json  # noqa: E402
 from peftkit.tasks.causal_lm import short_causal_attention  # noqa: E402
 
 
@@ -82,7 +82,7 @@ def main() -> None:
                 print(f"{job:6s} {r['dtype']:8s} {n:5d} tokens: SDPA {r['sdpa_ms']:7.2f} ms, plain {r['plain_ms']:7.2f} ms "
                       f"({r['sdpa_over_plain']:.2f}x)", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"threads": args.threads, "calls": args.calls, "rows": rows}, indent=2) + "\n")
+        atomic_write_json(Path(args.json), {"threads": args.threads, "calls": args.calls, "rows": rows})
 
 
 if __name__ == "__main__":

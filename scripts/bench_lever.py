@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import profile_step  # noqa: E402
 from peftkit import backbone, cpu  # noqa: E402
+from peftkit.files import atomic_write_json  # noqa: E402
 from peftkit.tasks import causal_lm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,8 +69,8 @@ def memory(args) -> None:
         print(f"{args.lever} {side}: peak RSS {rows[side]['peak_rss_mb']:.0f} MB over {rows[side]['steps']} steps")
     print(f"on / off: {rows['on']['peak_rss_mb'] / rows['off']['peak_rss_mb']:.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"lever": args.lever, "precision": args.precision, "threads": args.threads,
-                                               "memory": rows}, indent=2) + "\n")
+        atomic_write_json(Path(args.json), {"lever": args.lever, "precision": args.precision, "threads": args.threads,
+                                            "memory": rows})
 
 
 def main() -> None:
@@ -130,9 +131,9 @@ def main() -> None:
     print(f"{args.lever}: median ratio over {args.rounds} rounds {median:.2f}x ({args.precision}, {args.threads} threads, "
           f"{len(steps)} steps a round)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"lever": args.lever, "precision": args.precision, "threads": args.threads,
-                                               "steps": len(steps), "unit": f"{unit}_per_s", "rounds": rounds,
-                                               "median_ratio": median}, indent=2) + "\n")
+        atomic_write_json(Path(args.json), {"lever": args.lever, "precision": args.precision, "threads": args.threads,
+                                            "steps": len(steps), "unit": f"{unit}_per_s", "rounds": rounds,
+                                            "median_ratio": median})
 
 
 if __name__ == "__main__":

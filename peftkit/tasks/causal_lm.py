@@ -290,23 +290,19 @@ def response_logits(net, batch: dict[str, torch.Tensor], encoded: EncodedLM) -> 
     take every logit; prompt tuning's come after its virtual tokens', so the real tokens' logits are
     the last ones."""
     labels = batch["labels"]
-    target = labels[:, 1:]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
     if not getattr(encoded, "sequence_kept", False):
-        return net(**inputs).logits[:, -labels.shape[1]:-1].flatten(0, 1), target.flatten()
-    learned = target != IGNORE
-    head = getattr(net, "module", net).get_output_embeddings()  # (DDP wraps the model in .module)
+        logits = net(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return logits[:, -labels.shape[1]:-1].flatten(0, 1), labels[:, 1:].flatten()
+    head = _lm_head(net)
     outputs, hooked = [], bool(head._forward_hooks or head._forward_pre_hooks)  # someone else's hook may change them
-    hooks = (head.register_forward_pre_hook(lambda _, args: (args[0][learned], *args[1:])),
-             head.register_forward_hook(lambda _, args, out: outputs.append(out)))
+    seen = head.register_forward_hook(lambda _, args, out: outputs.append(out))
     try:
-        logits = net(**inputs, logits_to_keep=torch.arange(target.shape[1], device=target.device)).logits
+        logits, target = _at_responses(net, batch, lambda hidden: hidden)
     finally:
-        for h in hooks:
-            h.remove()
+        seen.remove()
     if head not in _PLAIN_HEADS:  # the model's logits are its head's output itself: no cap, scale or cast after it
         _PLAIN_HEADS[head] = type(head) is torch.nn.Linear and not hooked and len(outputs) == 1 and outputs[0] is logits
-    return logits, target[learned]
+    return logits, target
 
 
 _PLAIN_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LM head → whether `fused_head_inputs` may skip it
@@ -319,23 +315,30 @@ def fused_head_inputs(net, batch: dict[str, torch.Tensor], encoded: EncodedLM):
     after the head, seen on the head's first use through `response_logits`)."""
     if not getattr(encoded, "sequence_kept", False):
         return None
-    head = getattr(net, "module", net).get_output_embeddings()
+    head = _lm_head(net)
     if not _PLAIN_HEADS.get(head, False) or head._forward_hooks or head._forward_pre_hooks:
         return None
+    kept = []
+    _, target = _at_responses(net, batch, lambda hidden: kept.append(hidden) or hidden[:0])  # the head runs on no row
+    return kept[0], target, head
+
+
+def _lm_head(net) -> torch.nn.Module:
+    return getattr(net, "module", net).get_output_embeddings()  # (DDP wraps the model in .module)
+
+
+def _at_responses(net, batch: dict[str, torch.Tensor], feed) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the model's logits, the response tokens): the model run with its LM head given `feed(the hidden
+    states that predict a response token)`, row by row."""
     target = batch["labels"][:, 1:]
     learned = target != IGNORE
-    kept = []
-
-    def keep(_, args):
-        kept.append(args[0][learned])
-        return (kept[0][:0], *args[1:])  # the head runs on no row
-
-    hook = head.register_forward_pre_hook(keep)
+    hook = _lm_head(net).register_forward_pre_hook(lambda _, args: (feed(args[0][learned]), *args[1:]))
     try:
-        net(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=torch.arange(target.shape[1], device=target.device))
+        logits = net(**{k: v for k, v in batch.items() if k != "labels"},
+                     logits_to_keep=torch.arange(target.shape[1], device=target.device)).logits
     finally:
         hook.remove()
-    return kept[0], target[learned], head
+    return logits, target[learned]
 
 
 def response_cross_entropy(net, batch: dict[str, torch.Tensor], encoded: EncodedLM, reduction: str = "mean") -> torch.Tensor:
