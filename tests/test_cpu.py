@@ -71,35 +71,48 @@ def test_the_bf16_probe_compares_two_matmuls(monkeypatch):
     assert cpu.bf16_slowdown(8) == pytest.approx(50)
 
 
-# ---- fast dropout: the same Bernoulli masks, drawn 16 bits an element -----------------------------------------
+# ---- fast dropout: the same independent Bernoulli(p) drops, drawing only the dropped positions -------------
 
-def test_keep_mask_is_bernoulli_in_every_lane_and_reproducible():
+def _kept(n: int, dropped: torch.Tensor) -> torch.Tensor:
+    return torch.ones(n, dtype=torch.bool).index_fill_(0, dropped, False)
+
+
+def test_each_position_is_dropped_independently_with_probability_p():
     torch.manual_seed(0)
-    keep, scale = cpu.keep_mask(torch.Size([1000, 1000]), 0.1)
-    n = keep.numel()
-    sigma = (0.1 * 0.9 / n) ** 0.5
-    assert abs(keep.float().mean().item() - 0.9) < 6 * sigma
-    flat = keep.flatten().float()
-    for lane in range(4):  # each 16-bit quarter of a 64-bit draw is its own fair coin
-        assert abs(flat[lane::4].mean().item() - 0.9) < 6 * (0.09 / (n / 4)) ** 0.5
-    pairs = (flat[:-1] * flat[1:]).mean().item()  # neighbours independent: P(both kept) = 0.81
+    n = 1_000_000
+    kept = _kept(n, cpu.dropped_positions(n, 0.1)).float()
+    for part in kept.chunk(4):  # every stretch of positions, not only the whole, keeps 0.9
+        assert abs(part.mean().item() - 0.9) < 6 * (0.09 / part.numel()) ** 0.5
+    pairs = (kept[:-1] * kept[1:]).mean().item()  # neighbours independent: P(both kept) = 0.81
     assert abs(pairs - 0.81) < 6 * (0.81 * 0.19 / n) ** 0.5
-    assert scale == pytest.approx(1 / (1 - round(0.1 * 65536) / 65536))
     torch.manual_seed(0)
-    assert torch.equal(cpu.keep_mask(torch.Size([1000, 1000]), 0.1)[0], keep)
-    assert not torch.equal(cpu.keep_mask(torch.Size([1000, 1000]), 0.1)[0], keep)
+    assert torch.equal(_kept(n, cpu.dropped_positions(n, 0.1)).float(), kept)  # the seeded generator decides
+    assert not torch.equal(_kept(n, cpu.dropped_positions(n, 0.1)).float(), kept)
+    assert cpu.dropped_positions(0, 0.1).numel() == 0
+
+
+def test_the_number_dropped_is_binomial_not_fixed():
+    """Independent drops make the count Binomial(n, p): variance n·p·(1 − p) = 18 for n = 200, p = 0.1.
+    A fixed number of draws (no Poisson count) would give a variance near 1."""
+    torch.manual_seed(1)
+    counts = torch.tensor([float(_kept(200, cpu.dropped_positions(200, 0.1)).logical_not().sum()) for _ in range(3000)])
+    assert abs(counts.mean().item() - 20) < 6 * (18 / 3000) ** 0.5
+    assert 14 < counts.var().item() < 22
+    both = sum(int(_kept(2, cpu.dropped_positions(2, 0.3)).logical_not().all()) for _ in range(20000)) / 20000
+    assert abs(both - 0.09) < 6 * (0.09 * 0.91 / 20000) ** 0.5  # P(both of two dropped) = p²
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_dropout_is_x_times_mask_times_scale_and_so_is_its_gradient(dtype):
-    x = torch.randn(7, 13, 5).to(dtype).requires_grad_()
+def test_fast_dropout_is_x_times_scale_with_the_drawn_positions_zeroed_and_so_is_its_gradient(dtype):
+    x = torch.randn(13, 7, 5).to(dtype).transpose(0, 1).requires_grad_()  # not contiguous: positions are logical
     torch.manual_seed(3)
     y = cpu.fast_dropout(x, 0.25)
     torch.manual_seed(3)
-    keep, scale = cpu.keep_mask(x.shape, 0.25)
-    assert torch.equal(y, x * (keep.to(dtype) * scale))  # the scaled mask in x's dtype, as torch's own dropout
-    y.sum().backward()
-    assert torch.equal(x.grad, (keep.to(dtype) * scale))
+    kept = _kept(x.numel(), cpu.dropped_positions(x.numel(), 0.25)).view(x.shape)
+    assert 0 < kept.logical_not().sum() < x.numel()
+    assert torch.equal(y, torch.where(kept, x * (1 / 0.75), 0))
+    y.sum().backward()  # an expanded (stride 0) gradient
+    assert torch.equal(x.grad, torch.where(kept, torch.ones_like(x) * (1 / 0.75), 0))
     ones = torch.ones(2000, 500)
     assert abs(cpu.fast_dropout(ones, 0.3).mean().item() - 1) < 0.01  # the expectation is kept
     assert torch.equal(cpu.fast_dropout(x, 0.0), x) and not cpu.fast_dropout(x, 1.0).any()
@@ -120,9 +133,9 @@ def test_dropout_sdpa_is_softmax_attention_with_the_mask_it_drew():
     torch.manual_seed(9)
     out, _ = cpu.dropout_sdpa(module, q, k, v, attend, dropout=0.2, scaling=0.3)
     torch.manual_seed(9)
-    keep, scale = cpu.keep_mask(torch.Size([2, 4, 6, 6]), 0.2)
+    keep = _kept(2 * 4 * 6 * 6, cpu.dropped_positions(2 * 4 * 6 * 6, 0.2)).view(2, 4, 6, 6)
     scores = (q @ k.transpose(2, 3) * 0.3).masked_fill(~attend, float("-inf"))
-    expected = ((scores.softmax(-1) * keep * scale) @ v).transpose(1, 2)
+    expected = ((scores.softmax(-1) * keep / 0.8) @ v).transpose(1, 2)
     assert out.shape == (2, 6, 4, 8)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
     module.eval()  # no dropout (a model passes 0 in eval): exactly transformers' SDPA
