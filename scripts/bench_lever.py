@@ -2,6 +2,7 @@
 (the order alternating by round), so the machine's drift falls on both alike.
 
     .venv/bin/python scripts/bench_lever.py first_position --rounds 6 --steps 40 --json out.json
+    .venv/bin/python scripts/bench_lever.py dropout --rounds 6 --steps 30
     .venv/bin/python scripts/bench_lever.py short_attention --rounds 6 --steps 4
     .venv/bin/python scripts/bench_lever.py fused_head --rounds 6 --steps 4 [--memory]
 
@@ -9,6 +10,9 @@ The levers, each on the step that `scripts/profile_step.py` builds with peftkit'
 model code (fast CPU dropout, the frozen base stored in bf16 under `--precision bf16`, as the trainer):
   first_position   cls: the classifier's last layer on the first position only
                    (`tasks.classification.skip_unread_positions`) against the whole layer
+  dropout          cls: peftkit's CPU dropout (`cpu.fast_dropout`: only the dropped positions drawn)
+                   against torch's own (`nn.functional.dropout`: a Bernoulli mask), in every
+                   dropout of the step (hidden, attention probabilities, LoRA's input)
   short_attention  lm: packed examples of up to `causal_lm.SHORT_EXAMPLE` tokens attended by
                    `causal_lm.short_causal_attention` against the flash kernel (SDPA)
   fused_head       lm: the LM head fused with the loss (`causal_lm.head_cross_entropy`) against the
@@ -41,7 +45,7 @@ from peftkit.files import atomic_write_json  # noqa: E402
 from peftkit.tasks import causal_lm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PART = {"first_position": "cls", "short_attention": "lm", "fused_head": "lm"}
+PART = {"first_position": "cls", "dropout": "cls", "short_attention": "lm", "fused_head": "lm"}
 
 
 def switch(lever: str, net):
@@ -53,6 +57,9 @@ def switch(lever: str, net):
             raise SystemExit("the first-position shortcut does not apply to this model")
         off_class = on_class.__mro__[1]
         return lambda on: setattr(last, "__class__", on_class if on else off_class)
+    if lever == "dropout":
+        fast, torch_own = cpu.fast_dropout, lambda x, p: torch.nn.functional.dropout(x, p, training=True)
+        return lambda on: setattr(cpu, "fast_dropout", fast if on else torch_own)
     if lever == "short_attention":
         length = causal_lm.SHORT_EXAMPLE
         return lambda on: setattr(causal_lm, "SHORT_EXAMPLE", length if on else 0)
