@@ -130,6 +130,66 @@ def test_forward_is_x_times_merged_weight(bias):
         assert (m(x) - m.base_layer(x)).abs().max() > 1e-2
 
 
+def _frozen_lora(dtype=torch.float64, dropout=0.0, bias=True):
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5, bias=bias).to(dtype).requires_grad_(False)
+    m = LoraLinear(base, r=3, alpha=6.0, dropout=dropout, rslora=False, init="kaiming")
+    with torch.no_grad():
+        m.lora_B.normal_()
+    return m
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_node_forward_and_gradients_are_the_closed_form(bias):
+    """A frozen base without dropout runs as one autograd node (`low_rank_linear`); y = x Wᵀ + b + s·x Aᵀ Bᵀ
+    and its gradients, written out here, in float64."""
+    m = _frozen_lora(bias=bias)
+    x = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(2, 7, 5, dtype=torch.float64)
+    y = m(x)
+    assert type(y.grad_fn).__name__ == "_LowRankLinearBackward"
+    W, A, B, s = m.base_layer.weight, m.lora_A, m.lora_B, m.scaling
+    torch.testing.assert_close(y, x @ W.T + (m.base_layer.bias if bias else 0) + s * (x @ A.T) @ B.T, atol=1e-12, rtol=0)
+    y.backward(up)
+    with torch.no_grad():
+        gh = s * up @ B  # dL/d(x Aᵀ)
+        torch.testing.assert_close(x.grad, up @ W + gh @ A, atol=1e-12, rtol=0)
+        torch.testing.assert_close(A.grad, (gh.reshape(-1, 3).T @ x.reshape(-1, 6)), atol=1e-12, rtol=0)
+        torch.testing.assert_close(B.grad, s * up.reshape(-1, 5).T @ (x @ A.T).reshape(-1, 3), atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda x, A, B: m.__class__.forward(m, x), (x.detach().requires_grad_(), A, B))
+
+
+def test_one_node_under_bf16_autocast_is_the_two_node_path_to_bf16_rounding():
+    m = _frozen_lora(torch.float32)
+    x = torch.randn(4, 9, 6, requires_grad=True)
+    up = torch.randn(4, 9, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        y2 = m.base_layer(x) + nn.functional.linear(nn.functional.linear(x, m.lora_A), m.lora_B) * m.scaling
+    assert y.dtype == y2.dtype == torch.bfloat16 and type(y.grad_fn).__name__ == "_LowRankLinearBackward"
+    torch.testing.assert_close(y.float(), y2.float(), atol=0.02 * y2.abs().max().item(), rtol=0)  # a bf16 step or two
+    grads = torch.autograd.grad(y, (x, m.lora_A, m.lora_B), up)
+    expected = torch.autograd.grad(y2, (x, m.lora_A, m.lora_B), up)
+    for g, e in zip(grads, expected):
+        assert g.dtype == e.dtype == torch.float32
+        torch.testing.assert_close(g, e, atol=0.02 * e.abs().max().item(), rtol=0)
+
+
+def test_the_one_node_path_steps_aside_for_dropout_a_trained_base_or_a_hook():
+    x = torch.randn(3, 6, dtype=torch.float64)
+    two_node = "AddBackward0"
+    m = _frozen_lora(dropout=0.1)
+    assert type(m(x).grad_fn).__name__ == two_node
+    m = _frozen_lora()
+    m.base_layer.bias.requires_grad_(True)  # a method that trains the base's bias: it must get its gradient
+    m(x).sum().backward()
+    assert m.base_layer.bias.grad is not None
+    m = _frozen_lora()
+    seen = []
+    m.base_layer.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    assert type(m(x).grad_fn).__name__ == two_node and seen == [(3, 5)]
+
+
 def test_dropout_acts_on_the_lora_path_only_in_training():
     torch.manual_seed(0)
     m = LoraLinear(nn.Linear(16, 8), r=4, alpha=8, dropout=0.5, rslora=False, init="kaiming")
