@@ -1,14 +1,19 @@
-"""Where a training step's time goes: torch's profiler over a few peftkit steps, ops by self CPU time.
+"""Where a step's time goes (training, or a pass scoring a dev split): torch's profiler over a few
+peftkit steps, ops by self CPU time.
 
-Two steps it knows, each built with peftkit's own recipe, task and model code:
-  cls  LoRA r=8 q,v on MiniLM, SST-2 (glue_lora), length-grouped batches of 32
-  lm   LoRA r=8 q,k,v,o on SmolLM2-135M-Instruct (sft_lora), 3 packed rows of up to 512 GSM8K tokens
+Three jobs it knows, each built with peftkit's own recipe, task and model code:
+  cls   LoRA r=8 q,v on MiniLM, SST-2 (glue_lora), length-grouped batches of 32
+  lm    LoRA r=8 q,k,v,o on SmolLM2-135M-Instruct (sft_lora), 3 packed rows of up to 512 GSM8K tokens
+  eval  cls's model scoring SST-2's dev split as `peftkit eval` does: forward only, batches of 32
+        sorted by length, the last layer on the first position; a "step" is one pass over the split
 
     .venv/bin/python scripts/profile_step.py cls --glue-dir ../shared/glue [--threads 2] [--json out.json]
     .venv/bin/python scripts/profile_step.py lm --math-dir ../shared/llm/math [--threads 1]
 
 It prints the step's throughput without the profiler, then the top ops with their share of the
-profiled time; `--json` writes both. `--compile` runs the model through `torch.compile(dynamic=True)`
+profiled time and, for matrix products, the rate they ran at (GFLOP/s, from the profiler's FLOP
+counts), beside the rate of one large matmul of the same precision on the same threads (the most
+this CPU gives); `--json` writes all of it. `--compile` runs the model through `torch.compile(dynamic=True)`
 (inductor) and also reports how long the warm-up steps took, which is where it compiles: compare
 with the same command without it (the same batches are timed either way).
 """
@@ -16,7 +21,6 @@ with the same command without it (the same batches are timed either way).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,34 +30,52 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peftkit import backbone, config, cpu, model, tasks  # noqa: E402
-from peftkit.data.batching import train_batches  # noqa: E402
+from peftkit.data.batching import eval_batches, train_batches  # noqa: E402
+from peftkit.files import atomic_write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP_STEPS = 8
 
 
 def build(part: str, data_dir: str):
-    if part == "cls":
+    if part in ("cls", "eval"):
         cfg = config.compose("glue_lora", ["dataset=glue/sst2", f"dataset.data_dir={data_dir}", "dataset.max_train_samples=8000"])
     else:
         cfg = config.compose("sft_lora", [f"dataset.data_dir={data_dir}", "dataset.max_train_samples=48"])
     kind = tasks.of(cfg.dataset)
-    data = kind.load_data(cfg.dataset)
+    split = "validation" if part == "eval" else "train"
+    data = kind.load_data(cfg.dataset, splits=(split,)) if part == "eval" else kind.load_data(cfg.dataset)
     a = model.build(cfg.backbone, cfg.method, getattr(data, "label_names", None), kind.NAME)
     if hasattr(kind, "skip_unread_positions"):  # as peftkit's trainer does (train.prepare_model)
         kind.skip_unread_positions(a.model, a.method)
-    train = kind.encode(data, a.tokenizer, cfg)["train"]
-    batches = train_batches(train.lengths, 32 if part == "cls" else 3, 0, 0, True)
-    return kind, a.model, train, batches, a.trainable
+    encoded = kind.encode(data, a.tokenizer, cfg)[split]
+    if part == "eval":
+        return kind, a.model, encoded, eval_batches(encoded.lengths, 32), a.trainable
+    batches = train_batches(encoded.lengths, 32 if part == "cls" else 3, 0, 0, True)
+    return kind, a.model, encoded, batches, a.trainable
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 2048) -> float:
+    """The best rate of a (size × size) · (size × size) matmul in `dtype`: what this CPU gives at most."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a @ b
+    best = min(_seconds(lambda: a @ b) for _ in range(3))
+    return 2 * size**3 / best / 1e9
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("cls", "lm"))
+    p.add_argument("part", choices=("cls", "lm", "eval"))
     p.add_argument("--glue-dir", default=str(ROOT.parent / "shared" / "glue"))
     p.add_argument("--math-dir", default=str(ROOT.parent / "shared" / "llm" / "math"))
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    p.add_argument("--steps", type=int, default=None, help="steps timed and profiled (default: 20 cls, 1 lm)")
+    p.add_argument("--steps", type=int, default=None, help="steps timed and profiled (default: 20 cls, 1 lm, 1 eval: a pass over the split)")
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes) before the warm-up steps")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: the forward under CPU autocast, as trainer.precision=bf16 runs it")
@@ -62,27 +84,38 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = args.steps or (20 if args.part == "cls" else 1)
-    kind, net, train, batches, trainable = build(args.part, args.glue_dir if args.part == "cls" else args.math_dir)
-    net.train()
+    kind, net, train, batches, trainable = build(args.part, args.math_dir if args.part == "lm" else args.glue_dir)
+    net.train(args.part != "eval")
     cpu.use_fast_dropout(net)  # as peftkit's trainer does on CPU
     if args.precision == "bf16":
         backbone.store_frozen_base(net, torch.bfloat16, trainable)  # as peftkit's trainer does under bf16 autocast
     opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=1e-4)
     if args.compile:
         net = torch.compile(net, dynamic=True)
-    unit = "samples" if args.part == "cls" else "tokens"
+    unit = "tokens" if args.part == "lm" else "samples"
+    bf16 = args.precision == "bf16"
 
     def step(b):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        if args.part == "eval":
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                for one in b:  # one pass over the split
+                    net(**{k: v for k, v in train.batch(one).items() if k != "labels"}).logits.float().argmax(-1)
+            return
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = kind.loss(net, train.batch(b), train)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     def size(b):
+        if args.part == "eval":
+            return sum(len(one) for one in b)
         return len(b) if unit == "samples" else sum(train.lengths[i] for i in b)
 
-    w = min(WARMUP_STEPS, len(batches) - 2 * steps)  # enough batch shapes for a dynamic-shape compile to settle
+    if args.part == "eval":  # a step is a pass over the split; the first two batches warm up
+        batches = [batches[:2]] + [batches] * (2 * steps)
+
+    w = 1 if args.part == "eval" else min(WARMUP_STEPS, len(batches) - 2 * steps)  # enough batch shapes for a dynamic-shape compile to settle
     if w < 1:
         sys.exit(f"{len(batches)} batches: too few for a warm-up step and 2 x --steps {steps}")
     warm, timed, profiled = batches[:w], batches[w : w + steps], batches[w + steps : w + 2 * steps]
@@ -98,22 +131,32 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         for b in profiled:
             step(b)
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in ops)
-    top = [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total, "calls": e.count}
+    top = [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total, "calls": e.count,
+            "gflop_per_s": e.flops / e.self_cpu_time_total / 1e3 if e.flops and e.self_cpu_time_total else None}
            for e in ops[: args.top]]
+    products = [e for e in ops if e.flops]
+    product_rate = sum(e.flops for e in products) / sum(e.self_cpu_time_total for e in products) / 1e3 if products else None
+    peak = matmul_gflops(torch.bfloat16 if bf16 else torch.float32)
     print(f"{args.part}{' compiled' if args.compile else ''}: {speed:.1f} {unit}/s over {steps} steps "
           f"({seconds / steps:.2f} s a step, {torch.get_num_threads()} threads) after {w} warm-up steps in {warmup_s:.1f} s; "
           f"profiled {total / 1e6:.2f} s over {steps} more")
     for t in top:
-        print(f"  {t['share'] * 100:5.1f}%  {t['self_s']:7.2f} s  {t['calls']:6d}  {t['op']}")
+        rate = f"  {t['gflop_per_s']:6.0f} GFLOP/s" if t["gflop_per_s"] else ""
+        print(f"  {t['share'] * 100:5.1f}%  {t['self_s']:7.2f} s  {t['calls']:6d}  {t['op']}{rate}")
+    if product_rate:
+        share = sum(e.self_cpu_time_total for e in products) / total
+        print(f"matrix products: {share * 100:.1f}% of the profiled time at {product_rate:.0f} GFLOP/s; "
+              f"one 2048² {args.precision} matmul here: {peak:.0f} GFLOP/s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"part": args.part, "compile": args.compile, "precision": args.precision, f"{unit}_per_s": speed,
-                                               "threads": torch.get_num_threads(), "steps": steps, "warmup_steps": w,
-                                               "warmup_s": warmup_s, "profiled_s": total / 1e6, "top": top}, indent=2) + "\n")
+        atomic_write_json(Path(args.json), {"part": args.part, "compile": args.compile, "precision": args.precision,
+                                            f"{unit}_per_s": speed, "threads": torch.get_num_threads(), "steps": steps,
+                                            "warmup_steps": w, "warmup_s": warmup_s, "profiled_s": total / 1e6, "top": top,
+                                            "matrix_products_gflop_per_s": product_rate, "large_matmul_gflop_per_s": peak})
 
 
 if __name__ == "__main__":
