@@ -8,6 +8,7 @@ Batch lists are a pure function of (seed, epoch), so a resumed run sees exactly 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 from pathlib import Path
@@ -120,24 +121,23 @@ def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 
 def collate(features: dict[str, list], idx: list[int], pad_id: int, labels=None, float_labels=False) -> dict[str, torch.Tensor]:
-    """Pad one batch to its own longest example (dynamic padding)."""
-    ids = [features["input_ids"][i] for i in idx]
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, x in enumerate(ids):
-        input_ids[row, : len(x)] = torch.tensor(x)
-        mask[row, : len(x)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": mask}
+    """Pad one batch to its own longest example (dynamic padding). Each feature's rows go into the
+    (rows × longest) tensor in one masked assignment, not a tensor per row (1.1 ms a batch of 32 on
+    SST-2 before, about 1% of a bf16 step)."""
+    real = torch.tensor([len(features["input_ids"][i]) for i in idx])
+    real = torch.arange(int(real.max())) < real[:, None]
+    batch = {"input_ids": _padded(features["input_ids"], idx, real, pad_id), "attention_mask": real.long()}
     if "token_type_ids" in features:
-        tt = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            t = features["token_type_ids"][i]
-            tt[row, : len(t)] = torch.tensor(t)
-        batch["token_type_ids"] = tt
+        batch["token_type_ids"] = _padded(features["token_type_ids"], idx, real, 0)
     if labels is not None:
         batch["labels"] = torch.tensor([labels[i] for i in idx], dtype=torch.float if float_labels else torch.long)
     return batch
+
+
+def _padded(rows: list[list[int]], idx: list[int], real: torch.Tensor, fill: int) -> torch.Tensor:
+    out = torch.full(real.shape, fill, dtype=torch.long)
+    out[real] = torch.tensor(list(itertools.chain.from_iterable(rows[i] for i in idx)), dtype=torch.long)
+    return out
 
 
 class Encoded:
