@@ -119,7 +119,7 @@ def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 def _scaled_and_dropped(x: torch.Tensor, dropped: torch.Tensor, scale: float) -> torch.Tensor:
     """x · scale in a new contiguous tensor (so flat positions mean the same in the forward and the
     gradient), `dropped` set to 0: two passes, no mask in x's dtype to build or multiply."""
-    out = torch.empty(x.shape, dtype=x.dtype)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     torch.mul(x, scale, out=out)
     return out.view(-1).index_fill_(0, dropped, 0).view(x.shape)
 
