@@ -99,8 +99,8 @@ def dropped_positions(n: int, p: float) -> torch.Tensor:
     """Flat positions (0 ≤ i < n, repeats allowed) such that each of the n is among them independently
     with probability p: a Poisson(−n·ln(1 − p)) number of draws, each uniform over n. By Poisson
     splitting each position is then drawn an independent Poisson(−ln(1 − p)) times, at least once with
-    probability 1 − e^(ln(1 − p)) = p. About −ln(1 − p) random numbers an element (0.105 at p = 0.1)
-    where a mask takes one."""
+    probability 1 − e^(ln(1 − p)) = p (up to `randint`'s modulo bias, under n/2³² relative). About
+    −ln(1 − p) random numbers an element (0.105 at p = 0.1) where a mask takes one."""
     if n == 0:
         return torch.zeros(0, dtype=torch.int64)
     draws = int(torch.poisson(torch.tensor(-n * math.log1p(-p), dtype=torch.float64)))
