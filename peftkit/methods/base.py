@@ -139,6 +139,17 @@ class AdapterLinear(nn.Module):
         self.merged = False
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's matrix products run in: autocast's where it is on for x's device, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether someone's hook watches this module's calls (and so may change what it takes or gives)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

@@ -17,7 +17,7 @@ from torch import nn
 
 from peftkit.errors import UserError
 from peftkit.methods import _checks
-from peftkit.methods.base import AdapterLinear, Method, register
+from peftkit.methods.base import AdapterLinear, Method, compute_dtype, hooked, register
 
 INITS = ("kaiming", "gaussian", "pissa")
 
@@ -66,8 +66,7 @@ def fusable(base: nn.Module) -> bool:
     """Whether `low_rank_linear` may stand in for this base layer's call: a plain frozen Linear that
     no hook watches."""
     return (type(base) is nn.Linear and not base.weight.requires_grad
-            and (base.bias is None or not base.bias.requires_grad)
-            and not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks))
+            and (base.bias is None or not base.bias.requires_grad) and not hooked(base))
 
 
 def low_rank_linear(x: torch.Tensor, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -75,10 +74,9 @@ def low_rank_linear(x: torch.Tensor, base: nn.Linear, A: torch.Tensor, B: torch.
     the base output by `addmm` and, in the gradient, x's two parts are summed the same way, so no
     pass over (tokens × features) scales or adds them (1.04x a bf16 SST-2 step on CPU,
     `scripts/bench_lever.py low_rank`). Under autocast everything runs in its dtype, as `F.linear` would."""
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    dtype = compute_dtype(x)
     bias = None if base.bias is None else base.bias.to(dtype)
-    with torch.autocast(device, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         return _LowRankLinear.apply(x.to(dtype), base.weight.to(dtype), bias, A.to(dtype), B.to(dtype), scaling)
 
 

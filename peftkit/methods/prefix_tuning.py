@@ -27,7 +27,7 @@ from transformers import DynamicCache
 
 from peftkit.errors import UserError
 from peftkit.methods import _checks
-from peftkit.methods.base import Method, register
+from peftkit.methods.base import Method, compute_dtype, register
 from peftkit.methods.prompt_tuning import after_cached, cached_keys
 
 
@@ -61,8 +61,7 @@ class Prefixes(nn.Module):
         if kwargs.get("position_ids") is not None:  # generation's first step: real tokens come after the prefixes
             kwargs["position_ids"] = kwargs["position_ids"] + self.shape[0]
         prefixes = self()
-        if torch.is_autocast_enabled(prefixes.device.type):  # the layers' own keys come out in autocast's dtype
-            prefixes = prefixes.to(torch.get_autocast_dtype(prefixes.device.type))
+        prefixes = prefixes.to(compute_dtype(prefixes))  # the layers' own keys come out in autocast's dtype
         given = kwargs.get(self.cache_kwarg)
         cache = given if given is not None else DynamicCache()  # generation keeps the cache object it passed
         for layer, (k, v) in enumerate(prefixes):

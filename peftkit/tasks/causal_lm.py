@@ -29,6 +29,7 @@ from peftkit.data.instruct import Conversation, LMData
 from peftkit.errors import UserError
 from peftkit.evaluation import generation
 from peftkit.methods import METHODS
+from peftkit.methods.base import compute_dtype, hooked
 
 NAME = "causal_lm"
 IGNORE = -100
@@ -294,14 +295,14 @@ def response_logits(net, batch: dict[str, torch.Tensor], encoded: EncodedLM) -> 
         logits = net(**{k: v for k, v in batch.items() if k != "labels"}).logits
         return logits[:, -labels.shape[1]:-1].flatten(0, 1), labels[:, 1:].flatten()
     head = _lm_head(net)
-    outputs, hooked = [], bool(head._forward_hooks or head._forward_pre_hooks)  # someone else's hook may change them
+    outputs, watched = [], hooked(head)  # someone else's hook may change them
     seen = head.register_forward_hook(lambda _, args, out: outputs.append(out))
     try:
         logits, target = _at_responses(net, batch, lambda hidden: hidden)
     finally:
         seen.remove()
     if head not in _PLAIN_HEADS:  # the model's logits are its head's output itself: no cap, scale or cast after it
-        _PLAIN_HEADS[head] = type(head) is torch.nn.Linear and not hooked and len(outputs) == 1 and outputs[0] is logits
+        _PLAIN_HEADS[head] = type(head) is torch.nn.Linear and not watched and len(outputs) == 1 and outputs[0] is logits
     return logits, target
 
 
@@ -316,7 +317,7 @@ def fused_head_inputs(net, batch: dict[str, torch.Tensor], encoded: EncodedLM):
     if not getattr(encoded, "sequence_kept", False):
         return None
     head = _lm_head(net)
-    if not _PLAIN_HEADS.get(head, False) or head._forward_hooks or head._forward_pre_hooks:
+    if not _PLAIN_HEADS.get(head, False) or hooked(head):
         return None
     kept = []
     _, target = _at_responses(net, batch, lambda hidden: kept.append(hidden) or hidden[:0])  # the head runs on no row
@@ -392,7 +393,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
 def _chunked_cross_entropy(hidden, weight, bias, target, reduction: str, want: tuple[bool, bool, bool]):
     """(the loss, [its gradient for hidden, weight, bias, each where `want` says, else None])."""
     device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    dtype = compute_dtype(hidden)
     exact = torch.promote_types(dtype, torch.float32)  # the softmax and the sums: float32 at least
     with torch.autocast(device, enabled=False):
         h, w = hidden.to(dtype), weight.to(dtype)
