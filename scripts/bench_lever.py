@@ -4,6 +4,7 @@
     .venv/bin/python scripts/bench_lever.py first_position --rounds 6 --steps 40 --json out.json
     .venv/bin/python scripts/bench_lever.py dropout --rounds 6 --steps 30
     .venv/bin/python scripts/bench_lever.py low_rank --rounds 6 --steps 30
+    .venv/bin/python scripts/bench_lever.py no_dropout --rounds 6 --steps 30
     .venv/bin/python scripts/bench_lever.py short_attention --rounds 6 --steps 4
     .venv/bin/python scripts/bench_lever.py fused_head --rounds 6 --steps 4 [--memory]
 
@@ -16,6 +17,9 @@ model code (fast CPU dropout, the frozen base stored in bf16 under `--precision 
                    dropout of the step (hidden, attention probabilities, LoRA's input)
   low_rank         cls: each LoRA layer as one autograd node (`methods.lora.low_rank_linear`)
                    against the base Linear's call, then the low-rank product scaled and added
+  no_dropout       cls: every dropout of the step skipped (its input passed on as it is) against
+                   peftkit's CPU dropout: not a lever to use (it changes the recipe) but what
+                   dropout still costs a step, the most a faster dropout could save
   short_attention  lm: packed examples of up to `causal_lm.SHORT_EXAMPLE` tokens attended by
                    `causal_lm.short_causal_attention` against the flash kernel (SDPA)
   fused_head       lm: the LM head fused with the loss (`causal_lm.head_cross_entropy`) against the
@@ -49,7 +53,7 @@ from peftkit.methods import lora  # noqa: E402
 from peftkit.tasks import causal_lm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PART = {"first_position": "cls", "dropout": "cls", "low_rank": "cls", "short_attention": "lm", "fused_head": "lm"}
+PART = {"first_position": "cls", "dropout": "cls", "low_rank": "cls", "no_dropout": "cls", "short_attention": "lm", "fused_head": "lm"}
 
 
 def switch(lever: str, net):
@@ -64,6 +68,9 @@ def switch(lever: str, net):
     if lever == "dropout":
         fast, torch_own = cpu.fast_dropout, lambda x, p: torch.nn.functional.dropout(x, p, training=True)
         return lambda on: setattr(cpu, "fast_dropout", fast if on else torch_own)
+    if lever == "no_dropout":
+        fast = cpu.fast_dropout
+        return lambda on: setattr(cpu, "fast_dropout", (lambda x, p: x) if on else fast)
     if lever == "low_rank":
         fusable = lora.fusable
         return lambda on: setattr(lora, "fusable", fusable if on else (lambda base: False))
