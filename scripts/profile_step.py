@@ -13,9 +13,10 @@ Three jobs it knows, each built with peftkit's own recipe, task and model code:
 It prints the step's throughput without the profiler, then the top ops with their share of the
 profiled time and, for matrix products, the rate they ran at (GFLOP/s, from the profiler's FLOP
 counts), beside the rate of one large matmul of the same precision on the same threads (the most
-this CPU gives); `--json` writes all of it. `--compile` runs the model through `torch.compile(dynamic=True)`
-(inductor) and also reports how long the warm-up steps took, which is where it compiles: compare
-with the same command without it (the same batches are timed either way).
+this CPU gives), and the products split by shape (attention's `bmm`, LoRA's low-rank factors, the
+Linears' weights); `--json` writes all of it. The optimizer is fused AdamW, as the trainer's.
+`--compile` runs the model through `torch.compile(dynamic=True)` (inductor) and also reports how
+long the warm-up steps took, which is where it compiles: compare with the same command without it (the same batches are timed either way).
 """
 
 from __future__ import annotations
@@ -63,6 +64,22 @@ def matmul_gflops(dtype: torch.dtype, size: int = 2048) -> float:
     return 2 * size**3 / best / 1e9
 
 
+def product_kinds(prof, total: float) -> dict:
+    """The matrix products split by shape: `bmm` (attention's batched products), products with a side
+    of 16 or less (LoRA's low-rank factors), and the rest (the Linears' weights). Each: its share of the
+    profiled time and its rate."""
+    kinds: dict = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        if not e.flops:
+            continue
+        sides = [n for shape in e.input_shapes if len(shape) == 2 for n in shape]
+        name = "bmm" if e.key == "aten::bmm" else "low-rank (a side <= 16)" if sides and min(sides) <= 16 else "other (the Linears')"
+        k = kinds.setdefault(name, {"self_s": 0.0, "flop": 0.0})
+        k["self_s"] += e.self_cpu_time_total / 1e6
+        k["flop"] += e.flops
+    return {name: {"share": k["self_s"] * 1e6 / total, "gflop_per_s": k["flop"] / k["self_s"] / 1e9} for name, k in kinds.items()}
+
+
 def _seconds(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -89,7 +106,7 @@ def main() -> None:
     cpu.use_fast_dropout(net)  # as peftkit's trainer does on CPU
     if args.precision == "bf16":
         backbone.store_frozen_base(net, torch.bfloat16, trainable)  # as peftkit's trainer does under bf16 autocast
-    opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=1e-4, fused=True)  # as the trainer's
     if args.compile:
         net = torch.compile(net, dynamic=True)
     unit = "tokens" if args.part == "lm" else "samples"
@@ -131,7 +148,7 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
         for b in profiled:
             step(b)
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
@@ -141,6 +158,7 @@ def main() -> None:
            for e in ops[: args.top]]
     products = [e for e in ops if e.flops]
     product_rate = sum(e.flops for e in products) / sum(e.self_cpu_time_total for e in products) / 1e3 if products else None
+    kinds = product_kinds(prof, total)
     peak = matmul_gflops(torch.bfloat16 if bf16 else torch.float32)
     print(f"{args.part}{' compiled' if args.compile else ''}: {speed:.1f} {unit}/s over {steps} steps "
           f"({seconds / steps:.2f} s a step, {torch.get_num_threads()} threads) after {w} warm-up steps in {warmup_s:.1f} s; "
@@ -152,11 +170,14 @@ def main() -> None:
         share = sum(e.self_cpu_time_total for e in products) / total
         print(f"matrix products: {share * 100:.1f}% of the profiled time at {product_rate:.0f} GFLOP/s; "
               f"one 2048² {args.precision} matmul here: {peak:.0f} GFLOP/s")
+        for kind_name, k in kinds.items():
+            print(f"  {kind_name}: {k['share'] * 100:.1f}% at {k['gflop_per_s']:.0f} GFLOP/s")
     if args.json:
         atomic_write_json(Path(args.json), {"part": args.part, "compile": args.compile, "precision": args.precision,
                                             f"{unit}_per_s": speed, "threads": torch.get_num_threads(), "steps": steps,
                                             "warmup_steps": w, "warmup_s": warmup_s, "profiled_s": total / 1e6, "top": top,
-                                            "matrix_products_gflop_per_s": product_rate, "large_matmul_gflop_per_s": peak})
+                                            "matrix_products_gflop_per_s": product_rate, "product_kinds": kinds,
+                                            "large_matmul_gflop_per_s": peak})
 
 
 if __name__ == "__main__":
