@@ -16,7 +16,8 @@ counts), beside the rate of one large matmul of the same precision on the same t
 this CPU gives), and the products split by shape (attention's `bmm`, LoRA's low-rank factors, the
 Linears' weights); `--json` writes all of it. The optimizer is fused AdamW, as the trainer's.
 `--compile` runs the model through `torch.compile(dynamic=True)` (inductor) and also reports how
-long the warm-up steps took, which is where it compiles: compare with the same command without it (the same batches are timed either way).
+long the warm-up steps took, which is where it compiles: compare with the same command without it
+(the same batches are timed either way).
 """
 
 from __future__ import annotations
