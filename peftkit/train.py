@@ -27,7 +27,7 @@ from peftkit import adapter, backbone, checkpoint, cpu, model, tasks, tracking
 from peftkit.data.batching import train_batches
 from peftkit.errors import CtrlC, Diverged, UserError
 from peftkit.evaluation import report
-from peftkit.methods.base import adapter_tensors
+from peftkit.methods.base import adapter_tensors, pack_frozen_linears
 from peftkit.files import atomic_write_text, fault_point, folder_bytes, json_text, newest_complete
 
 console = Console(stderr=True)
@@ -62,10 +62,13 @@ def make_accelerator(trainer: DictConfig, sparse_gradients: bool = False, tracke
 def prepare_model(accelerator, a: model.Adapted, kind) -> None:
     """How the run computes, the same in training and in `peftkit eval` so their scores agree: under
     bf16 mixed precision the frozen base is stored in bf16 and the adapter in fp32
-    (`backbone.store_frozen_base`), and a task may skip what its loss never reads (classification:
+    (`backbone.store_frozen_base`), its Linears on CPU on weights packed once
+    (`methods.base.PackedLinear`), and a task may skip what its loss never reads (classification:
     the last layer on the first position only)."""
     if accelerator.mixed_precision == "bf16":
         backbone.store_frozen_base(a.model, torch.bfloat16, a.trainable)
+        if accelerator.device.type == "cpu":
+            pack_frozen_linears(a.model)
     if hasattr(kind, "skip_unread_positions"):
         kind.skip_unread_positions(a.model, a.method)
 

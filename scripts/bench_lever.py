@@ -7,6 +7,7 @@
     .venv/bin/python scripts/bench_lever.py no_dropout --rounds 6 --steps 30
     .venv/bin/python scripts/bench_lever.py short_attention --rounds 6 --steps 4
     .venv/bin/python scripts/bench_lever.py fused_head --rounds 6 --steps 4 [--memory]
+    .venv/bin/python scripts/bench_lever.py packed --rounds 10 --steps 40 [--memory]
 
 The levers, each on the step that `scripts/profile_step.py` builds with peftkit's own recipe, task and
 model code (fast CPU dropout, the frozen base stored in bf16 under `--precision bf16`, as the trainer):
@@ -24,6 +25,8 @@ model code (fast CPU dropout, the frozen base stored in bf16 under `--precision 
                    `causal_lm.short_causal_attention` against the flash kernel (SDPA)
   fused_head       lm: the LM head fused with the loss (`causal_lm.head_cross_entropy`) against the
                    head's logits and then the loss
+  packed           cls (bf16 only): the frozen Linears on weights packed once
+                   (`methods.base.PackedLinear`, LoRA's base included) against plain `nn.Linear`s
 
 Each round runs `--steps` batches with the lever off and the same batches with it on; it prints the
 throughput of each and their ratio, then the median ratio. `--memory` instead runs each side alone in
@@ -49,11 +52,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profile_step  # noqa: E402
 from peftkit import backbone, cpu  # noqa: E402
 from peftkit.files import atomic_write_json  # noqa: E402
+from peftkit.methods.base import PackedLinear, pack_frozen_linears  # noqa: E402
 from peftkit.methods import lora  # noqa: E402
 from peftkit.tasks import causal_lm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PART = {"first_position": "cls", "dropout": "cls", "low_rank": "cls", "no_dropout": "cls", "short_attention": "lm", "fused_head": "lm"}
+PART = {"first_position": "cls", "dropout": "cls", "low_rank": "cls", "no_dropout": "cls", "short_attention": "lm", "fused_head": "lm",
+        "packed": "cls"}
 
 
 def switch(lever: str, net):
@@ -77,6 +82,15 @@ def switch(lever: str, net):
     if lever == "short_attention":
         length = causal_lm.SHORT_EXAMPLE
         return lambda on: setattr(causal_lm, "SHORT_EXAMPLE", length if on else 0)
+    if lever == "packed":
+        packed = [m for m in net.modules() if type(m) is PackedLinear]
+        if not packed:
+            raise SystemExit("no packed Linears: the packed lever needs --precision bf16 and a torch with oneDNN")
+
+        def turn(on):
+            for m in packed:
+                m.__class__ = PackedLinear if on else torch.nn.Linear
+        return turn
     fused = causal_lm.fused_head_inputs
     return lambda on: setattr(causal_lm, "fused_head_inputs", fused if on else (lambda *a: None))
 
@@ -117,6 +131,7 @@ def main() -> None:
     bf16 = args.precision == "bf16"
     if bf16:
         backbone.store_frozen_base(net, torch.bfloat16, trainable)
+        pack_frozen_linears(net)  # as the trainer on CPU under bf16
     opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=1e-4, fused=True)  # as the trainer's
     turn = switch(args.lever, net)
     unit = "samples" if part == "cls" else "tokens"

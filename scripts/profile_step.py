@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peftkit import backbone, config, cpu, model, tasks  # noqa: E402
 from peftkit.data.batching import eval_batches, train_batches  # noqa: E402
 from peftkit.files import atomic_write_json  # noqa: E402
+from peftkit.methods.base import pack_frozen_linears  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP_STEPS = 8
@@ -107,6 +108,7 @@ def main() -> None:
     cpu.use_fast_dropout(net)  # as peftkit's trainer does on CPU
     if args.precision == "bf16":
         backbone.store_frozen_base(net, torch.bfloat16, trainable)  # as peftkit's trainer does under bf16 autocast
+        pack_frozen_linears(net)  # and, on CPU, runs its frozen Linears on packed weights
     opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=1e-4, fused=True)  # as the trainer's
     if args.compile:
         net = torch.compile(net, dynamic=True)

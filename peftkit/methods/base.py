@@ -210,3 +210,101 @@ def set_merged(model: nn.Module, merged: bool) -> None:
     for m in model.modules():
         if isinstance(m, AdapterLinear) and m.merged != merged:
             m.merge() if merged else m.unmerge()
+
+
+# ---- frozen bf16 Linears on weights packed once (CPU) ------------------------------------------------
+
+PACK_LIMIT_BYTES = 2 << 30  # a model whose frozen bf16 Linears' two packs would pass this is left as it is
+
+
+def packs_linears() -> bool:
+    """Whether this torch can run a Linear on a weight packed in oneDNN's layout (x86 and Arm CPU builds)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PackedLinear(nn.Linear):
+    """A frozen bf16 Linear that runs on CPU on copies of its weight packed once in oneDNN's blocked
+    layout, W for the output and Wᵀ for the gradient, each made at its first use (evaluation never
+    makes Wᵀ's): `F.linear` and `mm` repack the plain weight at every call, 1.05-1.07x a bf16 SST-2
+    LoRA step (`scripts/bench_lever.py packed`). Its output and gradient are `F.linear`'s, bit for bit
+    (tests/methods/test_packed_linear.py). The packs follow the weight: an in-place change (a merge,
+    PiSSA's residual) bumps the weight's version and the next call packs again. Elsewhere (a GPU, fp32
+    compute, a weight that trains) it is a plain Linear."""
+
+    def __getstate__(self):  # a copy (deepcopy, pickle) packs its own: oneDNN's packs do not copy
+        return {k: v for k, v in self.__dict__.items() if k != "_packs"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packs = packed_weights(self, x)
+        if packs is None:
+            return super().forward(x)
+        with torch.autocast("cpu", enabled=False):
+            return _PackedLinear.apply(x.to(self.weight.dtype), self.bias, packs)
+
+
+class Packs:
+    """A frozen weight W packed for oneDNN as W (for x Wᵀ) and as Wᵀ (for g W), each at its first use."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight, self.key = weight.detach(), (weight._version, weight.data_ptr())
+        self._w = self._t = None
+
+    def w(self) -> torch.Tensor:
+        if self._w is None:
+            self._w = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
+        return self._w
+
+    def t(self) -> torch.Tensor:
+        if self._t is None:
+            self._t = torch.ops.mkldnn._reorder_linear_weight(self.weight.t().contiguous(), None)
+        return self._t
+
+
+def packed_weights(linear: nn.Module, x: torch.Tensor) -> Packs | None:
+    """`linear`'s `Packs` for this input, new if the weight changed since; None where the packed path
+    does not apply (not a PackedLinear, another device or dtype, a weight that trains)."""
+    if type(linear) is not PackedLinear:
+        return None
+    w, b = linear.weight, linear.bias
+    if (x.device.type != "cpu" or w.device.type != "cpu" or w.requires_grad or w.dtype != torch.bfloat16
+            or compute_dtype(x) != w.dtype or (b is not None and (b.requires_grad or b.dtype != w.dtype))):
+        return None
+    packs = linear.__dict__.get("_packs")
+    if packs is None or packs.key != (w._version, w.data_ptr()):
+        packs = linear.__dict__["_packs"] = Packs(w)
+    return packs
+
+
+def linear_rows(rows: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """rows · Wᵀ + b for 2-D rows on a packed W."""
+    return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+
+
+class _PackedLinear(torch.autograd.Function):
+    """x Wᵀ + b on the packed W; the gradient reaches x only (W and b are frozen), through the packed Wᵀ."""
+
+    @staticmethod
+    def forward(ctx, x, bias, packs):
+        ctx.packs, ctx.shape = packs, x.shape
+        y = linear_rows(x.reshape(-1, x.shape[-1]), packs.w(), bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return linear_rows(grad.reshape(-1, grad.shape[-1]), ctx.packs.t()).view(ctx.shape), None, None
+
+
+def pack_frozen_linears(model: nn.Module) -> int:
+    """Make each plain frozen bf16 Linear of the model a `PackedLinear` (the class only: the packs are
+    made at first use). Returns how many: 0 where this torch cannot pack, or where the packs of W and
+    Wᵀ would take more than PACK_LIMIT_BYTES (a model of over half a billion such parameters, whose
+    large matrices gain least and whose memory matters most)."""
+    frozen = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16
+              and not m.weight.requires_grad and (m.bias is None or not m.bias.requires_grad)]
+    if not packs_linears() or 2 * sum(m.weight.nbytes for m in frozen) > PACK_LIMIT_BYTES:
+        return 0
+    for m in frozen:
+        m.__class__ = PackedLinear
+    return len(frozen)

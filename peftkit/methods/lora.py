@@ -17,7 +17,7 @@ from torch import nn
 
 from peftkit.errors import UserError
 from peftkit.methods import _checks
-from peftkit.methods.base import AdapterLinear, Method, compute_dtype, hooked, register
+from peftkit.methods.base import AdapterLinear, Method, PackedLinear, compute_dtype, hooked, linear_rows, packed_weights, register
 
 INITS = ("kaiming", "gaussian", "pissa")
 
@@ -65,7 +65,7 @@ class LoraLinear(AdapterLinear):
 def fusable(base: nn.Module) -> bool:
     """Whether `low_rank_linear` may stand in for this base layer's call: a plain frozen Linear that
     no hook watches."""
-    return (type(base) is nn.Linear and not base.weight.requires_grad
+    return (type(base) in (nn.Linear, PackedLinear) and not base.weight.requires_grad
             and (base.bias is None or not base.bias.requires_grad) and not hooked(base))
 
 
@@ -76,19 +76,23 @@ def low_rank_linear(x: torch.Tensor, base: nn.Linear, A: torch.Tensor, B: torch.
     `scripts/bench_lever.py low_rank`). Under autocast everything runs in its dtype, as `F.linear` would."""
     dtype = compute_dtype(x)
     bias = None if base.bias is None else base.bias.to(dtype)
+    packs = packed_weights(base, x)  # a PackedLinear's W and Wᵀ, packed once (methods.base.PackedLinear)
     with torch.autocast(x.device.type, enabled=False):
-        return _LowRankLinear.apply(x.to(dtype), base.weight.to(dtype), bias, A.to(dtype), B.to(dtype), scaling)
+        return _LowRankLinear.apply(x.to(dtype), base.weight.to(dtype), bias, A.to(dtype), B.to(dtype), scaling, packs)
 
 
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scaling):
+    def forward(ctx, x, weight, bias, A, B, scaling, packs=None):
         rows = x.reshape(-1, x.shape[-1])
-        y = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
+        if packs is not None:
+            y = linear_rows(rows, packs.w(), bias)
+        else:
+            y = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
         h = rows @ A.t()
         y.addmm_(h, B.t(), alpha=scaling)
         ctx.save_for_backward(rows, weight, A, B, h)
-        ctx.scaling, ctx.shape = scaling, x.shape
+        ctx.scaling, ctx.shape, ctx.packs = scaling, x.shape, packs
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -97,10 +101,14 @@ class _LowRankLinear(torch.autograd.Function):
         with torch.autocast(grad.device.type, enabled=False):
             g = grad.reshape(-1, grad.shape[-1])
             gh = (g @ B).mul_(ctx.scaling)  # the gradient at h = x Aᵀ
-            grad_x = (g @ weight).addmm_(gh, A).view(ctx.shape) if ctx.needs_input_grad[0] else None
+            if ctx.needs_input_grad[0]:
+                base = g @ weight if ctx.packs is None else linear_rows(g, ctx.packs.t())
+                grad_x = base.addmm_(gh, A).view(ctx.shape)
+            else:
+                grad_x = None
             grad_A = gh.t() @ rows if ctx.needs_input_grad[3] else None
             grad_B = (g.t() @ h).mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
-        return grad_x, None, None, grad_A, grad_B, None
+        return grad_x, None, None, grad_A, grad_B, None, None
 
 
 class LoraEmbedding(AdapterLinear):

@@ -122,6 +122,7 @@ def test_runs_on_a_bf16_base_under_bf16_autocast(name, backbone, tmp_path):
     runs forward and backward under CPU autocast, its own tensors stay fp32 and get finite gradients,
     and its logits are the fp32 base's under autocast up to bf16 rounding of the residual stream."""
     from peftkit.backbone import store_frozen_base
+    from peftkit.methods.base import pack_frozen_linears, packs_linears
 
     cfg = with_sources(name, shipped_config(name), backbone_cfg(backbone), tmp_path)
     if (name == "bitfit" and "llama" in str(backbone)) or (name == "llama_adapter" and "bert" in str(backbone)):
@@ -143,3 +144,15 @@ def test_runs_on_a_bf16_base_under_bf16_autocast(name, backbone, tmp_path):
     grads = [p.grad for p in a.model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+    # and on CPU the frozen Linears run on packed weights (`pack_frozen_linears`, as `train.prepare_model`):
+    # the same logits and gradients, bit for bit (none is packed where every Linear trains its weight or
+    # bias: full fine-tuning, BitFit)
+    if not packs_linears() or pack_frozen_linears(a.model) == 0:
+        assert name in ("full", "bitfit") or not packs_linears()
+        return
+    a.model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = a.model(**batch, labels=labels)
+    packed.loss.backward()
+    assert torch.equal(packed.logits, out.logits)
+    assert all(torch.equal(p.grad, g) for p, g in zip((p for p in a.model.parameters() if p.requires_grad), grads))
