@@ -9,6 +9,7 @@ Three jobs it knows, each built with peftkit's own recipe, task and model code:
 
     .venv/bin/python scripts/profile_step.py cls --glue-dir ../shared/glue [--threads 2] [--json out.json]
     .venv/bin/python scripts/profile_step.py lm --math-dir ../shared/llm/math [--threads 1]
+    python3 scripts/profile_step.py cls --device cuda --precision bf16   # on a GPU: is the step host-bound?
 
 It prints the step's throughput without the profiler, then the top ops with their share of the
 profiled time and, for matrix products, the rate they ran at (GFLOP/s, from the profiler's FLOP
@@ -17,7 +18,9 @@ this CPU gives), and the products split by shape (attention's `bmm`, LoRA's low-
 Linears' weights); `--json` writes all of it. The optimizer is fused AdamW, as the trainer's.
 `--compile` runs the model through `torch.compile(dynamic=True)` (inductor) and also reports how
 long the warm-up steps took, which is where it compiles: compare with the same command without it
-(the same batches are timed either way).
+(the same batches are timed either way). `--device cuda` runs the step on the GPU as the trainer does
+there (the frozen base in bf16 under bf16 autocast, no packing) and adds what decides a GPU step's
+speed: the GPU's busy time (its kernels' time) against the step's wall time, and the kernel launches a step.
 """
 
 from __future__ import annotations
@@ -58,12 +61,24 @@ def build(part: str, data_dir: str):
     return kind, a.model, encoded, batches, a.trainable
 
 
-def matmul_gflops(dtype: torch.dtype, size: int = 2048) -> float:
-    """The best rate of a (size × size) · (size × size) matmul in `dtype`: what this CPU gives at most."""
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+def matmul_gflops(dtype: torch.dtype, device: torch.device = torch.device("cpu"), size: int = 2048) -> float:
+    """The best rate of a (size × size) · (size × size) matmul in `dtype`: what this device gives at most."""
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b
-    best = min(_seconds(lambda: a @ b) for _ in range(3))
+    sync()
+    best = min(_seconds(lambda: (a @ b, sync())) for _ in range(3))
     return 2 * size**3 / best / 1e9
+
+
+def gpu_busy(prof, wall_s: float, steps: int) -> dict:
+    """A GPU step's split: the time its kernels ran (busy) against the step's wall time, and how many
+    kernels the host launched. Busy well under wall means the host, not the GPU, sets the pace."""
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.time_range.elapsed_us() for e in kernels)
+    launches = sum(1 for e in prof.events() if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+    return {"wall_ms_per_step": wall_s * 1e3 / steps, "busy_ms_per_step": busy_us / 1e3 / steps,
+            "busy_share": busy_us / 1e6 / wall_s, "kernels_per_step": len(kernels) / steps, "launches_per_step": launches / steps}
 
 
 def product_kinds(prof, total: float) -> dict:
@@ -98,6 +113,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes) before the warm-up steps")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: the forward under CPU autocast, as trainer.precision=bf16 runs it")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.threads:
@@ -105,24 +121,33 @@ def main() -> None:
     steps = args.steps or (20 if args.part == "cls" else 1)
     kind, net, train, batches, trainable = build(args.part, args.math_dir if args.part == "lm" else args.glue_dir)
     net.train(args.part != "eval")
-    cpu.use_fast_dropout(net)  # as peftkit's trainer does on CPU
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        net.to(dev)
+    else:
+        cpu.use_fast_dropout(net)  # as peftkit's trainer does on CPU
     if args.precision == "bf16":
         backbone.store_frozen_base(net, torch.bfloat16, trainable)  # as peftkit's trainer does under bf16 autocast
-        pack_frozen_linears(net)  # and, on CPU, runs its frozen Linears on packed weights
+        if not cuda:
+            pack_frozen_linears(net)  # and, on CPU, runs its frozen Linears on packed weights
     opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=1e-4, fused=True)  # as the trainer's
     if args.compile:
         net = torch.compile(net, dynamic=True)
     unit = "tokens" if args.part == "lm" else "samples"
     bf16 = args.precision == "bf16"
 
+    def batch(b):
+        return {k: v.to(dev, non_blocking=True) for k, v in train.batch(b).items()} if cuda else train.batch(b)
+
     def step(b):
         if args.part == "eval":
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                 for one in b:  # one pass over the split
-                    net(**{k: v for k, v in train.batch(one).items() if k != "labels"}).logits.float().argmax(-1)
+                    net(**{k: v for k, v in batch(one).items() if k != "labels"}).logits.float().argmax(-1)
             return
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = kind.loss(net, train.batch(b), train)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = kind.loss(net, batch(b), train)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -139,21 +164,29 @@ def main() -> None:
     if w < 1:
         sys.exit(f"{len(batches)} batches: too few for a warm-up step and 2 x --steps {steps}")
     warm, timed, profiled = batches[:w], batches[w : w + steps], batches[w + steps : w + 2 * steps]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
     for b in warm:
         step(b)
+    sync()
     warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for b in timed:
         step(b)
+    sync()
     seconds = time.perf_counter() - t0
     speed = sum(size(b) for b in timed) / seconds
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    t0 = time.perf_counter()
+    with profile(activities=activities, with_flops=True, record_shapes=True) as prof:
         for b in profiled:
             step(b)
+        sync()
+    profiled_wall = time.perf_counter() - t0
+    gpu = gpu_busy(prof, profiled_wall, steps) if cuda else None
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in ops)
     top = [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total, "calls": e.count,
@@ -162,7 +195,7 @@ def main() -> None:
     products = [e for e in ops if e.flops]
     product_rate = sum(e.flops for e in products) / sum(e.self_cpu_time_total for e in products) / 1e3 if products else None
     kinds = product_kinds(prof, total)
-    peak = matmul_gflops(torch.bfloat16 if bf16 else torch.float32)
+    peak = matmul_gflops(torch.bfloat16 if bf16 else torch.float32, dev)
     print(f"{args.part}{' compiled' if args.compile else ''}: {speed:.1f} {unit}/s over {steps} steps "
           f"({seconds / steps:.2f} s a step, {torch.get_num_threads()} threads) after {w} warm-up steps in {warmup_s:.1f} s; "
           f"profiled {total / 1e6:.2f} s over {steps} more")
@@ -175,12 +208,16 @@ def main() -> None:
               f"one 2048² {args.precision} matmul here: {peak:.0f} GFLOP/s")
         for kind_name, k in kinds.items():
             print(f"  {kind_name}: {k['share'] * 100:.1f}% at {k['gflop_per_s']:.0f} GFLOP/s")
+    if gpu:
+        print(f"GPU: busy {gpu['busy_ms_per_step']:.2f} ms of a {gpu['wall_ms_per_step']:.2f} ms step "
+              f"({gpu['busy_share'] * 100:.1f}%), {gpu['launches_per_step']:.0f} kernel launches a step; "
+              f"the rate above is of host time, not the GPU's")
     if args.json:
         atomic_write_json(Path(args.json), {"part": args.part, "compile": args.compile, "precision": args.precision,
                                             f"{unit}_per_s": speed, "threads": torch.get_num_threads(), "steps": steps,
                                             "warmup_steps": w, "warmup_s": warmup_s, "profiled_s": total / 1e6, "top": top,
                                             "matrix_products_gflop_per_s": product_rate, "product_kinds": kinds,
-                                            "large_matmul_gflop_per_s": peak})
+                                            "large_matmul_gflop_per_s": peak, "device": args.device, "gpu": gpu})
 
 
 if __name__ == "__main__":

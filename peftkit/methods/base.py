@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import torch
@@ -217,9 +218,18 @@ def set_merged(model: nn.Module, merged: bool) -> None:
 PACK_LIMIT_BYTES = 2 << 30  # a model whose frozen bf16 Linears' two packs would pass this is left as it is
 
 
+@functools.cache
 def packs_linears() -> bool:
-    """Whether this torch can run a Linear on a weight packed in oneDNN's layout (x86 and Arm CPU builds)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether this torch, on this CPU, can run a bf16 Linear on a weight packed in oneDNN's layout:
+    the build must have oneDNN and the CPU bf16 conversions (AVX512-BW/VL/DQ or AVX-NE-CONVERT on x86;
+    an AVX2-only CPU has neither), so one tiny Linear is tried rather than the flags read."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    w = torch.ones(16, 16, dtype=torch.bfloat16)
+    try:
+        return bool(linear_rows(w, torch.ops.mkldnn._reorder_linear_weight(w, None)).eq(16).all())
+    except RuntimeError:  # "bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq"
+        return False
 
 
 class PackedLinear(nn.Linear):

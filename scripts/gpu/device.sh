@@ -3,7 +3,8 @@
 #   bash scripts/gpu/device.sh grid [MIN [ARGS]]  issue 17: every method x 5 GLUE tasks, 14 cells at a time, bf16;
 #                                           resumable (a warm machine keeps .gpu/grid); no cell starts after MIN (8);
 #                                           ARGS go to glue_bench.py (a smoke test: --methods lora --max-train-samples 32)
-#   bash scripts/gpu/device.sh speed        issue 15: bench_train.py --device cuda, MiniLM / BERT-base / Llama 0.4B
+#   bash scripts/gpu/device.sh speed [S]    issue 15: a GPU step profile, then bench_train.py --device cuda: MiniLM,
+#                                           Llama 0.4B (classifying, then as a causal LM), BERT-base; within S seconds (480)
 #   bash scripts/gpu/device.sh tests [S]    the test suite on CUDA, 14 workers, stopped after S seconds (240)
 # Results land in $OUT (the device tool brings them back): JSON, logs, the grid's small per-cell files (kept/).
 set -uo pipefail
@@ -44,18 +45,29 @@ grid)
   (cd .gpu/grid && tar -czf "$OUT/logs.tar.gz" logs)
   ;;
 speed)
-  # as bench_train.py's docstring: three classifiers, then the decoder as a causal LM through llm_bench
-  for b in minilm bert-base llama-0.4b; do
-    $PY scripts/bench_train.py --device cuda --precision bf16 --backbone $b --steps 300 --peak-tflops 989 \
-        --glue-dir .gpu/glue --json "$OUT/bench_train_cuda_$b.json" 2>&1 | tee "$OUT/bench_train_cuda_$b.log"
-  done
-  $PY scripts/bench_train.py --task causal_lm --device cuda --backbone llama-0.4b --rows 1000 --math-dir .gpu/math \
-      --json "$OUT/llm_speed_cuda_llama-0.4b.json" 2>&1 | tee "$OUT/llm_speed_cuda.log"
+  # issue 15, within SECONDS (default 480) so the device tool's call ends inside its limit: first where a
+  # peftkit MiniLM step's time goes (GPU busy vs wall), then bench_train.py's runs in priority order
+  # against the length-grouped peer; a run that would start past the deadline is skipped, one that runs
+  # over is stopped. Everything lands in $OUT/speed.tar.gz (re-made after each run) and $OUT/speed.log.
+  deadline=$((SECONDS + ${2:-480})); res=.gpu/speed; rm -rf "$res"; mkdir -p "$res"
+  step() {  # NAME CMD...: run CMD with the time left, its output into speed.log
+    local left=$((deadline - SECONDS)); [ "$left" -gt 30 ] || { echo "== $1: skipped, ${left}s left" | tee -a "$OUT/speed.log"; return; }
+    echo "== $1 (${left}s left)" | tee -a "$OUT/speed.log"; shift
+    PYTHONUNBUFFERED=1 timeout "$left" "$@" 2>&1 | grep -v -E '^\s*[0-9]+%\||it/s\]$' | tee -a "$OUT/speed.log"
+    tar -czf "$OUT/speed.tar.gz" -C "$res" .
+  }
+  common=(--device cuda --precision bf16 --steps 200 --peak-tflops 989 --glue-dir .gpu/glue --only peftkit,peft_grouped)
+  step profile $PY scripts/profile_step.py cls --device cuda --precision bf16 --steps 20 --glue-dir .gpu/glue --json "$res/profile_cls_cuda_bf16.json"
+  step minilm $PY scripts/bench_train.py "${common[@]}" --backbone minilm --json "$res/bench_train_cuda_minilm.json"
+  step llama-0.4b $PY scripts/bench_train.py "${common[@]}" --backbone llama-0.4b --json "$res/bench_train_cuda_llama-0.4b.json"
+  step causal-lm $PY scripts/bench_train.py --task causal_lm --device cuda --backbone llama-0.4b --rows 600 --math-dir .gpu/math \
+      --json "$res/llm_speed_cuda_llama-0.4b.json"
+  step bert-base $PY scripts/bench_train.py "${common[@]}" --backbone bert-base --json "$res/bench_train_cuda_bert-base.json"
   ;;
 tests)
   # no -x: a test that needs what this machine lacks (matplotlib, trackers) must not hide the CUDA ones; -rfE names every failure
   timeout "${2:-240}" $PY -m pytest -q -n 14 -rfE --timeout 120 -p no:cacheprovider > "$OUT/tests.log" 2>&1
   tail -60 "$OUT/tests.log"
   ;;
-*) echo "usage: bash scripts/gpu/device.sh grid [MIN] | speed | tests [SECONDS]"; exit 2 ;;
+*) echo "usage: bash scripts/gpu/device.sh grid [MIN] | speed [SECONDS] | tests [SECONDS]"; exit 2 ;;
 esac

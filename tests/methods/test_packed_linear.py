@@ -11,7 +11,7 @@ from peftkit.methods import base
 from peftkit.methods.base import PackedLinear, pack_frozen_linears, packs_linears
 from peftkit.methods.lora import LoraLinear, fusable, low_rank_linear
 
-pytestmark = pytest.mark.skipif(not packs_linears(), reason="this torch build has no oneDNN linear to pack weights for")
+pytestmark = pytest.mark.skipif(not packs_linears(), reason="this torch build or CPU cannot pack bf16 weights (oneDNN needs AVX512-BW/VL/DQ or AVX-NE-CONVERT)")
 
 
 def _frozen_bf16(*layers: nn.Module) -> nn.Sequential:
