@@ -215,7 +215,11 @@ def set_merged(model: nn.Module, merged: bool) -> None:
 
 # ---- frozen bf16 Linears on weights packed once (CPU) ------------------------------------------------
 
-PACK_LIMIT_BYTES = 2 << 30  # a model whose frozen bf16 Linears' two packs would pass this is left as it is
+# A model whose frozen bf16 Linears' two packs would pass this is left as it is. Packing pays on small
+# matrices (MiniLM's, 2 x 21 MB: 1.05-1.07x a step); on SmolLM2-135M's (2 x 238 MB) the LM benchmark
+# ran 281 tokens/s packed against 317-430 unpacked in eight earlier runs, the peer unchanged, and
+# took ~500 MB more (docs/bench/llm_speed_cpu_bf16_session{4,5,6}_*.json).
+PACK_LIMIT_BYTES = 256 << 20
 
 
 @functools.cache
@@ -309,8 +313,8 @@ class _PackedLinear(torch.autograd.Function):
 def pack_frozen_linears(model: nn.Module) -> int:
     """Make each plain frozen bf16 Linear of the model a `PackedLinear` (the class only: the packs are
     made at first use). Returns how many: 0 where this torch cannot pack, or where the packs of W and
-    Wᵀ would take more than PACK_LIMIT_BYTES (a model of over half a billion such parameters, whose
-    large matrices gain least and whose memory matters most)."""
+    Wᵀ would take more than PACK_LIMIT_BYTES (a model of over 64M such parameters, whose larger
+    matrices gained nothing and whose packs cost memory)."""
     frozen = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16
               and not m.weight.requires_grad and (m.bias is None or not m.bias.requires_grad)]
     if not packs_linears() or 2 * sum(m.weight.nbytes for m in frozen) > PACK_LIMIT_BYTES:
