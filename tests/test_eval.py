@@ -152,3 +152,15 @@ def _split_head_at_median(run, text_a: list[str], text_b: list[str]) -> list[str
     save_file(tensors, str(f), metadata={"format": "pt"})
     shifted = logits[:, 0] - logits[:, 1] - mid
     return [cfg["label_names"][0] if m >= 0 else cfg["label_names"][1] for m in shifted.tolist()]
+
+
+def test_agreement_says_exactly_rounding_or_differs():
+    """An ulp of float32 in a loss (a process's heap moves it on some CPUs) is not 'differs'; a real change is."""
+    from peftkit.evaluate import agreement
+
+    before = {"validation": {"loss": 10.359952926635742, "exact_match": 0.0}}
+    assert "exactly" in agreement(before, {"validation": dict(before["validation"])})
+    assert "up to float32 rounding" in agreement(before, {"validation": {"loss": 10.359951972961426, "exact_match": 0.0}})
+    assert "differs" in agreement(before, {"validation": {"loss": 10.35, "exact_match": 0.0}})
+    assert "differs" in agreement(before, {"validation": {"loss": 10.359952926635742, "exact_match": 1.0}})
+    assert "differs" in agreement(before, {"validation": {"loss": 10.359952926635742}})

@@ -375,6 +375,7 @@ def test_train_eval_reload_on_a_tiny_decoder(tmp_path, tiny_lm):
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["task_type"] == "causal_lm"
     again = run_cli("eval", f"run={run}", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "reproduces the training-time scores" in again.stdout
     # the same up to float32 rounding: on an AVX2-only CPU the training process's float32 sums can land
     # one ulp away from a fresh process's (loss 10.359952926635742 against 10.359951972961426, the adapters
     # equal); perplexity = exp(loss) turns that ulp into 1e-6 relative

@@ -122,7 +122,9 @@ def test_methods_that_move_positions_train_and_evaluate_through_the_cli(method, 
     report = json.loads((run / "eval" / "report.json").read_text())
     assert report["status"] == "ok" and math.isfinite(report["metrics"]["validation"]["loss"])
     ok(run_cli("eval", f"run={run}", cwd=tmp_path))
-    assert json.loads((run / "eval" / "report.json").read_text())["metrics"] == report["metrics"]
+    again = json.loads((run / "eval" / "report.json").read_text())["metrics"]  # equal up to float32 rounding
+    assert again.keys() == report["metrics"].keys()
+    assert all(again[s] == pytest.approx(report["metrics"][s], rel=1e-5) for s in again)
 
 
 def test_into_base_is_a_plain_causal_lm_with_the_same_logits(sweep):
