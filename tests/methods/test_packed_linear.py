@@ -11,13 +11,14 @@ from peftkit.methods import base
 from peftkit.methods.base import PackedLinear, pack_frozen_linears, packs_linears
 from peftkit.methods.lora import LoraLinear, fusable, low_rank_linear
 
-pytestmark = pytest.mark.skipif(not packs_linears(), reason="this torch build or CPU cannot pack bf16 weights (oneDNN needs AVX512-BW/VL/DQ or AVX-NE-CONVERT)")
+needs_packs = pytest.mark.skipif(not packs_linears(), reason="this torch build or CPU cannot pack bf16 weights (oneDNN needs AVX512-BW/VL/DQ or AVX-NE-CONVERT)")
 
 
 def _frozen_bf16(*layers: nn.Module) -> nn.Sequential:
     return nn.Sequential(*layers).to(torch.bfloat16).requires_grad_(False)
 
 
+@needs_packs
 def test_packed_linears_give_f_linear_outputs_and_gradients_bit_for_bit():
     torch.manual_seed(0)
     net = _frozen_bf16(nn.Linear(16, 48), nn.GELU(), nn.Linear(48, 8, bias=False))
@@ -35,6 +36,7 @@ def test_packed_linears_give_f_linear_outputs_and_gradients_bit_for_bit():
     assert vars(net[0])["_packs"]._t is not None  # both packs made at first use
 
 
+@needs_packs
 def test_a_changed_weight_is_repacked_and_a_strided_input_is_read_as_it_is():
     net = _frozen_bf16(nn.Linear(16, 12))
     pack_frozen_linears(net)
@@ -47,6 +49,7 @@ def test_a_changed_weight_is_repacked_and_a_strided_input_is_read_as_it_is():
     assert "_packs" not in vars(twin[0]) and torch.equal(twin(x), net(x))
 
 
+@needs_packs
 def test_packing_leaves_trained_fp32_and_subclassed_linears_alone():
     trained = nn.Linear(4, 4).to(torch.bfloat16)  # requires grad
     fp32 = nn.Linear(4, 4).requires_grad_(False)
@@ -58,6 +61,7 @@ def test_packing_leaves_trained_fp32_and_subclassed_linears_alone():
     assert torch.equal(fp32(x), nn.functional.linear(x, fp32.weight, fp32.bias))  # fp32 compute: the plain path
 
 
+@needs_packs
 def test_lora_on_a_packed_base_is_the_same_one_node_layer():
     torch.manual_seed(1)
     base = nn.Linear(32, 24).to(torch.bfloat16).requires_grad_(False)
@@ -79,6 +83,7 @@ def test_lora_on_a_packed_base_is_the_same_one_node_layer():
         assert torch.equal(got, want)
 
 
+@needs_packs
 def test_evaluation_packs_w_only_and_a_model_past_the_limit_stays_plain(monkeypatch):
     net = _frozen_bf16(nn.Linear(16, 12))
     pack_frozen_linears(net)
@@ -89,3 +94,17 @@ def test_evaluation_packs_w_only_and_a_model_past_the_limit_stays_plain(monkeypa
     big = _frozen_bf16(nn.Linear(16, 12))
     monkeypatch.setattr(base, "PACK_LIMIT_BYTES", 2 * big[0].weight.nbytes - 1)
     assert pack_frozen_linears(big) == 0 and type(big[0]) is nn.Linear
+
+
+def test_a_cpu_that_cannot_pack_bf16_leaves_the_model_plain(monkeypatch):
+    """On an AVX2-only CPU oneDNN refuses the bf16 pack ("bf16 path needs the cpu support ..."): bf16
+    training there crashed at the first forward until packs_linears tried a pack instead of the op's presence."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse, raising=False)
+    monkeypatch.setattr(base, "packs_linears", base.packs_linears.__wrapped__)  # unmemoized, so it asks again
+    net = _frozen_bf16(nn.Linear(16, 8))
+    assert not base.packs_linears() and pack_frozen_linears(net) == 0 and type(net[0]) is nn.Linear
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net(torch.randn(3, 16)).shape == (3, 8)
