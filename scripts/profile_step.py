@@ -10,6 +10,7 @@ Three jobs it knows, each built with peftkit's own recipe, task and model code:
     .venv/bin/python scripts/profile_step.py cls --glue-dir ../shared/glue [--threads 2] [--json out.json]
     .venv/bin/python scripts/profile_step.py lm --math-dir ../shared/llm/math [--threads 1]
     python3 scripts/profile_step.py cls --device cuda --precision bf16   # on a GPU: is the step host-bound?
+    .venv/bin/python scripts/profile_step.py cls --override backbone.path=DIR --override backbone.name=NAME  # another backbone
 
 It prints the step's throughput without the profiler, then the top ops with their share of the
 profiled time and, for matrix products, the rate they ran at (GFLOP/s, from the profiler's FLOP
@@ -43,11 +44,11 @@ ROOT = Path(__file__).resolve().parents[1]
 WARMUP_STEPS = 8
 
 
-def build(part: str, data_dir: str):
+def build(part: str, data_dir: str, overrides: list[str] = ()):
     if part in ("cls", "eval"):
-        cfg = config.compose("glue_lora", ["dataset=glue/sst2", f"dataset.data_dir={data_dir}", "dataset.max_train_samples=8000"])
+        cfg = config.compose("glue_lora", ["dataset=glue/sst2", f"dataset.data_dir={data_dir}", "dataset.max_train_samples=8000", *overrides])
     else:
-        cfg = config.compose("sft_lora", [f"dataset.data_dir={data_dir}", "dataset.max_train_samples=48"])
+        cfg = config.compose("sft_lora", [f"dataset.data_dir={data_dir}", "dataset.max_train_samples=48", *overrides])
     kind = tasks.of(cfg.dataset)
     split = "validation" if part == "eval" else "train"
     data = kind.load_data(cfg.dataset, splits=(split,)) if part == "eval" else kind.load_data(cfg.dataset)
@@ -114,12 +115,14 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes) before the warm-up steps")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: the forward under CPU autocast, as trainer.precision=bf16 runs it")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe override, repeatable (backbone.path=DIR: another backbone)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = args.steps or (20 if args.part == "cls" else 1)
-    kind, net, train, batches, trainable = build(args.part, args.math_dir if args.part == "lm" else args.glue_dir)
+    kind, net, train, batches, trainable = build(args.part, args.math_dir if args.part == "lm" else args.glue_dir, args.override)
     net.train(args.part != "eval")
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
