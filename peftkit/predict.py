@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from peftkit import adapter, serve
 from peftkit.data import label_key
-from peftkit.data.batching import collate, eval_batches
+from peftkit.data.batching import collate, eval_batches, to_device
 from peftkit.data.local import _missing, read_table
 from peftkit.errors import UserError
 from peftkit.files import atomic_write_text, check_writable, json_text, resolved
@@ -170,7 +170,7 @@ def _classify(mixed: serve.Mixed, index: list[int], texts: list[list[str]], batc
     with progress() as bar:
         job = bar.add_task("predict", total=len(index))
         for b in eval_batches(lengths, batch_size):
-            batch = {k: v.to(device) for k, v in collate(features, b, tok.pad_token_id).items()}
+            batch = to_device(collate(features, b, tok.pad_token_id), device)
             with mixed.use([index[i] for i in b]):
                 logits = mixed.model(**batch).logits.float().cpu()
             for row, i in enumerate(b):

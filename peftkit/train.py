@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from peftkit import adapter, backbone, checkpoint, cpu, model, tasks, tracking
-from peftkit.data.batching import train_batches
+from peftkit.data.batching import to_device, train_batches
 from peftkit.errors import CtrlC, Diverged, UserError
 from peftkit.evaluation import report
 from peftkit.methods.base import adapter_tensors, pack_frozen_linears
@@ -71,6 +71,13 @@ def prepare_model(accelerator, a: model.Adapted, kind) -> None:
             pack_frozen_linears(a.model)
     if hasattr(kind, "skip_unread_positions"):
         kind.skip_unread_positions(a.model, a.method)
+
+
+def read_interval(device: torch.device, log_every: int) -> int:
+    """Steps between reads of the step losses on the host. On a GPU, once a log window: a read waits
+    for the GPU to finish every queued step, so reading each step would keep the host from running
+    ahead. On CPU every step, where a read costs nothing and a divergence stops the run at once."""
+    return 1 if device.type == "cpu" else log_every
 
 
 def seed_everything(seed: int) -> None:
@@ -363,6 +370,28 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
                    + ("" if t.max_grad_norm else " or clip gradients with trainer.max_grad_norm=1.0"))
         raise Diverged(message, make_report("diverged", message))
 
+    # Each step's loss (and a method's own loss term) stays on the device until read here, in order,
+    # every `read_interval` steps, at each log step and before each evaluation.
+    unread: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (step, loss, aux)
+    read_every = read_interval(accelerator.device, t.log_every)
+
+    def read_losses() -> None:
+        nonlocal window_loss, window_n, eval_loss_sum, eval_loss_n
+        if not unread:
+            return
+        losses = torch.stack([loss.reshape(()) for _, loss, _ in unread]).tolist()
+        auxes = [aux for _, _, aux in unread]
+        aux_values = torch.stack([aux.reshape(()) for aux in auxes]).tolist() if auxes[0] is not None else [None] * len(auxes)
+        for (at, _, _), value, aux_value in zip(unread, losses, aux_values):
+            if not math.isfinite(value):
+                diverged(at, f"the loss is {value}")
+            if aux_value is not None and not math.isfinite(aux_value):  # it trained on it too
+                diverged(at, f"the method's own loss term ({a.method.name}) is {aux_value}")
+            last_finite.update(step=at, loss=value)
+            window_loss, window_n = window_loss + value, window_n + 1
+            eval_loss_sum, eval_loss_n = eval_loss_sum + value, eval_loss_n + 1
+        unread.clear()
+
     step, epoch, start = state["step"], state["epoch"], state["batch"]
     throughput = Throughput(state.get("throughput"))  # (older checkpoints lack it)
     window_loss, window_n, window_samples, window_tokens, window_t = 0.0, 0, 0, 0, time.perf_counter()
@@ -384,7 +413,7 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
             batches = epoch_batches(epoch)
             for bi in range(start, len(batches)):
                 ctrl_c.check()
-                batch = {k: v.to(accelerator.device) for k, v in train.batch(batches[bi]).items()}
+                batch = to_device(train.batch(batches[bi]), accelerator.device)
                 with accelerator.accumulate(net):
                     loss = kind.loss(net, batch, train)
                     aux = a.method.aux_loss(raw)  # the method's own term (MoE load balancing); the logged loss is the task's
@@ -395,16 +424,10 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
                     if accelerator.sync_gradients:
                         a.method.after_optimizer_step(raw, step + 1, total_steps)
                     optimizer.zero_grad(set_to_none=True)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    diverged(step + 1, f"the loss is {loss_value}")
-                if aux is not None and not math.isfinite(aux_value := aux.item()):  # it trained on it too
-                    diverged(step + 1, f"the method's own loss term ({a.method.name}) is {aux_value}")
-                last_finite.update(step=step + 1, loss=loss_value)
+                unread.append((step + 1, loss.detach(), None if aux is None else aux.detach()))
+                if len(unread) >= read_every:
+                    read_losses()
                 fault_point("train_step")
-                window_loss += loss_value
-                window_n += 1
-                eval_loss_sum, eval_loss_n = eval_loss_sum + loss_value, eval_loss_n + 1
                 window_samples += len(batches[bi]) * world
                 window_tokens += sum(train.lengths[i] for i in batches[bi]) * world  # real tokens, no padding
                 if (bi + 1) % t.grad_accum:
@@ -412,6 +435,7 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
                 scheduler.step()
                 step += 1
                 if step % t.log_every == 0 or step == total_steps:
+                    read_losses()  # on a GPU, waits for the window's queued work: the timing below includes it
                     now = time.perf_counter()
                     throughput.add(window_samples, window_tokens, window_s + now - window_t)
                     speed = throughput.figures()
@@ -428,6 +452,7 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
                     window_loss, window_n, window_samples, window_tokens, window_t, window_s = 0.0, 0, 0, 0, now, 0.0
                 bar.update(job, completed=step)
                 if step % eval_every == 0 or step == total_steps:
+                    read_losses()  # nothing is evaluated or saved past an unread divergence
                     t0 = time.perf_counter()
                     window_s += t0 - window_t
                     evaluate_and_keep(step, eval_loss_sum / eval_loss_n)

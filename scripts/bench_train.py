@@ -67,10 +67,12 @@ What is measured, per configuration:
                       `DataCollatorWithPadding`), forward, backward, clipping, optimizer and tqdm;
                       not model loading or tokenization.
   loop_samples_per_s  the same measure for all three: a global `torch.optim` step post-hook stamps
-                      the end of every optimizer step (after `torch.cuda.synchronize()` on cuda, so
-                      the GPU's queued work is inside the step it belongs to); this is
-                      batch x (steps - 5) / (time from the end of step 5 to the end of the last
-                      step). Steady-state training only: no setup, no first-step warm-up, no
+                      the end of every optimizer step; this is batch x (steps - 5) / (time from
+                      the end of step 5 to the end of the last step). On cuda those two ends wait
+                      for the GPU (`torch.cuda.synchronize()`), so the window holds exactly its
+                      steps' GPU work; the steps between are not synchronized by the bench, so a
+                      side whose host runs ahead of the GPU keeps that (peftkit reads its losses
+                      once a log window there; Trainer checks each step's loss for NaN, which waits). Steady-state training only: no setup, no first-step warm-up, no
                       evaluation.
   tokens_per_s        real (non-padding) tokens / s over the same window: the sum of
                       `attention_mask` of every training forward of the model in it (a forward
@@ -268,17 +270,18 @@ def default_targets(kind: str | None) -> list[str]:
 
 
 class StepClock:
-    """perf_counter() at the end of every optimizer step, from a global torch.optim hook; on cuda
-    after `torch.cuda.synchronize()`, so a step's queued GPU work is timed within it."""
+    """perf_counter() at the end of every optimizer step, from a global torch.optim hook; on cuda the
+    window's two ends (step SKIP_STEPS and the last) first wait for the GPU, so the window holds its
+    steps' GPU work, and no step between is made to wait."""
 
-    def __init__(self, cuda: bool):
+    def __init__(self, cuda: bool, steps: int):
         import torch
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         self.stamps: list[float] = []
 
         def stamp(opt, args, kwargs):
-            if cuda:
+            if cuda and len(self.stamps) + 1 in (SKIP_STEPS, steps):
                 torch.cuda.synchronize()
             self.stamps.append(time.perf_counter())
 
@@ -445,7 +448,7 @@ def child(name: str, args, out: Path) -> None:
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda: no GPU is visible")
-    clock, counter = StepClock(cuda), TokenCounter()
+    clock, counter = StepClock(cuda, args.steps), TokenCounter()
     with tempfile.TemporaryDirectory(prefix=f"bench_{name}_") as work:
         measured = RUNNERS[name](args, Path(work))
     if len(clock.stamps) != measured["steps"]:

@@ -277,3 +277,33 @@ def test_trainer_threads_sets_torch_threads(tiny_bert, tmp_path):
         assert (tmp_path / "run" / "eval" / "report.json").is_file()
     finally:
         torch.set_num_threads(before)
+
+
+def _log_without_timings(run) -> list[dict]:
+    records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("samples_per_s", "tokens_per_s", "elapsed_s")} for r in records]
+
+
+def test_losses_read_once_a_log_window_as_on_a_gpu_log_and_stop_as_read_every_step(tmp_path, tiny_bert, monkeypatch):
+    """On a GPU the trainer reads the step losses once a log window (train.read_interval), so the host
+    never waits for the GPU mid-window. Read that way here, a run logs what per-step reading logs, and
+    a divergence names the same first step and keeps nothing past it."""
+    from peftkit import train as trainer
+
+    runs = {}
+    for mode in ("every step", "once a window"):
+        if mode == "once a window":
+            asked = []
+            monkeypatch.setattr(trainer, "read_interval", lambda device, log_every: asked.append(log_every) or log_every)
+        runs[mode] = tmp_path / mode.replace(" ", "_")
+        train(tmp_path, *tiny(tiny_bert, f"hydra.run.dir={runs[mode]}", "trainer.log_every=3"))
+        diverging = tmp_path / f"{mode.replace(' ', '_')}_diverged"
+        proc = cli("train", *tiny(tiny_bert, f"hydra.run.dir={diverging}", "trainer.lr=1e30", "trainer.max_grad_norm=0",
+                                  "trainer.log_every=4", "trainer.eval_every=8"), cwd=tmp_path)
+        assert proc.returncode != 0
+        runs[mode + " diverged"] = (report(diverging)["error"], _log_without_timings(diverging))
+    assert asked == [3, 4]  # the patched interval was the one used
+    assert _log_without_timings(runs["every step"]) == _log_without_timings(runs["once a window"])
+    assert runs["every step diverged"] == runs["once a window diverged"]
+    error, log = runs["once a window diverged"]
+    assert "training diverged at step" in error and log[-1]["diverged"] is True

@@ -120,6 +120,15 @@ def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch on the run's device. On a GPU it is copied from pinned memory without waiting: a copy
+    from pageable memory first waits for all the GPU work queued before it, which would make every
+    step wait for the last one to finish instead of queueing behind it."""
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def collate(features: dict[str, list], idx: list[int], pad_id: int, labels=None, float_labels=False) -> dict[str, torch.Tensor]:
     """Pad one batch to its own longest example (dynamic padding). Each feature's rows go into the
     (rows × longest) tensor in one masked assignment, not a tensor and a copy per row."""

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from peftkit import data
-from peftkit.data.batching import Encoded, eval_batches
+from peftkit.data.batching import Encoded, eval_batches, to_device
 from peftkit.evaluation import metrics
 
 
@@ -35,7 +35,7 @@ def predict(accelerator, net: torch.nn.Module, enc: Encoded, batch_size: int, re
     job = bar.add_task("eval", total=len(batches))
     try:
         for k, b in enumerate(batches):
-            batch = {key: v.to(accelerator.device) for key, v in enc.batch(b).items() if key != "labels"}
+            batch = to_device({key: v for key, v in enc.batch(b).items() if key != "labels"}, accelerator.device)
             with accelerator.autocast():
                 logits = inner(**batch).logits.float()
             out.append(logits.squeeze(-1) if regression else logits.argmax(-1))

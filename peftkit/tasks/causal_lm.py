@@ -24,7 +24,7 @@ from rich.markup import escape
 
 from peftkit import backbone
 from peftkit.data import instruct
-from peftkit.data.batching import eval_batches
+from peftkit.data.batching import eval_batches, to_device
 from peftkit.data.instruct import Conversation, LMData
 from peftkit.errors import UserError
 from peftkit.evaluation import generation
@@ -432,7 +432,7 @@ def response_loss(accelerator, net, enc: EncodedLM, batch_size: int) -> tuple[fl
     inner.eval()
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for b in eval_batches(enc.lengths, batch_size)[accelerator.process_index :: accelerator.num_processes]:
-        batch = {k: v.to(accelerator.device) for k, v in enc.batch(b).items()}
+        batch = to_device(enc.batch(b), accelerator.device)
         with accelerator.autocast():
             total[0] += response_cross_entropy(inner, batch, enc, reduction="sum").double()
         total[1] += (batch["labels"][:, 1:] != IGNORE).sum()
