@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peftkit import backbone, config, cpu, model, tasks  # noqa: E402
-from peftkit.data.batching import eval_batches, train_batches  # noqa: E402
+from peftkit.data.batching import eval_batches, to_device, train_batches  # noqa: E402
 from peftkit.files import atomic_write_json  # noqa: E402
 from peftkit.methods.base import pack_frozen_linears  # noqa: E402
 
@@ -141,7 +141,7 @@ def main() -> None:
     bf16 = args.precision == "bf16"
 
     def batch(b):
-        return {k: v.to(dev, non_blocking=True) for k, v in train.batch(b).items()} if cuda else train.batch(b)
+        return to_device(train.batch(b), dev)  # as the trainer: on a GPU from pinned memory, without waiting
 
     def step(b):
         if args.part == "eval":
