@@ -379,10 +379,10 @@ def _train(cfg: DictConfig, run_dir: Path, before_writing, trackers: tracking.Tr
         nonlocal window_loss, window_n, eval_loss_sum, eval_loss_n
         if not unread:
             return
-        losses = torch.stack([loss.reshape(()) for _, loss, _ in unread]).tolist()
-        auxes = [aux for _, _, aux in unread]
-        aux_values = torch.stack([aux.reshape(()) for aux in auxes]).tolist() if auxes[0] is not None else [None] * len(auxes)
-        for (at, _, _), value, aux_value in zip(unread, losses, aux_values):
+        # one read for all of them; a step's aux term may be missing (MoE LoRA has none without routing)
+        values = iter(torch.stack([x.reshape(()).float() for _, loss, aux in unread for x in (loss, aux) if x is not None]).tolist())
+        for at, _, aux in unread:
+            value, aux_value = next(values), None if aux is None else next(values)
             if not math.isfinite(value):
                 diverged(at, f"the loss is {value}")
             if aux_value is not None and not math.isfinite(aux_value):  # it trained on it too

@@ -915,6 +915,23 @@ def test_a_non_finite_method_loss_term_is_divergence_too(tmp_path, tiny_bert, mo
     assert report(run)["status"] == "diverged"
 
 
+def test_a_method_loss_term_missing_on_some_steps_is_read_in_order_once_a_window(tmp_path, tiny_bert, monkeypatch):
+    """Read once a log window (as on a GPU), steps with and without a method term mix in one read, and
+    the first non-finite one still names its step."""
+    import torch
+
+    from peftkit import train as trainer
+    from peftkit.methods.moe_lora import MoeLoRA
+
+    terms = iter([None, torch.tensor(0.1), torch.tensor(float("inf"))] + [None] * 100)
+    monkeypatch.setattr(MoeLoRA, "aux_loss", lambda self, model: next(terms))
+    monkeypatch.setattr(trainer, "read_interval", lambda device, log_every: log_every)
+    run = tmp_path / "run"
+    proc = cli("train", *tiny(tiny_bert, "method=moe_lora", "trainer.log_every=8", f"hydra.run.dir={run}"), cwd=tmp_path)
+    one_line(proc, "training diverged at step 3", "moe_lora", "inf")
+    assert report(run)["status"] == "diverged"
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped exception, as intended
 def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_the_loop():
     """Python drops an exception raised in a __del__: a Ctrl-C landing there must not be lost (CtrlC's flag)."""
