@@ -72,7 +72,8 @@ What is measured, per configuration:
                       for the GPU (`torch.cuda.synchronize()`), so the window holds exactly its
                       steps' GPU work; the steps between are not synchronized by the bench, so a
                       side whose host runs ahead of the GPU keeps that (peftkit reads its losses
-                      once a log window there; Trainer checks each step's loss for NaN, which waits). Steady-state training only: no setup, no first-step warm-up, no
+                      once a log window there; Trainer checks each step's loss for NaN, which waits).
+                      Steady-state training only: no setup, no first-step warm-up, no
                       evaluation.
   tokens_per_s        real (non-padding) tokens / s over the same window: the sum of
                       `attention_mask` of every training forward of the model in it (a forward
