@@ -27,6 +27,8 @@ import time
 import torch
 from torch import nn
 
+from peftkit import device_reads
+
 
 def available_cores() -> int:
     """Cores this process may run on (its affinity mask, as a container or taskset limits it)."""
@@ -163,11 +165,7 @@ def use_fast_dropout(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     attention_dropout = max((getattr(config, k, 0) or 0) for k in ("attention_probs_dropout_prob", "attention_dropout")) if config else 0
     if attention_dropout > 0 and getattr(config, "_attn_implementation", None) == "sdpa":
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-        AttentionInterface.register(FAST_ATTENTION, dropout_sdpa)
-        AttentionMaskInterface.register(FAST_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        device_reads.register_attention(FAST_ATTENTION, dropout_sdpa)
         model.set_attn_implementation(FAST_ATTENTION)
     return swapped
 

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from peftkit import adapter, backbone, checkpoint, cpu, model, tasks, tracking
+from peftkit import adapter, backbone, checkpoint, cpu, device_reads, model, tasks, tracking
 from peftkit.data.batching import to_device, train_batches
 from peftkit.errors import CtrlC, Diverged, UserError
 from peftkit.evaluation import report
@@ -63,12 +63,14 @@ def prepare_model(accelerator, a: model.Adapted, kind) -> None:
     """How the run computes, the same in training and in `peftkit eval` so their scores agree: under
     bf16 mixed precision the frozen base is stored in bf16 and the adapter in fp32
     (`backbone.store_frozen_base`), its Linears on CPU on weights packed once
-    (`methods.base.PackedLinear`), and a task may skip what its loss never reads (classification:
-    the last layer on the first position only)."""
+    (`methods.base.PackedLinear`), off CPU its attention masks are built without reading the device
+    (`device_reads.attend_without_reads`), and a task may skip what its loss never reads
+    (classification: the last layer on the first position only)."""
     if accelerator.mixed_precision == "bf16":
         backbone.store_frozen_base(a.model, torch.bfloat16, a.trainable)
         if accelerator.device.type == "cpu":
             pack_frozen_linears(a.model)
+    device_reads.attend_without_reads(a.model, accelerator.device)
     if hasattr(kind, "skip_unread_positions"):
         kind.skip_unread_positions(a.model, a.method)
 

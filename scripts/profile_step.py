@@ -22,6 +22,8 @@ long the warm-up steps took, which is where it compiles: compare with the same c
 (the same batches are timed either way). `--device cuda` runs the step on the GPU as the trainer does
 there (the frozen base in bf16 under bf16 autocast, no packing) and adds what decides a GPU step's
 speed: the GPU's busy time (its kernels' time) against the step's wall time, and the kernel launches a step.
+It also counts the host reads of GPU values in one step (`device_reads.HostReads`): each makes the host
+wait for the GPU to finish everything queued before it.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peftkit import backbone, config, cpu, model, tasks  # noqa: E402
+from peftkit import backbone, config, cpu, device_reads, model, tasks  # noqa: E402
 from peftkit.data.batching import eval_batches, to_device, train_batches  # noqa: E402
+from peftkit.device_reads import HostReads  # noqa: E402
 from peftkit.files import atomic_write_json  # noqa: E402
 from peftkit.methods.base import pack_frozen_linears  # noqa: E402
 
@@ -128,6 +131,7 @@ def main() -> None:
     cuda = dev.type == "cuda"
     if cuda:
         net.to(dev)
+        device_reads.attend_without_reads(net, dev)  # as peftkit's trainer does off CPU (train.prepare_model)
     else:
         cpu.use_fast_dropout(net)  # as peftkit's trainer does on CPU
     if args.precision == "bf16":
@@ -198,6 +202,11 @@ def main() -> None:
     products = [e for e in ops if e.flops]
     product_rate = sum(e.flops for e in products) / sum(e.self_cpu_time_total for e in products) / 1e3 if products else None
     kinds = product_kinds(prof, total)
+    reads = None
+    if cuda:
+        with HostReads(dev) as reads:  # one more step: what in it makes the host wait for the GPU
+            step(profiled[0])
+            sync()
     peak = matmul_gflops(torch.bfloat16 if bf16 else torch.float32, dev)
     print(f"{args.part}{' compiled' if args.compile else ''}: {speed:.1f} {unit}/s over {steps} steps "
           f"({seconds / steps:.2f} s a step, {torch.get_num_threads()} threads) after {w} warm-up steps in {warmup_s:.1f} s; "
@@ -212,6 +221,8 @@ def main() -> None:
         for kind_name, k in kinds.items():
             print(f"  {kind_name}: {k['share'] * 100:.1f}% at {k['gflop_per_s']:.0f} GFLOP/s")
     if gpu:
+        print(f"host reads of GPU values in a {'pass' if args.part == 'eval' else 'step'}: {reads.count}"
+              + "".join(f"\n  {n} x {w}" for w, n in reads.where.most_common()))
         print(f"GPU: busy {gpu['busy_ms_per_step']:.2f} ms of a {gpu['wall_ms_per_step']:.2f} ms step "
               f"({gpu['busy_share'] * 100:.1f}%), {gpu['launches_per_step']:.0f} kernel launches a step; "
               f"the rate above is of host time, not the GPU's")
@@ -220,7 +231,8 @@ def main() -> None:
                                             f"{unit}_per_s": speed, "threads": torch.get_num_threads(), "steps": steps,
                                             "warmup_steps": w, "warmup_s": warmup_s, "profiled_s": total / 1e6, "top": top,
                                             "matrix_products_gflop_per_s": product_rate, "product_kinds": kinds,
-                                            "large_matmul_gflop_per_s": peak, "device": args.device, "gpu": gpu})
+                                            "large_matmul_gflop_per_s": peak, "device": args.device, "gpu": gpu,
+                                            **({"host_reads_per_step": reads.count, "host_reads": dict(reads.where)} if reads else {})})
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.markup import escape
 
-from peftkit import backbone
+from peftkit import backbone, device_reads
 from peftkit.data import instruct
 from peftkit.data.batching import eval_batches, to_device
 from peftkit.data.instruct import Conversation, LMData
@@ -50,7 +50,7 @@ def load_model(backbone_cfg: DictConfig, label_names=None):
     model = backbone.load_causal_lm(backbone_cfg)
     model.config.use_cache = False  # training: no cache, so packed positions give the block mask
     if model.config._attn_implementation == "sdpa":
-        _register_packed_attention()
+        device_reads.register_attention(PACKED_ATTENTION, packed_sdpa)
         model.set_attn_implementation(PACKED_ATTENTION)
     return model
 
@@ -66,13 +66,14 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     transformers reads a packed row's restarting positions as a block-diagonal causal mask and gives
     SDPA the whole row: on CPU that computes every example against every other and then masks it out.
     Each example alone, causal, is the same attention (tests/tasks/test_causal_lm.py) at a fraction
-    of the work (scripts/llm_bench.py speed: 127 → 144 tokens/s with this and `response_logits`). Anything else (a cache, a
+    of the work (scripts/llm_bench.py speed: 127 → 144 tokens/s with this and `response_logits`). It reads
+    the restarts on the host, which is free on CPU only (`device_reads`). Anything else (a cache, a
     GPU, a sliding window, soft-capping, no restart in the row) is plain SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     positions = kwargs.get("position_ids")
     length = query.shape[2]
-    plain = (query.device.type != "cpu" or positions is None or key.shape[2] != length or positions.shape[-1] != length
+    plain = (not device_reads.reads_are_free(query.device) or positions is None or key.shape[2] != length or positions.shape[-1] != length
              or not getattr(module, "is_causal", True) or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None)
     if not plain:
         positions = positions.expand(query.shape[0], -1)
@@ -119,14 +120,6 @@ def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     scores = torch.baddbmm(above, q[0].reshape(groups, rep * length, dim), k[0].transpose(1, 2),
                            alpha=dim**-0.5 if scaling is None else scaling)
     return (torch.softmax(scores, dim=-1) @ v[0]).view(1, heads, length, dim)
-
-
-def _register_packed_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa)
-    AttentionMaskInterface.register(PACKED_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
 # ---- prompts and response-only labels -----------------------------------------------------------------------
@@ -218,7 +211,7 @@ class EncodedLM:
             for r, i in enumerate(idx):
                 ids, lab = self.examples[self.rows[i][0]]
                 input_ids[r, : len(ids)], labels[r, : len(ids)], mask[r, : len(ids)] = torch.tensor(ids), torch.tensor(lab), 1
-            return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+            return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "learned": learned_positions(labels)}
         positions = torch.zeros((len(idx), width), dtype=torch.long)
         for r, i in enumerate(idx):
             at = 0
@@ -228,7 +221,18 @@ class EncodedLM:
                 positions[r, at : at + len(ids)] = torch.arange(len(ids))
                 at += len(ids)
             positions[r, at:] = torch.arange(width - at)  # the padding is a sequence of its own
-        return {"input_ids": input_ids, "position_ids": positions, "labels": labels}
+        return {"input_ids": input_ids, "position_ids": positions, "labels": labels, "learned": learned_positions(labels)}
+
+
+def learned_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Where `labels[:, 1:]`, flattened, holds a response token: found on the host with the batch, so the
+    loss selects them on a GPU without reading the labels back (a boolean mask's count is a read)."""
+    return (labels[:, 1:] != IGNORE).flatten().nonzero().squeeze(1)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch less what only the loss reads."""
+    return {k: v for k, v in batch.items() if k not in ("labels", "learned")}
 
 
 def pack(lengths: list[int], max_length: int) -> list[list[int]]:
@@ -292,7 +296,7 @@ def response_logits(net, batch: dict[str, torch.Tensor], encoded: EncodedLM) -> 
     the last ones."""
     labels = batch["labels"]
     if not getattr(encoded, "sequence_kept", False):
-        logits = net(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        logits = net(**model_inputs(batch)).logits
         return logits[:, -labels.shape[1]:-1].flatten(0, 1), labels[:, 1:].flatten()
     head = _lm_head(net)
     outputs, watched = [], hooked(head)  # someone else's hook may change them
@@ -332,14 +336,15 @@ def _at_responses(net, batch: dict[str, torch.Tensor], feed) -> tuple[torch.Tens
     """(the model's logits, the response tokens): the model run with its LM head given `feed(the hidden
     states that predict a response token)`, row by row."""
     target = batch["labels"][:, 1:]
-    learned = target != IGNORE
-    hook = _lm_head(net).register_forward_pre_hook(lambda _, args: (feed(args[0][learned]), *args[1:]))
+    learned = batch.get("learned")
+    if learned is None:  # a batch not from `EncodedLM.batch`
+        learned = learned_positions(batch["labels"])
+    hook = _lm_head(net).register_forward_pre_hook(lambda _, args: (feed(args[0].flatten(0, 1).index_select(0, learned)), *args[1:]))
     try:
-        logits = net(**{k: v for k, v in batch.items() if k != "labels"},
-                     logits_to_keep=torch.arange(target.shape[1], device=target.device)).logits
+        logits = net(**model_inputs(batch), logits_to_keep=torch.arange(target.shape[1], device=target.device)).logits
     finally:
         hook.remove()
-    return logits, target[learned]
+    return logits, target.flatten().index_select(0, learned)
 
 
 def response_cross_entropy(net, batch: dict[str, torch.Tensor], encoded: EncodedLM, reduction: str = "mean") -> torch.Tensor:
@@ -435,7 +440,7 @@ def response_loss(accelerator, net, enc: EncodedLM, batch_size: int) -> tuple[fl
         batch = to_device(enc.batch(b), accelerator.device)
         with accelerator.autocast():
             total[0] += response_cross_entropy(inner, batch, enc, reduction="sum").double()
-        total[1] += (batch["labels"][:, 1:] != IGNORE).sum()
+        total[1] += len(batch["learned"])
     inner.train(was_training)
     if accelerator.num_processes > 1:
         total = accelerator.reduce(total, "sum")

@@ -1,0 +1,112 @@
+"""A training step on a GPU reads nothing from the device (peftkit.device_reads): checked on CPU with
+the GPU's behaviour switched on (`reads_are_free` false), by counting the ops that would read, and the
+step computing what transformers' own path computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from peftkit import device_reads, model
+from peftkit.device_reads import HostReads
+from peftkit.tasks import causal_lm, classification
+
+
+@pytest.fixture
+def gpu_behaviour(monkeypatch):
+    monkeypatch.setattr(device_reads, "reads_are_free", lambda device: False)
+
+
+def step(net, kind, batch, encoded=None) -> tuple[HostReads, torch.Tensor, list[torch.Tensor]]:
+    """One training step's forward and backward under `HostReads`: (the reads, the loss, the gradients)."""
+    net.zero_grad(set_to_none=True)
+    with HostReads("cpu") as reads:
+        loss = kind.loss(net, batch, encoded)
+        loss.backward()
+    return reads, loss.detach(), [p.grad.clone() for p in net.parameters() if p.requires_grad]
+
+
+def classifier(path, arch: str):
+    cfg = OmegaConf.create({"backbone": {"name": arch, "path": str(path), "max_length": 32, "trust_remote_code": False,
+                                         "head": ["classifier", "score"]},
+                            "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": None}})
+    torch.manual_seed(0)
+    a = model.build(cfg.backbone, cfg.method, ["no", "yes"], classification.NAME)
+    for p in a.model.parameters():  # B ≠ 0: the adapter takes part in the gradients
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    return a.model.train()
+
+
+def padded_batch(lengths: list[int], vocab: int = 1000) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    width = max(lengths)
+    mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
+    ids = torch.randint(5, vocab, (len(lengths), width), generator=g) * mask
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([i % 2 for i in range(len(lengths))])}
+
+
+@pytest.mark.parametrize("arch", ["tiny_bert", "tiny_llama"])
+@pytest.mark.parametrize("lengths", [[9, 5, 3], [6, 6, 6]], ids=["padded", "unpadded"])
+def test_a_classification_step_reads_nothing_and_computes_the_same(arch, lengths, request, monkeypatch):
+    net = classifier(request.getfixturevalue(arch), arch)
+    for m in net.modules():  # the same numbers twice
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    batch = padded_batch(lengths)
+    before, loss, grads = step(net, classification, batch)
+    assert before.count >= 1  # transformers asks whether the mask holds padding (the test can fail)
+
+    monkeypatch.setattr(device_reads, "reads_are_free", lambda device: False)
+    device_reads.attend_without_reads(net, torch.device("cpu"))
+    assert net.config._attn_implementation == device_reads.SDPA
+    after, loss_after, grads_after = step(net, classification, batch)
+    assert after.count == 0, after.where
+    torch.testing.assert_close(loss_after, loss, rtol=1e-6, atol=1e-7)
+    for g, g_after in zip(grads, grads_after):
+        torch.testing.assert_close(g_after, g, rtol=1e-5, atol=1e-7)
+
+
+def test_a_causal_lm_step_reads_nothing_and_selects_the_same_tokens(tiny_lm, gpu_behaviour):
+    cfg = OmegaConf.create({"name": "tiny", "path": str(tiny_lm), "max_length": 64, "trust_remote_code": False})
+    torch.manual_seed(0)
+    net = causal_lm.load_model(cfg).train()
+    examples = [([5, 6, 7, 8, 9], [-100, -100, 7, 8, 9]), ([10, 11, 12], [-100, 11, 12]), ([13, 14, 15, 16], [-100, -100, -100, 16])]
+    enc = causal_lm.EncodedLM(examples, pad_id=0, packed=False, max_length=64)
+    enc.sequence_kept = True
+    batch = enc.batch([0, 1, 2])
+    assert batch["learned"].tolist() == [1, 2, 3, 4, 5, 10]  # in labels[:, 1:], rows of 4: (0, 1..3), (1, 0..1), (2, 2)
+    reads, loss, _ = step(net, causal_lm, batch, enc)
+    assert reads.count == 0, reads.where
+
+    logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # the model's own loss, by mask
+    target = batch["labels"][:, 1:]
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1][target != -100], target[target != -100])
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_host_reads_counts_what_would_wait_for_a_gpu():
+    x = torch.arange(6.0)
+    with HostReads("cpu") as reads:
+        x.sum().item()
+        x[x > 2]
+        (x > 2).nonzero()
+        x * 2  # no read
+    assert reads.count == 3 and any("test_device_reads.py" in w for w in reads.where)
+    with HostReads("meta") as reads:  # another device's reads only
+        x.sum().item()
+    assert reads.count == 0
+
+
+def test_packed_rows_read_only_where_transformers_finds_the_restarts(tiny_lm, gpu_behaviour):
+    """The one read left in a GPU step: transformers checks on the host whether position_ids restart
+    (a packed row) before it builds the block-diagonal mask. peftkit passes no mask for packed rows
+    (methods read the 2-D one), so it cannot hand transformers a built one instead."""
+    cfg = OmegaConf.create({"name": "tiny", "path": str(tiny_lm), "max_length": 64, "trust_remote_code": False})
+    net = causal_lm.load_model(cfg).train()
+    examples = [([5, 6, 7, 8, 9], [-100, -100, 7, 8, 9]), ([10, 11, 12], [-100, 11, 12]), ([13, 14, 15, 16], [-100, -100, -100, 16])]
+    enc = causal_lm.EncodedLM(examples, pad_id=0, packed=True, max_length=8)
+    enc.sequence_kept = True
+    reads, _, _ = step(net, causal_lm, enc.batch(list(range(len(enc)))), enc)
+    assert reads.count == 1 and all("masking_utils" in w for w in reads.where), reads.where
