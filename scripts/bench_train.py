@@ -35,10 +35,12 @@ weights are fine for speed; the classifier head is new on both sides, as for Min
               intermediate 3072, vocab 30522 (109.5M params, 84.9M of them in the layers' Linears);
               built once (seed 42) as a `BertModel` into the bench's temp folder with MiniLM's
               tokenizer.
-  minilm-h48  MiniLM's shape (6 layers, 12 heads, the same modules and ops) at hidden 48, intermediate
-              96, random weights: the arithmetic is negligible, so a step's time is the host's work
-              (Python, dispatch, autograd, the optimizer, the batches), which is what bounds a small
-              model's step on a GPU. Built like bert-base.
+  minilm-host MiniLM's layers (6, the same modules and ops) at hidden 48, one attention head,
+              intermediate 96, random weights: the arithmetic is negligible, so a step's time is the
+              host's work (Python, dispatch, autograd, the optimizer, the batches), which is what
+              bounds a small model's step on a GPU. Built like bert-base. (An earlier `minilm-h48`
+              kept MiniLM's 12 heads, and with them attention's (batch x 12 x length x length) scores,
+              softmax and dropout: on CPU, SDPA alone took half its forward.)
   llama-0.4b  a Llama-style decoder, random weights: `LlamaConfig` 24 layers, hidden 1024, 16 heads,
               8 KV heads (head dim 64), intermediate 4096, vocab 30522 (MiniLM's tokenizer: pad
               id 0 = `pad_token_id`, [CLS]/[SEP] as bos/eos), tied embeddings, 2048 positions:
@@ -136,16 +138,16 @@ command is printed first. llm_bench.py has no device choice: it uses the GPU whe
 with bf16 there and fp32 on CPU (its `trainer.precision=auto`; `--precision` does not apply);
 `--device cpu` hides the GPU from it (`CUDA_VISIBLE_DEVICES=`), `--device cuda` refuses to start
 without one. Its LoRA targets are q,k,v,o (`--targets` does not apply) and `--steps` does not
-apply (one epoch). minilm, bert-base and minilm-h48 are encoders: causal_lm takes llama-0.4b or a PATH.
+apply (one epoch). minilm, bert-base and minilm-host are encoders: causal_lm takes llama-0.4b or a PATH.
 
 Usage:
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_train.py [--method lora|full] [--data sst2|mrpc] [--steps 150] [--rows 8000]
-        [--device cpu|cuda] [--precision fp32|bf16] [--backbone minilm|bert-base|llama-0.4b|minilm-h48|PATH]
+        [--device cpu|cuda] [--precision fp32|bf16] [--backbone minilm|bert-base|llama-0.4b|minilm-host|PATH]
         [--targets a,b] [--peak-tflops X] [--threads N] [--repeat N] [--only peftkit,peft_grouped]
         [--live-memory] [--json out.json] [--glue-dir DIR]
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_train.py --task causal_lm --backbone llama-0.4b|PATH
         [--rows N] [--device cpu|cuda] [--math-dir DIR] [--json out.json]
-    .venv/bin/python scripts/bench_train.py --backbone bert-base|llama-0.4b|minilm-h48 --save-backbone DIR   # build only
+    .venv/bin/python scripts/bench_train.py --backbone bert-base|llama-0.4b|minilm-host --save-backbone DIR   # build only
 
 GPU speed targets (one H200, bf16): MiniLM and BERT-base classification, the 0.4B Llama-style
 decoder classifying, and the same decoder as a causal LM through llm_bench. GLUE below stands for
@@ -182,7 +184,7 @@ from pathlib import Path
 
 CONFIGS = ("peftkit", "peft_default", "peft_grouped", "trainer_default", "trainer_grouped")
 PEERS = {"lora": ("peft_default", "peft_grouped"), "full": ("trainer_default", "trainer_grouped")}
-BACKBONES = ("minilm", "bert-base", "llama-0.4b", "minilm-h48")
+BACKBONES = ("minilm", "bert-base", "llama-0.4b", "minilm-host")
 SEED = 42
 BATCH_SIZE = 32
 MAX_LENGTH = 128
@@ -198,8 +200,8 @@ MEASURES = ("samples_per_s", "loop_samples_per_s", "tokens_per_s", "padded_token
             "peak_rss_mb", "peak_gpu_mb", "wall_s")
 BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)
-MINILM_H48 = dict(vocab_size=30522, hidden_size=48, num_hidden_layers=6, num_attention_heads=12,
-                  intermediate_size=96, max_position_embeddings=512, type_vocab_size=2)
+MINILM_HOST = dict(vocab_size=30522, hidden_size=48, num_hidden_layers=6, num_attention_heads=1,
+                   intermediate_size=96, max_position_embeddings=512, type_vocab_size=2)
 LLAMA_04B = dict(vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                  num_key_value_heads=8, intermediate_size=4096, max_position_embeddings=2048,
                  tie_word_embeddings=True)
@@ -217,7 +219,7 @@ def minilm_dir() -> Path:
 
 
 def build_backbone(name: str, out: Path, weights: bool = True) -> Path:
-    """bert-base, llama-0.4b or minilm-h48 with random weights (seed 42) and MiniLM's tokenizer, saved into `out`
+    """bert-base, llama-0.4b or minilm-host with random weights (seed 42) and MiniLM's tokenizer, saved into `out`
     (`weights=False`: the config and tokenizer only); kept when `out` holds one already."""
     if (out / "config.json").is_file() and (not weights or any(out.glob("*.safetensors"))):
         return out
@@ -228,8 +230,8 @@ def build_backbone(name: str, out: Path, weights: bool = True) -> Path:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    if name in ("bert-base", "minilm-h48"):
-        config = BertConfig(**(BERT_BASE if name == "bert-base" else MINILM_H48), pad_token_id=tokenizer.pad_token_id)
+    if name in ("bert-base", "minilm-host"):
+        config = BertConfig(**(BERT_BASE if name == "bert-base" else MINILM_HOST), pad_token_id=tokenizer.pad_token_id)
     elif name == "llama-0.4b":
         tokenizer.bos_token, tokenizer.eos_token = "[CLS]", "[SEP]"  # llm_bench's rows end with eos
         config = LlamaConfig(**LLAMA_04B, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -601,7 +603,7 @@ def parse_args(argv=None):
     p.add_argument("--glue-dir", type=Path, default=DEFAULT_GLUE, help=f"GLUE TSVs (default {DEFAULT_GLUE})")
     p.add_argument("--math-dir", type=Path, help="causal_lm: llm_bench's --math-dir (default its own)")
     p.add_argument("--only", help="comma list of configurations (default: peftkit and --method's two peers)")
-    p.add_argument("--save-backbone", type=Path, metavar="DIR", help="build --backbone (bert-base, llama-0.4b, minilm-h48) into DIR, then exit")
+    p.add_argument("--save-backbone", type=Path, metavar="DIR", help="build --backbone (bert-base, llama-0.4b, minilm-host) into DIR, then exit")
     p.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--backbone-dir", type=Path, help=argparse.SUPPRESS)
@@ -621,11 +623,11 @@ def parse_args(argv=None):
     if args.backbone not in BACKBONES and not (Path(args.backbone).expanduser() / "config.json").is_file():
         p.error(f"--backbone takes {', '.join(BACKBONES)} or a Hugging Face model folder (no config.json in {args.backbone})")
     if args.save_backbone:
-        if args.backbone not in ("bert-base", "llama-0.4b", "minilm-h48"):
-            p.error("--save-backbone builds bert-base, llama-0.4b or minilm-h48")
+        if args.backbone not in ("bert-base", "llama-0.4b", "minilm-host"):
+            p.error("--save-backbone builds bert-base, llama-0.4b or minilm-host")
         return args
     if args.task == "causal_lm":
-        if args.backbone in ("minilm", "bert-base", "minilm-h48"):
+        if args.backbone in ("minilm", "bert-base", "minilm-host"):
             p.error("--task causal_lm needs a decoder: --backbone llama-0.4b or a PATH to a causal LM folder")
         return args
     train_tsv = args.glue_dir / DATA[args.data][0] / "train.tsv"

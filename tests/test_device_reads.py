@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from peftkit import device_reads, model
+from peftkit import device_reads, model, train
 from peftkit.device_reads import HostReads
 from peftkit.tasks import causal_lm, classification
 
@@ -19,12 +19,22 @@ def gpu_behaviour(monkeypatch):
 
 
 def step(net, kind, batch, encoded=None) -> tuple[HostReads, torch.Tensor, list[torch.Tensor]]:
-    """One training step's forward and backward under `HostReads`: (the reads, the loss, the gradients)."""
+    """One training step as the trainer takes it (loss, backward, clipping, its fused AdamW) under
+    `HostReads`: (the reads, the loss, the gradients). The optimizer steps a copy of the adapter's
+    parameters, so the model is unchanged for the next call."""
     net.zero_grad(set_to_none=True)
+    trained = [p for p in net.parameters() if p.requires_grad]
+    copies = [p.detach().clone().requires_grad_() for p in trained]
+    optimizer = train.make_optimizer(torch.nn.ParameterList(copies), OmegaConf.create(
+        {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}))
     with HostReads("cpu") as reads:
         loss = kind.loss(net, batch, encoded)
         loss.backward()
-    return reads, loss.detach(), [p.grad.clone() for p in net.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        for p, c in zip(trained, copies):
+            c.grad = p.grad
+        optimizer.step()
+    return reads, loss.detach(), [p.grad.clone() for p in trained]
 
 
 def classifier(path, arch: str):

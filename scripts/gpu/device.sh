@@ -4,7 +4,7 @@
 #                                           resumable (a warm machine keeps .gpu/grid); no cell starts after MIN (8);
 #                                           ARGS go to glue_bench.py (a smoke test: --methods lora --max-train-samples 32)
 #   bash scripts/gpu/device.sh speed [S]    issue 15: a GPU step profile, then bench_train.py --device cuda: MiniLM,
-#                                           minilm-h48 (the host's share), Llama 0.4B (classifying, then as a causal LM),
+#                                           minilm-host (the host's share), Llama 0.4B (classifying, then as a causal LM),
 #                                           BERT-base; within S seconds (480)
 #   bash scripts/gpu/device.sh tests [S]    the test suite on CUDA, 14 workers, stopped after S seconds (240)
 # Results land in $OUT (the device tool brings them back): JSON, logs, the grid's small per-cell files (kept/).
@@ -60,7 +60,7 @@ speed)
   common=(--device cuda --precision bf16 --steps 200 --peak-tflops 989 --glue-dir .gpu/glue --only peftkit,peft_grouped)
   step profile $PY scripts/profile_step.py cls --device cuda --precision bf16 --steps 20 --glue-dir .gpu/glue --json "$res/profile_cls_cuda_bf16.json"
   step minilm $PY scripts/bench_train.py "${common[@]}" --backbone minilm --json "$res/bench_train_cuda_minilm.json"
-  step minilm-h48 $PY scripts/bench_train.py "${common[@]}" --backbone minilm-h48 --json "$res/bench_train_cuda_minilm-h48.json"
+  step minilm-host $PY scripts/bench_train.py "${common[@]}" --backbone minilm-host --json "$res/bench_train_cuda_minilm-host.json"
   step llama-0.4b $PY scripts/bench_train.py "${common[@]}" --backbone llama-0.4b --json "$res/bench_train_cuda_llama-0.4b.json"
   step causal-lm $PY scripts/bench_train.py --task causal_lm --device cuda --backbone llama-0.4b --rows 600 --math-dir .gpu/math \
       --json "$res/llm_speed_cuda_llama-0.4b.json"
