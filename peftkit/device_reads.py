@@ -5,10 +5,9 @@ every kernel queued before it. One read in a step is enough to keep the host fro
 step (or the backward) while the GPU runs this one, so a step is host time plus GPU time instead of
 the larger of the two. peftkit's training step on a GPU reads nothing: step losses are read once a log
 window (`train.read_losses`), a causal LM's response positions come from the host with the batch
-(`tasks.causal_lm`), and attention masks are built without asking whether they hold padding
-(`unread_sdpa_mask`). One read is left in a step of packed LM rows: transformers checks whether their
-positions restart before it builds their mask. On CPU a read costs nothing, and transformers' own
-checks stay.
+and packed rows' mask is built on the device (`tasks.causal_lm`), and attention masks are built
+without asking whether they hold padding (`unread_sdpa_mask`). On CPU a read costs nothing, and
+transformers' own checks stay.
 """
 
 from __future__ import annotations

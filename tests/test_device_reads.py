@@ -109,14 +109,43 @@ def test_host_reads_counts_what_would_wait_for_a_gpu():
     assert reads.count == 0
 
 
-def test_packed_rows_read_only_where_transformers_finds_the_restarts(tiny_lm, gpu_behaviour):
-    """The one read left in a GPU step: transformers checks on the host whether position_ids restart
-    (a packed row) before it builds the block-diagonal mask. peftkit passes no mask for packed rows
-    (methods read the 2-D one), so it cannot hand transformers a built one instead."""
+def test_packed_rows_read_nothing_and_attend_within_their_examples(tiny_lm, monkeypatch):
+    """Packed rows get their block-diagonal mask from peftkit, built on the device: given none,
+    transformers reads the positions back to see whether they restart. The same loss and gradients
+    as on CPU, where each example is attended alone (`packed_sdpa`)."""
     cfg = OmegaConf.create({"name": "tiny", "path": str(tiny_lm), "max_length": 64, "trust_remote_code": False})
+    torch.manual_seed(0)
     net = causal_lm.load_model(cfg).train()
     examples = [([5, 6, 7, 8, 9], [-100, -100, 7, 8, 9]), ([10, 11, 12], [-100, 11, 12]), ([13, 14, 15, 16], [-100, -100, -100, 16])]
     enc = causal_lm.EncodedLM(examples, pad_id=0, packed=True, max_length=8)
     enc.sequence_kept = True
-    reads, _, _ = step(net, causal_lm, enc.batch(list(range(len(enc)))), enc)
+    batch = enc.batch(list(range(len(enc))))
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2, 3]]  # the second row's padding: a sequence of its own
+    _, loss, grads = step(net, causal_lm, batch, enc)  # CPU: each example attended alone
+
+    monkeypatch.setattr(device_reads, "reads_are_free", lambda device: False)
+    assert causal_lm.model_inputs(net, batch)["attention_mask"][1, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 1, 1, 1, 1]]
+    reads, loss_gpu, grads_gpu = step(net, causal_lm, batch, enc)
+    assert reads.count == 0, reads.where
+    torch.testing.assert_close(loss_gpu, loss, rtol=1e-5, atol=1e-6)
+    for g, g_gpu in zip(grads, grads_gpu):
+        torch.testing.assert_close(g_gpu, g, rtol=1e-4, atol=1e-6)
+
+    monkeypatch.setattr(causal_lm, "_full_attention_only", lambda config: False)  # no mask given: transformers' own path
+    reads, loss_hf, _ = step(net, causal_lm, batch, enc)
     assert reads.count == 1 and all("masking_utils" in w for w in reads.where), reads.where
+    torch.testing.assert_close(loss_hf, loss, rtol=1e-5, atol=1e-6)
+
+
+def test_one_mask_only_where_every_layer_attends_fully():
+    from types import SimpleNamespace as C
+
+    packed = causal_lm.PACKED_ATTENTION
+    assert causal_lm._full_attention_only(C(_attn_implementation=packed))
+    assert causal_lm._full_attention_only(C(_attn_implementation=packed, layer_types=["full_attention"] * 2, sliding_window=4096))
+    assert not causal_lm._full_attention_only(C(_attn_implementation=packed, layer_types=["sliding_attention", "full_attention"]))
+    assert not causal_lm._full_attention_only(C(_attn_implementation=packed, sliding_window=4096))
+    assert not causal_lm._full_attention_only(C(_attn_implementation=packed, attention_chunk_size=8192))
+    assert not causal_lm._full_attention_only(C(_attn_implementation="eager"))

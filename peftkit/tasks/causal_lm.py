@@ -230,9 +230,35 @@ def learned_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE).flatten().nonzero().squeeze(1)
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A batch less what only the loss reads."""
-    return {k: v for k, v in batch.items() if k not in ("labels", "learned")}
+def model_inputs(net, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch less what only the loss reads. Packed rows off CPU also get their block-diagonal causal
+    mask, built on the device: given none, transformers first reads their positions back to see
+    whether they restart (`device_reads`), which would make the host wait for the GPU."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "learned")}
+    positions = inputs.get("position_ids")
+    if (positions is not None and inputs.get("attention_mask") is None and not device_reads.reads_are_free(positions.device)
+            and _full_attention_only(getattr(net, "module", net).config)):
+        inputs["attention_mask"] = block_causal_mask(positions)
+    return inputs
+
+
+def block_causal_mask(positions: torch.Tensor) -> torch.Tensor:
+    """(rows, 1, length, length), True where a position may attend: earlier positions of its own
+    example, an example starting where its position is 0 (the padding at a row's end is one more)."""
+    example = (positions == 0).cumsum(-1)
+    i = torch.arange(positions.shape[-1], device=positions.device)
+    return ((example[:, :, None] == example[:, None, :]) & (i[:, None] >= i[None, :]))[:, None]
+
+
+def _full_attention_only(config) -> bool:
+    """Whether one mask serves every layer: SDPA (peftkit's packed attention), no sliding-window or
+    chunked layers, which transformers masks from the positions themselves."""
+    if config._attn_implementation != PACKED_ATTENTION or getattr(config, "attention_chunk_size", None):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all(t == "full_attention" for t in layer_types)
+    return getattr(config, "sliding_window", None) is None
 
 
 def pack(lengths: list[int], max_length: int) -> list[list[int]]:
@@ -296,7 +322,7 @@ def response_logits(net, batch: dict[str, torch.Tensor], encoded: EncodedLM) -> 
     the last ones."""
     labels = batch["labels"]
     if not getattr(encoded, "sequence_kept", False):
-        logits = net(**model_inputs(batch)).logits
+        logits = net(**model_inputs(net, batch)).logits
         return logits[:, -labels.shape[1]:-1].flatten(0, 1), labels[:, 1:].flatten()
     head = _lm_head(net)
     outputs, watched = [], hooked(head)  # someone else's hook may change them
@@ -341,7 +367,7 @@ def _at_responses(net, batch: dict[str, torch.Tensor], feed) -> tuple[torch.Tens
         learned = learned_positions(batch["labels"])
     hook = _lm_head(net).register_forward_pre_hook(lambda _, args: (feed(args[0].flatten(0, 1).index_select(0, learned)), *args[1:]))
     try:
-        logits = net(**model_inputs(batch), logits_to_keep=torch.arange(target.shape[1], device=target.device)).logits
+        logits = net(**model_inputs(net, batch), logits_to_keep=torch.arange(target.shape[1], device=target.device)).logits
     finally:
         hook.remove()
     return logits, target.flatten().index_select(0, learned)
