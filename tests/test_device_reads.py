@@ -18,7 +18,7 @@ def gpu_behaviour(monkeypatch):
     monkeypatch.setattr(device_reads, "reads_are_free", lambda device: False)
 
 
-def step(net, kind, batch, encoded=None) -> tuple[HostReads, torch.Tensor, list[torch.Tensor]]:
+def step(net, kind, batch, encoded=None, device: str = "cpu") -> tuple[HostReads, torch.Tensor, list[torch.Tensor]]:
     """One training step as the trainer takes it (loss, backward, clipping, its fused AdamW) under
     `HostReads`: (the reads, the loss, the gradients). The optimizer steps a copy of the adapter's
     parameters, so the model is unchanged for the next call."""
@@ -27,7 +27,7 @@ def step(net, kind, batch, encoded=None) -> tuple[HostReads, torch.Tensor, list[
     copies = [p.detach().clone().requires_grad_() for p in trained]
     optimizer = train.make_optimizer(torch.nn.ParameterList(copies), OmegaConf.create(
         {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}))
-    with HostReads("cpu") as reads:
+    with HostReads(device) as reads:
         loss = kind.loss(net, batch, encoded)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -149,3 +149,22 @@ def test_one_mask_only_where_every_layer_attends_fully():
     assert not causal_lm._full_attention_only(C(_attn_implementation=packed, sliding_window=4096))
     assert not causal_lm._full_attention_only(C(_attn_implementation=packed, attention_chunk_size=8192))
     assert not causal_lm._full_attention_only(C(_attn_implementation="eager"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the real reads, not the CPU's stand-in")
+def test_on_a_gpu_a_step_reads_nothing(tiny_bert, tiny_lm):
+    """On a real GPU, with nothing switched: a classifier's padded step and a packed causal-LM step."""
+    cuda = torch.device("cuda")
+    net = classifier(tiny_bert, "tiny_bert").to(cuda)
+    device_reads.attend_without_reads(net, cuda)  # as train.prepare_model does
+    batch = {k: v.to(cuda) for k, v in padded_batch([9, 5, 3]).items()}
+    reads, _, _ = step(net, classification, batch, device="cuda")
+    assert reads.count == 0, reads.where
+
+    cfg = OmegaConf.create({"name": "tiny", "path": str(tiny_lm), "max_length": 64, "trust_remote_code": False})
+    lm = causal_lm.load_model(cfg).train().to(cuda)
+    enc = causal_lm.EncodedLM([([5, 6, 7, 8, 9], [-100, -100, 7, 8, 9]), ([10, 11, 12], [-100, 11, 12])], 0, True, 8)
+    enc.sequence_kept = True
+    batch = {k: v.to(cuda) for k, v in enc.batch(list(range(len(enc)))).items()}
+    reads, _, _ = step(lm, causal_lm, batch, enc, device="cuda")
+    assert reads.count == 0, reads.where

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
-from peftkit import adapter, model
+from peftkit import adapter, backbone, model
 from peftkit.errors import UserError
 from peftkit.methods import METHODS
 from peftkit.methods.base import AdapterLinear, merge_into_base
@@ -64,6 +64,25 @@ REFUSED = {
 @pytest.fixture(scope="module")
 def minilm_tokenizer_dir():
     return minilm_dir()
+
+
+_TOKENIZERS: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def one_tokenizer_a_folder(monkeypatch):
+    """The method × family matrices build about 800 models from a dozen folders, and loading the same
+    tokenizer again was half of each build. What they test is the methods on each architecture, so
+    each folder's tokenizer loads once here (loading tokenizers is tested where it matters)."""
+    load = backbone.load_tokenizer
+
+    def once(cfg):
+        key = (str(cfg.path), bool(cfg.get("trust_remote_code")))
+        if key not in _TOKENIZERS:
+            _TOKENIZERS[key] = load(cfg)
+        return _TOKENIZERS[key]
+
+    monkeypatch.setattr(backbone, "load_tokenizer", once)
 
 
 @pytest.fixture(scope="module")
