@@ -79,12 +79,15 @@ class HostReads(TorchDispatchMode):
         return sum(self.where.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
+        if self._reads(str(func), args, kwargs or {}):
+            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
+            self.where[f"{func} at " + " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in frames[::-1][:3])] += 1
+        return func(*args, **(kwargs or {}))
+
+    def _reads(self, name: str, args, kwargs) -> bool:
         boolean_index = name.startswith("aten.index") and any(
             isinstance(i, torch.Tensor) and i.dtype == torch.bool for a in args if isinstance(a, (list, tuple)) for i in a)
-        on_device = any(isinstance(t, torch.Tensor) and t.device.type == self.device.type
-                        for a in (*args, *(kwargs or {}).values()) for t in (a if isinstance(a, (list, tuple)) else [a]))
-        if (name in READING_OPS or boolean_index) and on_device:
-            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
-            self.where[f"{name} at " + " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in frames[::-1][:3])] += 1
-        return func(*args, **(kwargs or {}))
+        if name not in READING_OPS and not boolean_index:
+            return False
+        tensors = (t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else [a]))
+        return any(isinstance(t, torch.Tensor) and t.device.type == self.device.type for t in tensors)

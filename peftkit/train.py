@@ -79,7 +79,7 @@ def read_interval(device: torch.device, log_every: int) -> int:
     """Steps between reads of the step losses on the host. On a GPU, once a log window: a read waits
     for the GPU to finish every queued step, so reading each step would keep the host from running
     ahead. On CPU every step, where a read costs nothing and a divergence stops the run at once."""
-    return 1 if device.type == "cpu" else log_every
+    return 1 if device_reads.reads_are_free(device) else log_every
 
 
 def seed_everything(seed: int) -> None:

@@ -78,13 +78,21 @@ def test_a_classification_step_reads_nothing_and_computes_the_same(arch, lengths
         torch.testing.assert_close(g_after, g, rtol=1e-5, atol=1e-7)
 
 
-def test_a_causal_lm_step_reads_nothing_and_selects_the_same_tokens(tiny_lm, gpu_behaviour):
-    cfg = OmegaConf.create({"name": "tiny", "path": str(tiny_lm), "max_length": 64, "trust_remote_code": False})
+EXAMPLES = [([5, 6, 7, 8, 9], [-100, -100, 7, 8, 9]), ([10, 11, 12], [-100, 11, 12]), ([13, 14, 15, 16], [-100, -100, -100, 16])]
+
+
+def lm_and_rows(path, packed: bool, max_length: int):
+    """The tiny decoder as peftkit loads it (its packed attention) and `EXAMPLES` encoded as training rows."""
+    cfg = OmegaConf.create({"name": "tiny", "path": str(path), "max_length": 64, "trust_remote_code": False})
     torch.manual_seed(0)
     net = causal_lm.load_model(cfg).train()
-    examples = [([5, 6, 7, 8, 9], [-100, -100, 7, 8, 9]), ([10, 11, 12], [-100, 11, 12]), ([13, 14, 15, 16], [-100, -100, -100, 16])]
-    enc = causal_lm.EncodedLM(examples, pad_id=0, packed=False, max_length=64)
+    enc = causal_lm.EncodedLM(EXAMPLES, pad_id=0, packed=packed, max_length=max_length)
     enc.sequence_kept = True
+    return net, enc
+
+
+def test_a_causal_lm_step_reads_nothing_and_selects_the_same_tokens(tiny_lm, gpu_behaviour):
+    net, enc = lm_and_rows(tiny_lm, packed=False, max_length=64)
     batch = enc.batch([0, 1, 2])
     assert batch["learned"].tolist() == [1, 2, 3, 4, 5, 10]  # in labels[:, 1:], rows of 4: (0, 1..3), (1, 0..1), (2, 2)
     reads, loss, _ = step(net, causal_lm, batch, enc)
@@ -113,12 +121,7 @@ def test_packed_rows_read_nothing_and_attend_within_their_examples(tiny_lm, monk
     """Packed rows get their block-diagonal mask from peftkit, built on the device: given none,
     transformers reads the positions back to see whether they restart. The same loss and gradients
     as on CPU, where each example is attended alone (`packed_sdpa`)."""
-    cfg = OmegaConf.create({"name": "tiny", "path": str(tiny_lm), "max_length": 64, "trust_remote_code": False})
-    torch.manual_seed(0)
-    net = causal_lm.load_model(cfg).train()
-    examples = [([5, 6, 7, 8, 9], [-100, -100, 7, 8, 9]), ([10, 11, 12], [-100, 11, 12]), ([13, 14, 15, 16], [-100, -100, -100, 16])]
-    enc = causal_lm.EncodedLM(examples, pad_id=0, packed=True, max_length=8)
-    enc.sequence_kept = True
+    net, enc = lm_and_rows(tiny_lm, packed=True, max_length=8)
     batch = enc.batch(list(range(len(enc))))
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2, 3]]  # the second row's padding: a sequence of its own
     _, loss, grads = step(net, causal_lm, batch, enc)  # CPU: each example attended alone
@@ -161,10 +164,8 @@ def test_on_a_gpu_a_step_reads_nothing(tiny_bert, tiny_lm):
     reads, _, _ = step(net, classification, batch, device="cuda")
     assert reads.count == 0, reads.where
 
-    cfg = OmegaConf.create({"name": "tiny", "path": str(tiny_lm), "max_length": 64, "trust_remote_code": False})
-    lm = causal_lm.load_model(cfg).train().to(cuda)
-    enc = causal_lm.EncodedLM([([5, 6, 7, 8, 9], [-100, -100, 7, 8, 9]), ([10, 11, 12], [-100, 11, 12])], 0, True, 8)
-    enc.sequence_kept = True
+    lm, enc = lm_and_rows(tiny_lm, packed=True, max_length=8)
+    lm.to(cuda)
     batch = {k: v.to(cuda) for k, v in enc.batch(list(range(len(enc)))).items()}
     reads, _, _ = step(lm, causal_lm, batch, enc, device="cuda")
     assert reads.count == 0, reads.where

@@ -362,9 +362,7 @@ def _at_responses(net, batch: dict[str, torch.Tensor], feed) -> tuple[torch.Tens
     """(the model's logits, the response tokens): the model run with its LM head given `feed(the hidden
     states that predict a response token)`, row by row."""
     target = batch["labels"][:, 1:]
-    learned = batch.get("learned")
-    if learned is None:  # a batch not from `EncodedLM.batch`
-        learned = learned_positions(batch["labels"])
+    learned = batch["learned"]  # (`EncodedLM.batch`)
     hook = _lm_head(net).register_forward_pre_hook(lambda _, args: (feed(args[0].flatten(0, 1).index_select(0, learned)), *args[1:]))
     try:
         logits = net(**model_inputs(net, batch), logits_to_keep=torch.arange(target.shape[1], device=target.device)).logits

@@ -71,8 +71,8 @@ _TOKENIZERS: dict = {}
 
 @pytest.fixture(autouse=True)
 def one_tokenizer_a_folder(monkeypatch):
-    """The method × family matrices build about 800 models from a dozen folders, and loading the same
-    tokenizer again was half of each build. What they test is the methods on each architecture, so
+    """The method × family matrices build hundreds of models from a dozen folders, and loading the same
+    tokenizer again was about half of each build. What they test is the methods on each architecture, so
     each folder's tokenizer loads once here (loading tokenizers is tested where it matters)."""
     load = backbone.load_tokenizer
 
