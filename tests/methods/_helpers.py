@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -12,9 +13,20 @@ SENTENCES = ["a gripping, funny and warm film", "dull", "the plot never quite co
 LABELS = ["rotten", "fresh"]
 
 
+@functools.cache
+def _shipped_yaml(relative: str) -> dict:
+    """A shipped config file as plain data, read once (parsing YAML took 8% of the method matrices' time)."""
+    return OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / relative))
+
+
+def shipped_yaml(relative: str) -> OmegaConf:
+    """configs/<relative> as a fresh OmegaConf object: the caller may change it."""
+    return OmegaConf.create(_shipped_yaml(relative))
+
+
 def backbone_cfg(path) -> OmegaConf:
     """configs/backbone/minilm.yaml pointed at a local model folder."""
-    cfg = OmegaConf.load(ROOT / "configs" / "backbone" / "minilm.yaml")
+    cfg = shipped_yaml("backbone/minilm.yaml")
     cfg.path = str(path)
     return cfg
 
@@ -122,7 +134,7 @@ def with_sources(name: str, cfg: dict, bb, out: Path, labels=LABELS, task: str |
 
 def shipped_config(name: str) -> dict:
     """configs/method/<name>.yaml as shipped, fitted where a tiny model cannot take it (each refusal is tested)."""
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "method" / f"{name}.yaml"))
+    cfg = OmegaConf.to_container(shipped_yaml(f"method/{name}.yaml"))
     if name == "llama_adapter":
         cfg["adapter_layers"] = 2  # the tiny models have 2 layers; the shipped 8 is refused
     if name == "lora_xs":

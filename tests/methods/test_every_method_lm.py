@@ -15,7 +15,7 @@ from peftkit.methods import METHODS
 from peftkit.methods.base import AdapterLinear
 from peftkit.tasks import causal_lm
 
-from ._helpers import ROOT, shipped_config, with_sources
+from ._helpers import shipped_config, shipped_yaml, with_sources
 
 # methods a causal LM has no place for, and why (the refusal must say so)
 REFUSED = {"bitfit": "has none",  # Llama has no bias terms
@@ -23,7 +23,7 @@ REFUSED = {"bitfit": "has none",  # Llama has no bias terms
 
 
 def lm_backbone(path) -> OmegaConf:
-    cfg = OmegaConf.load(ROOT / "configs" / "backbone" / "minilm.yaml")
+    cfg = shipped_yaml("backbone/minilm.yaml")
     cfg.path, cfg.package, cfg.max_length = str(path), None, 64
     return cfg
 
