@@ -118,6 +118,25 @@ def test_fast_dropout_is_x_times_scale_with_the_drawn_positions_zeroed_and_so_is
     assert torch.equal(cpu.fast_dropout(x, 0.0), x) and not cpu.fast_dropout(x, 1.0).any()
 
 
+def test_under_torch_compile_the_dropouts_are_torchs_and_the_step_is_one_graph():
+    """The host-side count would break the graph at each dropout; compiled, torch's mask replaces it."""
+    x = torch.randn(6, 40)
+
+    def f(x):
+        h = cpu.Dropout(0.3)(x)  # training mode: a fresh module trains
+        return cpu.attention_probs(h.view(6, 1, 5, 8), None, 0.2, torch.float32)
+
+    explained = torch._dynamo.explain(f)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    compiled = torch.compile(f, backend="eager")(x)
+    torch.manual_seed(0)  # torch's two dropouts, drawn in the same order
+    dropped = torch.nn.functional.dropout(x, 0.3).view(6, 1, 5, 8)
+    assert torch.equal(compiled, torch.nn.functional.dropout(torch.softmax(dropped, dim=-1), 0.2))
+    assert (compiled == 0).any()
+
+
 class _Attention(torch.nn.Module):
     is_causal = False
 

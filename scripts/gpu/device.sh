@@ -5,7 +5,7 @@
 #                                           ARGS go to glue_bench.py (a smoke test: --methods lora --max-train-samples 32)
 #   bash scripts/gpu/device.sh speed [S]    issue 15: a GPU step profile, then bench_train.py --device cuda: MiniLM,
 #                                           minilm-host (the host's share), Llama 0.4B (classifying, then as a causal LM),
-#                                           BERT-base; within S seconds (480)
+#                                           BERT-base, then the step profile compiled; within S seconds (480)
 #   bash scripts/gpu/device.sh tests [S]    the test suite on CUDA, 14 workers, stopped after S seconds (240)
 # Results land in $OUT (the device tool brings them back): JSON, logs, the grid's small per-cell files (kept/).
 set -uo pipefail
@@ -65,6 +65,8 @@ speed)
   step causal-lm $PY scripts/bench_train.py --task causal_lm --device cuda --backbone llama-0.4b --rows 600 --math-dir .gpu/math \
       --json "$res/llm_speed_cuda_llama-0.4b.json"
   step bert-base $PY scripts/bench_train.py "${common[@]}" --backbone bert-base --json "$res/bench_train_cuda_bert-base.json"
+  step profile-compiled $PY scripts/profile_step.py cls --device cuda --precision bf16 --steps 20 --compile --glue-dir .gpu/glue \
+      --json "$res/profile_cls_cuda_bf16_compiled.json"  # one graph a step: does a compiled step cut the host's share?
   ;;
 tests)
   # no -x: a test that needs what this machine lacks (matplotlib, trackers) must not hide the CUDA ones; -rfE names every failure
