@@ -7,6 +7,7 @@ failure on GLUE.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -156,8 +157,13 @@ def _hub_reachable(hub_id: str) -> bool:
 def load_tokenizer(cfg: DictConfig):
     from transformers import AutoTokenizer
 
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # its warnings are not errors; a folder it cannot load is one line
     check(cfg)
-    tok = AutoTokenizer.from_pretrained(resolve_path(cfg), trust_remote_code=bool(cfg.get("trust_remote_code")))
+    path = resolve_path(cfg)
+    with _unloadable(cfg, path, "tokenizer"):
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=bool(cfg.get("trust_remote_code")))
     if tok.pad_token is None:  # decoders: pad with EOS, as their classification heads expect
         tok.pad_token = tok.eos_token
     return tok
@@ -181,6 +187,21 @@ def load_causal_lm(cfg: DictConfig):
     return _load(cfg, AutoModelForCausalLM)
 
 
+@contextlib.contextmanager
+def _unloadable(cfg: DictConfig, path: str, what: str):
+    """transformers' errors for a folder it cannot load (no or truncated model.safetensors, a broken
+    tokenizer.json, an unknown model type) as one line naming the folder and the fix."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as e:
+        reason = " ".join(str(e).split()).split(". ")[0].rstrip(".")[:300]  # its first sentence
+        key = "backbone.path" if cfg.get("path") else "backbone"
+        raise UserError(f"{key}={path}: cannot load its {what}: {reason}; point {key} at a "
+                        f"Hugging Face model with model.safetensors (peftkit loads no pickled weights)") from e
+
+
 def _load(cfg: DictConfig, auto_class, load_kwargs: dict | None = None, **config_kwargs):
     """The model through `auto_class`, fp32; `config_kwargs` set its config (labels), `load_kwargs` go to
     `from_pretrained` (an image classifier replaces a checkpoint's head of another size)."""
@@ -192,13 +213,15 @@ def _load(cfg: DictConfig, auto_class, load_kwargs: dict | None = None, **config
     path = resolve_path(cfg)
     remote = bool(cfg.get("trust_remote_code"))
     check(cfg)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=remote, **config_kwargs)
+    with _unloadable(cfg, path, "config"):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=remote, **config_kwargs)
     check_model_config(cfg, config.to_dict(), path)
     # decoders: padded positions are masked, the id only has to exist (an image model's config has no pad id)
     if hasattr(config, "pad_token_id") and config.pad_token_id is None:
         config.pad_token_id = getattr(config, "eos_token_id", None)
-    model, info = auto_class.from_pretrained(path, config=config, trust_remote_code=remote, dtype=torch.float32,
-                                             output_loading_info=True, **(load_kwargs or {}))
+    with _unloadable(cfg, path, "weights"):  # safetensors only: a pickled checkpoint can run code when loaded
+        model, info = auto_class.from_pretrained(path, config=config, trust_remote_code=remote, dtype=torch.float32,
+                                                 use_safetensors=True, output_loading_info=True, **(load_kwargs or {}))
     # what the checkpoint lacks, transformers initialised at random: the task's new head (DistilBERT's
     # pre_classifier as well as its classifier), which must train rather than stay frozen noise
     model.fresh_modules = sorted({k.rpartition(".")[0] for k in info["missing_keys"]})

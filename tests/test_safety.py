@@ -186,6 +186,39 @@ def test_custom_code_is_refused_unless_asked(main_in, custom_code_model):
     assert tree(custom_code_model.parent) == before
 
 
+def _pickled(folder: Path) -> None:
+    """Its weights as pytorch_model.bin (a pickle, which can run code when loaded) and no model.safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+
+BROKEN_BACKBONES = [
+    (_pickled, ["cannot load its weights", "model.safetensors", "no pickled weights"]),
+    (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:5000]), ["cannot load its weights"]),
+    (lambda f: (f / "tokenizer.json").write_text('{"version": "1.0", "model": '), ["cannot load its tokenizer"]),
+]
+
+
+@pytest.mark.parametrize("breaks, needles", BROKEN_BACKBONES, ids=["pickled weights", "truncated weights", "broken tokenizer"])
+def test_a_backbone_folder_that_cannot_load_safely_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys, tiny_bert, breaks, needles):
+    from peftkit import cli
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bert, folder)
+    breaks(folder)
+    (tmp_path / "reviews.csv").write_text(CSV)
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+    with pytest.raises(SystemExit) as exited:  # found once the run starts: the launcher exits with the run's code
+        cli.main(["train", f"backbone.path={folder}", "dataset=local", "dataset.train_file=reviews.csv", "hydra.run.dir=run"])
+    captured = capsys.readouterr()
+    assert_one_line_error(exited.value.code, captured.out, captured.err, "backbone.path=", *needles)
+    assert tree(tmp_path) == before
+
+
 MERGE = [
     (["mode=ties", "adapters=[run]", "density=abc", "out=o"], ["density=abc", "(0, 1]"]),
     (["mode=ties", "adapters=[run]", "density=0", "out=o"], ["density=0"]),
