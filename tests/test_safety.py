@@ -885,6 +885,13 @@ def test_report_never_replaces_the_users_files_in_leaderboard(tmp_path, referenc
     before = tree(tmp_path)
     one_line(cli("report", str(run), cwd=tmp_path), "mynotes.md", "peftkit did not write", "out=DIR")
     assert tree(tmp_path) == before
+    shutil.rmtree(run / "leaderboard")
+    (run / "leaderboard").mkdir()  # files of yours with our names: told apart by content, not by name
+    (run / "leaderboard" / "leaderboard.csv").write_text("my,own,csv\n")
+    (run / "leaderboard" / "scores.png").write_bytes(b"mine")
+    before = tree(tmp_path)
+    one_line(cli("report", str(run), cwd=tmp_path), "leaderboard.csv", "peftkit did not write")
+    assert tree(tmp_path) == before
 
 
 def test_tilde_means_home_in_every_path(tmp_path, tiny_bert, reference, monkeypatch):

@@ -640,11 +640,21 @@ def check_target(out: Path, key: str) -> None:
     target = resolved(Path(out) / OUT_NAME, key)
     check_writable(target, "output folder", key)
     if target.is_dir():
-        foreign = sorted(p.name for p in target.iterdir() if p.name not in FILES)
+        ours = FILES if _written_by_report(target) else set()  # by content: a file of yours may have one of our names
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in ours)
         if foreign:
             raise UserError(f"{target} holds files peftkit did not write ({', '.join(foreign[:3])}"
                             f"{', ...' if len(foreign) > 3 else ''}); a report replaces that folder whole: "
                             f"move them away, or write the leaderboard elsewhere with out=DIR")
+
+
+def _written_by_report(folder: Path) -> bool:
+    """The folder is an earlier report's: its leaderboard.json is what `to_json` writes."""
+    try:
+        board = json.loads((folder / "leaderboard.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(board, dict) and {"tasks", "rows", "best", "failed"} <= board.keys()
 
 
 def write(board: dict, out: Path, submission_files: dict[str, Path] | None = None) -> Path:
