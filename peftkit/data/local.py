@@ -29,6 +29,8 @@ def read_table(path_str: str, key: str = "dataset.train_file", header: bool = Tr
     import pandas as pd
 
     path = Path(path_str).expanduser()
+    if path.is_dir():
+        raise UserError(f"{key}={path_str} is a folder; set {key}=PATH to a data file in it")
     if not path.is_file():
         raise UserError(f"data file {path} not found; set {key}=PATH to an existing file")
     kind = file_kind(path_str)

@@ -125,6 +125,8 @@ ERRORS = {
     # dataset.test_file
     "test file not found": ({"t.csv": csv("text,label", *labelled(6))}, {"test_file": "nope/test.csv"},
                             ["nope/test.csv not found", "dataset.test_file=PATH"]),
+    "test file is a folder": ({"t.csv": csv("text,label", *labelled(6))}, {"test_file": "/"},
+                              ["dataset.test_file=/ is a folder", "a data file in it"]),
     "test file without labels": ({"t.csv": csv("text,label", *labelled(6)), "test.csv": csv("text,label", "a,", "b,")}, {},
                                  ["test.csv: no usable rows: all 2", "2 with an empty label in 'label'"]),
     "test file without the label column": ({"t.csv": csv("text,label", *labelled(6)), "test.csv": csv("text,gold", "a,pos")}, {},
