@@ -74,6 +74,22 @@ def load(path: Path, model: torch.nn.Module, method, optimizer, scheduler) -> di
     return meta["state"]
 
 
+def check(path: Path) -> dict:
+    """Before a resumed run touches its folder: the checkpoint's state file is whole safetensors (its
+    header read, not its tensors) and its trainer_state.json readable; returns the latter."""
+    from safetensors import SafetensorError, safe_open
+
+    f = Path(path) / "state.safetensors"
+    if not f.is_file():
+        raise UserError(f"checkpoint file {f} is missing; {FIX}")
+    try:
+        with safe_open(str(f), framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"corrupt checkpoint file {f}: {e}; {FIX}") from None
+    return read_meta(path)
+
+
 def read_meta(path: Path) -> dict:
     """A checkpoint's trainer_state.json, checked for what resuming reads; one line if it is damaged."""
     f = Path(path) / "trainer_state.json"

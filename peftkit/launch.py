@@ -44,7 +44,7 @@ def resolve_resume(recipe: str, overrides: list[str], cfg: DictConfig) -> tuple[
             if not finished and saved.is_file() and _same_config(run, cfg):
                 from peftkit import checkpoint
 
-                checkpoint.read_meta(ckpt)
+                checkpoint.check(ckpt)
                 return [*rest, "resume=true", f"hydra.run.dir={_quote(run)}"], run
         raise UserError("resume=true found no unfinished run with this config under outputs/; pass resume=DIR")
     run = user_path(value, "resume")
@@ -53,7 +53,7 @@ def resolve_resume(recipe: str, overrides: list[str], cfg: DictConfig) -> tuple[
         raise UserError(f"resume={value}: no checkpoint at {run}/checkpoints/last")
     from peftkit import checkpoint
 
-    checkpoint.read_meta(found)
+    checkpoint.check(found)
     check_same_model(run, cfg, f"resume={value}")
     return [*rest, "resume=true", f"hydra.run.dir={_quote(run)}"], run
 

@@ -754,6 +754,21 @@ def test_resume_refuses_a_corrupt_trainer_state(tmp_path, tiny_bert, reference, 
     assert tree(tmp_path) == before
 
 
+@pytest.mark.parametrize("damage", ["truncated", "a pickle"])
+def test_resume_refuses_a_damaged_state_file_before_touching_the_run(tmp_path, tiny_bert, reference, damage):
+    run = copy_run(reference, tmp_path / "run")
+    state = run / "checkpoints" / "last" / "state.safetensors"
+    if damage == "truncated":
+        state.write_bytes(state.read_bytes()[:1000])
+    else:
+        import torch
+
+        torch.save({"x": torch.zeros(2)}, state)
+    before = tree(tmp_path)
+    one_line(cli("train", *tiny(tiny_bert, f"resume={run}"), cwd=tmp_path), "corrupt checkpoint file", "state.safetensors")
+    assert tree(tmp_path) == before  # config.yaml too: not rewritten for a resume that cannot start
+
+
 # ---- the command line --------------------------------------------------------------------------------------
 
 def test_a_binary_recipe_is_one_line_naming_it_and_ls_lists_the_rest(main_in, workdir):
