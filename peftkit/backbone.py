@@ -157,12 +157,9 @@ def _hub_reachable(hub_id: str) -> bool:
 def load_tokenizer(cfg: DictConfig):
     from transformers import AutoTokenizer
 
-    import transformers
-
-    transformers.logging.set_verbosity_error()  # its warnings are not errors; a folder it cannot load is one line
     check(cfg)
     path = resolve_path(cfg)
-    with _unloadable(cfg, path, "tokenizer"):
+    with _loading(cfg, path, "tokenizer"):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=bool(cfg.get("trust_remote_code")))
     if tok.pad_token is None:  # decoders: pad with EOS, as their classification heads expect
         tok.pad_token = tok.eos_token
@@ -188,11 +185,15 @@ def load_causal_lm(cfg: DictConfig):
 
 
 @contextlib.contextmanager
-def _unloadable(cfg: DictConfig, path: str, what: str):
-    """transformers' errors for a folder it cannot load (no or truncated model.safetensors, a broken
+def _loading(cfg: DictConfig, path: str, what: str):
+    """transformers loading `what` from `path` quietly (its warnings and progress bars are not ours to
+    show), its errors for a folder it cannot load (no or truncated model.safetensors, a broken
     tokenizer.json, an unknown model type) as one line naming the folder and the fix."""
+    import transformers
     from safetensors import SafetensorError
 
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     try:
         yield
     except (OSError, ValueError, SafetensorError) as e:
@@ -205,21 +206,18 @@ def _unloadable(cfg: DictConfig, path: str, what: str):
 def _load(cfg: DictConfig, auto_class, load_kwargs: dict | None = None, **config_kwargs):
     """The model through `auto_class`, fp32; `config_kwargs` set its config (labels), `load_kwargs` go to
     `from_pretrained` (an image classifier replaces a checkpoint's head of another size)."""
-    import transformers
     from transformers import AutoConfig
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     path = resolve_path(cfg)
     remote = bool(cfg.get("trust_remote_code"))
     check(cfg)
-    with _unloadable(cfg, path, "config"):
+    with _loading(cfg, path, "config"):
         config = AutoConfig.from_pretrained(path, trust_remote_code=remote, **config_kwargs)
     check_model_config(cfg, config.to_dict(), path)
     # decoders: padded positions are masked, the id only has to exist (an image model's config has no pad id)
     if hasattr(config, "pad_token_id") and config.pad_token_id is None:
         config.pad_token_id = getattr(config, "eos_token_id", None)
-    with _unloadable(cfg, path, "weights"):  # safetensors only: a pickled checkpoint can run code when loaded
+    with _loading(cfg, path, "weights"):  # safetensors only: a pickled checkpoint can run code when loaded
         model, info = auto_class.from_pretrained(path, config=config, trust_remote_code=remote, dtype=torch.float32,
                                                  use_safetensors=True, output_loading_info=True, **(load_kwargs or {}))
     # what the checkpoint lacks, transformers initialised at random: the task's new head (DistilBERT's

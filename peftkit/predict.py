@@ -27,7 +27,7 @@ BASE_NAME = "base"
 DEFAULT_FIELDS = {"classification": ["text"], "causal_lm": ["prompt"]}
 
 
-def check_out(out: Path, file: Path, overwrite: bool, reads: list[tuple[str, str]] = ()) -> None:
+def check_out(out: Path, file: Path, overwrite: bool, reads: tuple[tuple[str, str], ...] = ()) -> None:
     """out= is a new file (or an earlier output, with overwrite=true), never the input nor inside a run or
     model folder it reads (`reads`: (key, folder) pairs), in a writable folder."""
     target = resolved(out, "out")
@@ -91,7 +91,7 @@ def progress() -> Progress:
 def run(runs: list[str], file: Path, out: Path, adapter_field: str = "adapter", text_fields: list[str] | None = None,
         id_field: str | None = None, batch_size: int = 32, max_new_tokens: int | None = None, overwrite: bool = False,
         backbone_path: str | None = None) -> list[dict]:
-    check_out(out, file, overwrite, [("runs", r) for r in runs] + ([("backbone_path", backbone_path)] if backbone_path else []))
+    check_out(out, file, overwrite, (*[("runs", r) for r in runs], *([("backbone_path", backbone_path)] if backbone_path else [])))
     configs = [adapter.read_config(adapter.folder(r), model=True) for r in runs]
     serve.check_configs(runs, configs)  # before anything heavy loads
     task = configs[0].get("task_type") or "classification"

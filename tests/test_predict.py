@@ -255,11 +255,11 @@ def test_refusals_are_one_line(bert_adapters, tiny_bert, tiny_lm, tmp_path):
     one_line_error(predict(a0, a1, extra=("max_new_tokens=4",)), "causal-LM")
     one_line_error(predict(a0, a0), "twice")
     one_line_error(run_cli("predict", f"runs=[{a0}]", "file=in.jsonl", "out=in.jsonl", cwd=tmp_path), "input file")
-    for inside in (a0 / "config.yaml", a0 / "adapter" / "adapter.safetensors"):  # a run it reads, even with overwrite=true
-        before = inside.read_bytes() if inside.exists() else None
-        one_line_error(run_cli("predict", f"runs=[{a0}]", "file=in.jsonl", f"out={inside}", "overwrite=true", cwd=tmp_path),
-                       f"out={inside}", "which predict reads")
-        assert (inside.read_bytes() if inside.exists() else None) == before
+    for inside in ("adapter.safetensors", "adapter_config.json", "new.jsonl"):  # in an adapter it reads, even with overwrite=true
+        before = {f.name: f.read_bytes() for f in a0.iterdir()}
+        one_line_error(run_cli("predict", f"runs=[{a0}]", "file=in.jsonl", f"out={a0 / inside}", "overwrite=true", cwd=tmp_path),
+                       f"out={a0 / inside}", "which predict reads")
+        assert {f.name: f.read_bytes() for f in a0.iterdir()} == before
     one_line_error(run_cli("predict", f"runs=[{a0}]", "file=in.jsonl", cwd=tmp_path), "out=")
     one_line_error(run_cli("predict", f"runs=[{a0}]", "file=in.jsonl", "out=o.jsonl", "batch=3", cwd=tmp_path), "unknown option batch")
     assert not (tmp_path / "o.jsonl").exists()
