@@ -276,8 +276,9 @@ class Packs:
 
 def packed_weights(linear: nn.Module, x: torch.Tensor) -> Packs | None:
     """`linear`'s `Packs` for this input, new if the weight changed since; None where the packed path
-    does not apply (not a PackedLinear, another device or dtype, a weight that trains)."""
-    if type(linear) is not PackedLinear:
+    does not apply (not a PackedLinear, another device or dtype, a weight that trains, a step that
+    torch.compile traces: dynamo cannot trace oneDNN's packed weights)."""
+    if type(linear) is not PackedLinear or torch.compiler.is_compiling():  # inductor picks its own kernels
         return None
     w, b = linear.weight, linear.bias
     if (x.device.type != "cpu" or w.device.type != "cpu" or w.requires_grad or w.dtype != torch.bfloat16

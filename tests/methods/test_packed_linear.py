@@ -108,3 +108,22 @@ def test_a_cpu_that_cannot_pack_bf16_leaves_the_model_plain(monkeypatch):
     assert not base.packs_linears() and pack_frozen_linears(net) == 0 and type(net[0]) is nn.Linear
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert net(torch.randn(3, 16)).shape == (3, 8)
+
+
+@needs_packs
+def test_under_torch_compile_a_packed_linear_is_a_plain_one():
+    """dynamo cannot trace oneDNN's packed weights (it stopped a compiled bf16 step with an error in
+    `mkldnn._linear_pointwise`): a traced step runs the plain Linear, with the same numbers."""
+    torch.manual_seed(2)
+    net = _frozen_bf16(nn.Linear(16, 12), nn.GELU(), nn.Linear(12, 4))
+    plain = copy.deepcopy(net)
+    pack_frozen_linears(net)
+    base_layer = nn.Linear(16, 12).to(torch.bfloat16).requires_grad_(False)
+    pack_frozen_linears(nn.Sequential(base_layer))
+    A, B = torch.randn(4, 16, requires_grad=True), torch.randn(12, 4, requires_grad=True)
+    x = torch.randn(3, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(torch.compile(net, backend="eager")(x), plain(x))
+        y = torch.compile(lambda t: low_rank_linear(t, base_layer, A, B, 0.5), backend="eager")(x)
+    y.float().sum().backward()
+    assert A.grad is not None and "_packs" not in vars(base_layer)  # nothing was packed for the traced calls
