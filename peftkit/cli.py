@@ -45,7 +45,7 @@ Train an adapter, write it with a GLUE-style report to outputs/<date>/<time>/.
   overwrite=true     replace the run already in hydra.run.dir (without it, peftkit refuses to)
   -m, --multirun     sweep comma-separated values: method=lora,ia3 seed=0,1,2
   --cfg job          print the composed config and exit (Hydra)
-  --dry-run          print the modules the run would adapt and its trainable parameters, and exit
+  --dry-run          read the data, print the modules the run would adapt and its trainable parameters, and exit
 
 A run writes config.yaml, adapter/ (adapter_config.json + adapter.safetensors), train_log.jsonl
 and eval/report.{json,md}.
@@ -247,7 +247,7 @@ def cmd_train(args: list[str]) -> int:
 
         if multirun:
             raise UserError("--dry-run shows one run's targets; drop -m, or give one value per key")
-        listing.show_targets(recipe, overrides)
+        listing.show_targets(recipe, overrides, read_data=True)
         return 0
     cfg, composed, out = config.check(recipe, overrides, multirun)
     overrides, resumed = launch.resolve_resume(recipe, overrides, cfg)

@@ -42,6 +42,7 @@ def load_run_config(run_dir: Path, overrides: dict[str, str]):
         if name not in options:
             raise UserError(f"peftkit eval: dataset={name}: no such dataset; choose one of: {', '.join(sorted(options))}")
         cfg.dataset = OmegaConf.load(options[name])
+    as_written = cfg.copy()
     OmegaConf.set_struct(cfg, True)  # an override names a key the run has: a typo is refused, not added
     for key, value in overrides.items():
         try:
@@ -50,8 +51,21 @@ def load_run_config(run_dir: Path, overrides: dict[str, str]):
             raise UserError(f"peftkit eval: {key}={value}: the run's config has no key {key} "
                             f"(override keys it has, e.g. dataset.data_dir=DIR or backbone.path=DIR)") from None
     OmegaConf.set_struct(cfg, False)
-    config.validate(cfg)
+    try:
+        config.validate(cfg)
+    except UserError as e:  # a bad value the run's file holds, not one given here: name the file
+        if overrides and _valid(as_written):
+            raise
+        raise UserError(f"{f}: {e} (edit it there, or override it: peftkit eval run={run_dir} KEY=VALUE)") from None
     return cfg
+
+
+def _valid(cfg) -> bool:
+    try:
+        config.validate(cfg)
+    except UserError:
+        return False
+    return True
 
 
 def run(run_dir: Path, split: str, overrides: dict[str, str]) -> dict:

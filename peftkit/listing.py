@@ -72,10 +72,11 @@ def method_param_counts(entries: dict) -> dict[str, str]:
     return counts
 
 
-def show_targets(recipe: str, overrides: list[str]) -> None:
+def show_targets(recipe: str, overrides: list[str], read_data: bool = False) -> None:
     """`peftkit ls targets` / `peftkit train --dry-run`: what a recipe would adapt and train (module
     names folded over layers, layer type, shape, roles, trainable parameters), without training or
-    writing anything. A classifier's head is sized for 2 labels here; the run's labels size it."""
+    writing anything. `read_data` (the dry run) reads the dataset as the run would, so a wrong file or
+    column fails here, and sizes the head to its labels; without it a classifier's head has 2."""
     import re
 
     from peftkit import model, tasks
@@ -85,7 +86,9 @@ def show_targets(recipe: str, overrides: list[str]) -> None:
     cfg, _, _ = config.check(recipe, overrides)
     kind = tasks.of(cfg.dataset)
     labels = None if kind.NAME == "causal_lm" else ["0", "1"]
-    if kind.NAME == "multitask":  # a head per task, each sized for 2 labels here
+    if read_data:
+        labels = kind.load_data(cfg.dataset).label_names
+    elif kind.NAME == "multitask":  # a head per task, each sized for 2 labels here
         labels = {str(t if isinstance(t, str) else t.name).rpartition("/")[2].replace(".", "_"): labels for t in cfg.dataset.tasks}
     a = model.build(cfg.backbone, cfg.method, labels, kind.NAME)
     modules = dict(a.model.named_modules())
@@ -122,4 +125,5 @@ def show_targets(recipe: str, overrides: list[str]) -> None:
     console.print(table)
     n, total = count_params(a.model)
     console.print(f"trainable params: {n:,} of {total:,} ({100 * n / total:.3f}%)"
-                  + (f"; the head{' of each task' if kind.NAME == 'multitask' else ''} is sized for 2 labels here" if a.head else ""))
+                  + (f"; the head{' of each task' if kind.NAME == 'multitask' else ''} is sized for 2 labels here"
+                     if a.head and not read_data else ""))

@@ -290,6 +290,7 @@ def test_heads_of_different_label_sets(adapters):
     (["mode=ties", "adapters=[{t}/lora1,{t}/ia3]", "density=0", "out={t}/x"], "density=0: expected a fraction in (0, 1]"),
     (["mode=concat", "adapters=[{t}/lora1,{t}/ia3]", "out={t}/x"], "use mode=svd"),
     (["mode=svd", "adapters=[{t}/lora1]", "rank=0", "out={t}/x"], "rank=0: expected a whole number ≥ 1"),
+    (["mode=svd", "adapters=[{t}/lora1]", "rank=1000000000", "out={t}/x"], "32 at the largest here; pick rank between 1 and 32"),
     (["mode=ties", "out={t}/x"], "needs adapters=..."),
     (["mode=ties", "adapters=[{t}/lora1]", "out={t}/x", "densty=0.3"], "its keys are: mode, adapters, weights, density"),
     (["mode=ties", "adapters=[{t}/nothing]", "out={t}/x"], "neither an adapter folder nor a run directory"),

@@ -1009,3 +1009,22 @@ def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_the_loop():
         with pytest.raises(KeyboardInterrupt):
             ctrl_c.check()
     assert signal.getsignal(signal.SIGINT) is before  # put back
+
+
+def test_a_bad_value_in_a_run_config_names_the_file_and_one_given_here_does_not(main_in, workdir):
+    from omegaconf import OmegaConf
+
+    path = workdir / "run" / "config.yaml"
+    good = OmegaConf.load(path)
+    bad = good.copy()
+    bad.trainer.lr = -1.0
+    path.write_text(OmegaConf.to_yaml(bad))
+    before = tree(workdir)
+    code, out, err = main_in("eval", "run=run")
+    assert_one_line_error(code, out, err, "run/config.yaml: trainer.lr=-1.0", "edit it there, or override it")
+    code, out, err = main_in("eval", "run=run", "trainer.lr=1e-3")  # overridden: past the check (to the missing adapter)
+    assert_one_line_error(code, out, err, "has no adapter/")
+    assert tree(workdir) == before
+    path.write_text(OmegaConf.to_yaml(good))
+    code, out, err = main_in("eval", "run=run", "trainer.lr=-2")
+    assert "config.yaml" not in assert_one_line_error(code, out, err, "trainer.lr=-2")  # the value given here, not the file's

@@ -148,6 +148,21 @@ def _clean(df, cfg: DictConfig, where: str, headed_csv: bool = False):
     return df[~drop]
 
 
+# what spreadsheets, R and pandas write for a missing value: as a class name found in the data, almost always one
+MISSING_MARKS = {"nan", "none", "null", "na", "n/a", "#n/a", "<na>"}
+
+
+def warn_missing_marks(labels, label_names: list[str], column: str, where: str) -> None:
+    """Warn when an inferred class is named like a missing value ("NaN", "NA", "null"): trained as a
+    class of its own, it would pass silently. Declared classes (dataset.label_names) are not questioned."""
+    for name in label_names:
+        if name.lower() in MISSING_MARKS:
+            rows = labels.index[labels.map(label_key) == name]
+            print(f"peftkit: warning: {where}: {len(rows)} row(s) have the label {name!r} in column '{column}' (the first is row "
+                  f"{rows[0] + 1}), which reads like a missing value; it is trained as a class of its own. Fill in or remove "
+                  f"those rows, or declare the classes with dataset.label_names=[...,{name!r}] if it is a real one", file=sys.stderr)
+
+
 def _header_is_data(df, cfg: DictConfig) -> str | None:
     """Why a CSV/TSV's header row reads as a data row (a number, a sentence, a label, a value its column
     holds below), or None."""
@@ -241,6 +256,7 @@ def load(cfg: DictConfig, splits: tuple[str, ...]) -> TaskData:
         label_names = [str(n) for n in cfg.label_names]
     else:
         label_names = sorted({label_key(v) for v in train_df[cfg.label_field]})
+        warn_missing_marks(train_df[cfg.label_field], label_names, cfg.label_field, where)
     if cfg.get("dev_file"):
         dev_df = clean(cfg.dev_file, "dataset.dev_file")
     else:  # carve a dev split out of train with a fixed seed

@@ -120,3 +120,28 @@ def test_bad_column_settings_are_one_line_and_exit_2_with_nothing_written(tmp_pa
     for n in needles:
         assert n in lines[0], lines[0]
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_dry_run_reads_the_data_as_the_run_would_and_sizes_the_head_to_its_labels(tmp_path, tiny_bert):
+    (tmp_path / "reviews.csv").write_text("text,label\n" + "".join(f'"{t}",{"abc"[i % 3]}\n' for i, (_, t) in enumerate(rows(30, 0))))
+    proc = cli("train", *tiny(tiny_bert, "dataset=local", "dataset.train_file=revews.csv"), "--dry-run", cwd=tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "set dataset.train_file=PATH" in lines[0], proc.stderr
+    proc = cli("train", *tiny(tiny_bert, "dataset=local", "dataset.train_file=reviews.csv"), "--dry-run", cwd=tmp_path)
+    check(proc, "peftkit train --dry-run")
+    head = next(line for line in proc.stdout.splitlines() if line.lstrip().startswith("classifier"))
+    assert head.split()[-1] == "99" and "sized for 2 labels" not in proc.stdout  # 32 x 3 + 3: the file's three classes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reviews.csv"]
+
+
+def test_a_class_named_like_a_missing_value_is_warned_of(tmp_path, tiny_bert):
+    labels = ["1", "0", "NaN"]
+    (tmp_path / "reviews.csv").write_text("text,label\n" + "".join(f'"{t}",{labels[i % 3]}\n' for i, (_, t) in enumerate(rows(30, 0))))
+    proc = cli("train", *tiny(tiny_bert, "dataset=local", "dataset.train_file=reviews.csv"), "--dry-run", cwd=tmp_path)
+    check(proc, "peftkit train --dry-run")
+    assert "10 row(s) have the label 'NaN' in column 'label' (the first is row 3), which reads like a missing value" in proc.stderr
+    assert "dataset.label_names=[...,'NaN']" in proc.stderr
+    proc = cli("train", *tiny(tiny_bert, "dataset=local", "dataset.train_file=reviews.csv", "dataset.label_names=[0,1,'NaN']"),
+               "--dry-run", cwd=tmp_path)
+    check(proc, "peftkit train --dry-run")
+    assert "missing value" not in proc.stderr  # declared: a real class

@@ -240,9 +240,10 @@ def test_a_multi_task_run_in_two_processes(recipes_dir, tiny_bert, tmp_path):
 def test_dry_run_shows_a_head_per_task_and_writes_nothing(recipes_dir, tiny_bert, tmp_path):
     proc = cli(*mt_args(recipes_dir, tiny_bert, tmp_path / "run"), "--dry-run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for task in ("toy_sent", "toy_pair", "toy_score"):
-        assert f"task_heads.{task}.classifier" in proc.stdout
-    assert "the head of each task" in " ".join(proc.stdout.split()) and list(tmp_path.iterdir()) == []
+    rows = {line.split()[0]: line.split()[-1] for line in proc.stdout.splitlines() if line.strip().startswith("task_heads.")}
+    # the heads the run makes, named and sized as the data says: 2 classes, 3 classes, a score (32 x n + n)
+    assert rows == {"task_heads.sent.classifier": "66", "task_heads.pair.classifier": "99", "task_heads.score.classifier": "33"}
+    assert "sized for 2 labels" not in proc.stdout and list(tmp_path.iterdir()) == []
 
 
 def test_a_task_name_with_a_dot_is_one_line(tmp_path):
