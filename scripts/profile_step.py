@@ -41,7 +41,7 @@ from peftkit import backbone, config, cpu, device_reads, model, tasks  # noqa: E
 from peftkit.data.batching import eval_batches, to_device, train_batches  # noqa: E402
 from peftkit.device_reads import HostReads  # noqa: E402
 from peftkit.files import atomic_write_json  # noqa: E402
-from peftkit.methods.base import pack_frozen_linears  # noqa: E402
+from peftkit.methods.base import pack_frozen_linears, set_merged  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP_STEPS = 8
@@ -115,6 +115,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--steps", type=int, default=None, help="steps timed and profiled (default: 20 cls, 1 lm, 1 eval: a pass over the split)")
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--merged", action="store_true", help="eval: the adapter folded into the weights (methods.base.set_merged), as a merged model")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes) before the warm-up steps")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: the forward under CPU autocast, as trainer.precision=bf16 runs it")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -127,6 +128,10 @@ def main() -> None:
     steps = args.steps or (20 if args.part == "cls" else 1)
     kind, net, train, batches, trainable = build(args.part, args.math_dir if args.part == "lm" else args.glue_dir, args.override)
     net.train(args.part != "eval")
+    if args.merged:
+        if args.part != "eval":
+            sys.exit("--merged is for eval: a merged adapter does not train")
+        set_merged(net, True)
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     if cuda:
@@ -227,7 +232,7 @@ def main() -> None:
               f"({gpu['busy_share'] * 100:.1f}%), {gpu['launches_per_step']:.0f} kernel launches a step; "
               f"the rate above is of host time, not the GPU's")
     if args.json:
-        atomic_write_json(Path(args.json), {"part": args.part, "compile": args.compile, "precision": args.precision,
+        atomic_write_json(Path(args.json), {"part": args.part, "merged": args.merged, "compile": args.compile, "precision": args.precision,
                                             f"{unit}_per_s": speed, "threads": torch.get_num_threads(), "steps": steps,
                                             "warmup_steps": w, "warmup_s": warmup_s, "profiled_s": total / 1e6, "top": top,
                                             "matrix_products_gflop_per_s": product_rate, "product_kinds": kinds,
