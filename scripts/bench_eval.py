@@ -185,7 +185,8 @@ def timed_passes(one_pass, counter: TokenCounter, passes: int):
         t0 = time.perf_counter()
         out = one_pass()
         times.append(time.perf_counter() - t0)
-        first = out if k == 0 else first
+        if k == 0:
+            first = out
     counter.on = False
     return first, statistics.median(times)
 

@@ -26,7 +26,7 @@ from peftkit.merge import sources
 from peftkit.merge.combine import TaskVector, check_knobs, combine_heads, describe, task_vectors
 from peftkit.methods.base import AdapterLinear, adapter_tensors
 from peftkit.methods.lora import LoraLinear, PissaLinear, change_factors
-from peftkit.methods.targets import Conv1D, is_layer
+from peftkit.methods.targets import Conv1D, features, is_layer
 
 
 def lora_factors(a: model.Adapted, weight: float) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -90,8 +90,8 @@ def svd(cfg: DictConfig, paths: list[str], weights: list[float]):
     vectors, base, _ = task_vectors(paths, cfg.get("backbone_path"))
     layers = {n: m for n, m in base.named_modules() if is_layer(m)}
     names = sorted({n for v in vectors for n in v.delta})
-    linear = [n for n in names if n.endswith(".weight") and n.removesuffix(".weight") in layers]
-    most = max((min(next(v.delta[n] for v in vectors if n in v.delta).shape) for n in linear), default=0)
+    most = max((min(features(layers[n.removesuffix(".weight")])) for n in names
+                if n.endswith(".weight") and n.removesuffix(".weight") in layers), default=0)
     if rank > most > 0:  # the zero-padded factors of a rank past every layer's size only take memory
         raise UserError(f"rank={rank} is more than a LoRA of these layers can hold: a layer's rank is at most "
                         f"its smaller side, {most} at the largest here; pick rank between 1 and {most}")
